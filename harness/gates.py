@@ -1,0 +1,391 @@
+r"""Gate functions for soft advantage policy optimisation.
+
+A *smooth gate* is built from a base function :math:`F:\mathbb{R}\to\mathbb{R}` with
+
+.. math::  F'(0) = 1, \qquad 0 \le F'(x) \le 1 .
+
+With the importance ratio :math:`r = \pi_\theta / \pi_{old}`, a temperature :math:`\tau > 0` and
+:math:`x = \tau (r - 1)`, the gate value and its gradient weight are
+
+.. math::
+
+    f_\tau(r) = 1 + \frac{F(x) - F(0)}{\tau}, \qquad
+    w_\tau(r) = f_\tau'(r) = F'(x).
+
+So :math:`f_\tau(1) = 1` (on-policy, every gate equals the plain policy-gradient surrogate
+:math:`r A`), and since :math:`|F(x) - F(0)| \le |x|`, :math:`f_\tau(r) \ge 1 - |r - 1| \ge 0` for
+:math:`0 \le r \le 2`; for :math:`r > 2` the gate only grows. The per-token surrogate is
+:math:`f_\tau(r) A` and its gradient :math:`w_\tau(r)\, r\, A\, \nabla \log \pi_\theta`.
+The temperature is :math:`\tau_{pos}` for tokens with :math:`A > 0`, else :math:`\tau_{neg}`.
+
+Built-in base functions (closed-form F and F'):
+
+=========  ==========================  ===========================  ======================
+name       F(x)                        F'(x)                        HWHM of F' in x
+=========  ==========================  ===========================  ======================
+sigmoid    4 σ(x)                      sech²(x/2) = 4σ(x)(1−σ(x))   2·acosh(√2) ≈ 1.76275
+erf        √(2π) Φ(x)                  exp(−x²/2)                   √(2 ln 2) ≈ 1.17741
+arctan     arctan(x)                   1/(1+x²)                     1
+softsign   x/(1+|x|)                   1/(1+|x|)²                   √2 − 1 ≈ 0.41421
+=========  ==========================  ===========================  ======================
+
+``sigmoid`` is SAPO's gate (arXiv 2511.20347) up to an additive constant:
+:math:`f_\tau(r) = \tfrac{4}{\tau}\sigma(\tau(r-1)) + 1 - \tfrac{2}{\tau}`, so gradients are
+identical and values differ by the constant :math:`1 - 2/\tau` times A.
+
+``clip`` is GRPO/PPO's hard clip, :math:`\min(rA,\ \mathrm{clip}(r, 1-\epsilon_{low},
+1+\epsilon_{high}) A)` with :math:`\epsilon_{low} = \epsilon_{high} = 0.2` by default (DAPO's
+"clip-higher" raises :math:`\epsilon_{high}`). Its gradient weight is 1 where the unclipped branch is
+active and 0 where it is clipped; it is the baseline, and not admissible.
+
+Temperature scaling. The smooth-gates paper (arXiv 2602.19345) does not give the exact scaling of
+its non-sigmoid gates. This module uses the *same* map x = τ(r − 1) for every family (``width=
+"raw"``), so a given τ means the same thing for the location of the peak but each family has its own
+peak width. With ``width="hwhm"`` the τ you give is read as a *sigmoid-equivalent* temperature:
+gate g is run at :math:`\tau_g = \tau \cdot h_g / h_{sigmoid}` where :math:`h` is the half-width at
+half maximum of F' in x, so every gate's w(r) has the same half-width :math:`h_{sigmoid}/\tau`
+in r and the families differ only in the shape of the tail.
+
+Custom gates: pass ``"pkg.module:F"`` (an elementwise torch function with F'(0) = 1, or a
+:class:`Gate` instance, or a zero-argument factory returning either) anywhere a gate name is
+accepted; F' is then obtained by autograd and the half-width numerically.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+BaseFn = Callable[[Tensor], Tensor]
+
+WIDTH_MODES = ("raw", "hwhm")
+
+
+@dataclass(frozen=True)
+class SmoothGate:
+    """A gate built from a base function F (see the module docstring for the math).
+
+    ``dF`` is the closed-form derivative; when ``None`` it is computed by autograd.
+    ``hwhm`` is the half-width at half maximum of F' in x; when ``None`` it is found numerically.
+    """
+
+    name: str
+    F: BaseFn
+    dF: BaseFn | None = None
+    hwhm: float | None = None
+    F0: float = field(default=float("nan"))
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.F0):
+            object.__setattr__(self, "F0", float(self.F(torch.zeros((), dtype=torch.float64))))
+        if self.hwhm is None:
+            object.__setattr__(self, "hwhm", _numeric_hwhm(self.weight_x))
+
+    def weight_x(self, x: Tensor, sign: int = 1) -> Tensor:
+        """F'(x): the gradient weight as a function of x = τ(r − 1) (same for both signs)."""
+        if self.dF is not None:
+            return self.dF(x)
+        with torch.enable_grad():
+            xg = x.detach().clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.F(xg).sum(), xg)
+        return grad.detach()
+
+    def surrogate(self, ratio: Tensor, advantages: Tensor, tau: Tensor) -> Tensor:
+        """Per-token surrogate f_τ(r)·A (differentiable in ``ratio``)."""
+        x = tau * (ratio - 1.0)
+        return (1.0 + (self.F(x) - self.F0) / tau) * advantages
+
+    def weight(self, ratio: Tensor, advantages: Tensor, tau: Tensor) -> Tensor:
+        """Gradient weight w_τ(r) = F'(τ(r − 1)) per token (no gradient)."""
+        return self.weight_x(tau * (ratio - 1.0))
+
+    def value(self, ratio: Tensor, tau: float) -> Tensor:
+        """Gate value f_τ(r) (for plots and checks)."""
+        x = tau * (ratio - 1.0)
+        return 1.0 + (self.F(x) - self.F0) / tau
+
+
+@dataclass(frozen=True)
+class ClipGate:
+    """GRPO/PPO hard clipping: surrogate min(rA, clip(r, 1 − ε_low, 1 + ε_high)·A).
+
+    Gradient weight: 1 where the unclipped term rA is the active branch of the min, else 0.
+    Temperatures are ignored.
+    """
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    name: str = "clip"
+    hwhm: float | None = None
+
+    def __post_init__(self) -> None:
+        for key, eps in (("eps_low", self.eps_low), ("eps_high", self.eps_high)):
+            if not (isinstance(eps, int | float) and math.isfinite(eps) and eps >= 0):
+                raise ValueError(f"gate.{key} must be a finite number >= 0, got {eps!r}")
+
+    def surrogate(self, ratio: Tensor, advantages: Tensor, tau: Tensor | None = None) -> Tensor:
+        clipped = torch.clamp(ratio, 1.0 - self.eps_low, 1.0 + self.eps_high)
+        return torch.minimum(ratio * advantages, clipped * advantages)
+
+    def clipped(self, ratio: Tensor, advantages: Tensor) -> Tensor:
+        """Boolean mask of tokens whose gradient the clip removes."""
+        pos = advantages > 0
+        return torch.where(pos, ratio > 1.0 + self.eps_high, ratio < 1.0 - self.eps_low)
+
+    def weight(self, ratio: Tensor, advantages: Tensor, tau: Tensor | None = None) -> Tensor:
+        return (~self.clipped(ratio, advantages)).to(ratio.dtype)
+
+    def weight_x(self, x: Tensor, sign: int = 1) -> Tensor:
+        """Weight as a function of x = r − 1 for advantages of the given sign."""
+        adv = torch.full_like(x, float(sign))
+        return self.weight(1.0 + x, adv)
+
+    def value(self, ratio: Tensor, tau: float = 1.0, sign: int = 1) -> Tensor:
+        """min(r·s, clip(r)·s)/s for an advantage of sign s: the effective gate value."""
+        adv = torch.full_like(ratio, float(sign))
+        return self.surrogate(ratio, adv) * float(sign)
+
+
+Gate = SmoothGate | ClipGate
+
+# ----------------------------------------------------------------------------- built-ins
+
+_SQRT_2PI = math.sqrt(2.0 * math.pi)
+_INV_SQRT2 = 1.0 / math.sqrt(2.0)
+
+_BUILTIN: dict[str, SmoothGate] = {}
+
+
+def register_gate(name: str, *, dF: BaseFn | None = None, hwhm: float | None = None):
+    """Decorator: register a base function F under ``name`` (verl-style registry)."""
+
+    def deco(F: BaseFn) -> BaseFn:
+        if name in _BUILTIN or name == "clip":
+            raise ValueError(f"gate {name!r} is already registered")
+        _BUILTIN[name] = SmoothGate(name=name, F=F, dF=dF, hwhm=hwhm)
+        return F
+
+    return deco
+
+
+@register_gate(
+    "sigmoid",
+    dF=lambda x: 1.0 - torch.tanh(0.5 * x) ** 2,  # sech²(x/2), stable for large |x|
+    hwhm=2.0 * math.acosh(math.sqrt(2.0)),
+)
+def sigmoid_F(x: Tensor) -> Tensor:
+    """F(x) = 4σ(x); F' = 4σ(1 − σ) = sech²(x/2)."""
+    return 4.0 * torch.sigmoid(x)
+
+
+@register_gate("erf", dF=lambda x: torch.exp(-0.5 * x * x), hwhm=math.sqrt(2.0 * math.log(2.0)))
+def erf_F(x: Tensor) -> Tensor:
+    """F(x) = √(2π)·Φ(x) = √(2π)·(1 + erf(x/√2))/2; F' = exp(−x²/2)."""
+    return (0.5 * _SQRT_2PI) * (1.0 + torch.erf(x * _INV_SQRT2))
+
+
+@register_gate("arctan", dF=lambda x: 1.0 / (1.0 + x * x), hwhm=1.0)
+def arctan_F(x: Tensor) -> Tensor:
+    """F(x) = arctan(x); F' = 1/(1 + x²)."""
+    return torch.atan(x)
+
+
+@register_gate("softsign", dF=lambda x: (1.0 + x.abs()) ** -2, hwhm=math.sqrt(2.0) - 1.0)
+def softsign_F(x: Tensor) -> Tensor:
+    """F(x) = x/(1 + |x|); F' = 1/(1 + |x|)²."""
+    return x / (1.0 + x.abs())
+
+
+SMOOTH_GATES: tuple[str, ...] = tuple(_BUILTIN)
+BUILTIN_GATES: tuple[str, ...] = (*SMOOTH_GATES, "clip")
+SIGMOID_HWHM: float = _BUILTIN["sigmoid"].hwhm  # type: ignore[assignment]
+
+
+def known_gates() -> tuple[str, ...]:
+    return (*_BUILTIN, "clip")
+
+
+def get_gate(spec: str | Mapping[str, Any] | Gate, *, eps_low: float = 0.2, eps_high: float = 0.2) -> Gate:
+    """Resolve a gate from a name, an import path ``"pkg.mod:attr"``, a Hydra ``_target_`` mapping
+    or a gate object. Raises ``ValueError`` naming the known gates for anything else."""
+    if isinstance(spec, SmoothGate | ClipGate):
+        return spec
+    if isinstance(spec, Mapping):
+        if "_target_" not in spec:
+            raise ValueError(f"gate mapping needs a '_target_' key, got keys {sorted(spec)}")
+        from hydra.utils import instantiate
+
+        return _coerce(instantiate(dict(spec)), str(spec["_target_"]))
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"gate must be a name or 'module:attr' path, got {spec!r}")
+    if spec == "clip":
+        return ClipGate(eps_low=eps_low, eps_high=eps_high)
+    if spec in _BUILTIN:
+        return _BUILTIN[spec]
+    if ":" in spec:
+        return _coerce(_import(spec), spec)
+    raise ValueError(
+        f"unknown gate {spec!r}: known gates are {', '.join(known_gates())}, "
+        "or give a custom base function as 'package.module:function'"
+    )
+
+
+def _import(path: str) -> Any:
+    module_name, _, attr = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"gate {path!r}: cannot import module {module_name!r} ({exc})") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"gate {path!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _coerce(obj: Any, label: str) -> Gate:
+    if isinstance(obj, SmoothGate | ClipGate):
+        return obj
+    if callable(obj):
+        try:
+            probe = obj(torch.zeros(3, dtype=torch.float64))
+        except TypeError:
+            return _coerce(obj(), label)  # a zero-argument factory
+        if isinstance(probe, SmoothGate | ClipGate):
+            return probe
+        if not isinstance(probe, Tensor) or probe.shape != (3,):
+            raise ValueError(f"gate {label!r}: F must map a tensor elementwise to a tensor")
+        return SmoothGate(name=label, F=obj)
+    raise ValueError(f"gate {label!r} is neither a base function F nor a gate object")
+
+
+def effective_tau(gate: Gate, tau: float, width: str = "raw") -> float:
+    """The temperature a gate actually runs at: τ (``raw``) or τ·h_g/h_sigmoid (``hwhm``)."""
+    if width not in WIDTH_MODES:
+        raise ValueError(f"gate.width must be one of {', '.join(WIDTH_MODES)}, got {width!r}")
+    if isinstance(gate, ClipGate) or width == "raw":
+        return tau
+    return tau * gate.hwhm / SIGMOID_HWHM  # type: ignore[operator]
+
+
+def _numeric_hwhm(weight_x: Callable[[Tensor], Tensor], lim: float = 1e4) -> float:
+    """Mean of the left and right x where F'(x) falls to 1/2 (bisection, float64)."""
+
+    def side(sign: float) -> float:
+        lo, hi = 0.0, 1.0
+        while float(weight_x(torch.tensor(sign * hi, dtype=torch.float64))) > 0.5:
+            hi *= 2.0
+            if hi > lim:
+                return float("inf")
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if float(weight_x(torch.tensor(sign * mid, dtype=torch.float64))) > 0.5:
+                lo = mid
+            else:
+                hi = mid
+        return 0.5 * (lo + hi)
+
+    return 0.5 * (side(1.0) + side(-1.0))
+
+
+# ----------------------------------------------------------------------------- admissibility
+
+
+@dataclass(frozen=True)
+class PropertyCheck:
+    name: str
+    passed: bool
+    worst_x: float | None
+    detail: str
+
+
+def check_admissible(gate: Gate, *, x_max: float = 60.0, n: int = 240_001) -> list[PropertyCheck]:
+    """Numerically check the four properties of arXiv 2602.19345 on w(x) = F'(x):
+
+    (i) F' is continuous, (ii) F' attains its global maximum, equal to 1, at x = 0,
+    (iii) F' is non-increasing in |x| on each side of 0, (iv) F'(x) → 0 as x → +∞.
+
+    For ``clip`` the weight in x = r − 1 is checked for both advantage signs (it differs by sign).
+    Each result carries the worst offending x (``None`` when the property holds everywhere).
+    """
+    signs = (1, -1) if isinstance(gate, ClipGate) else (1,)
+    results: list[list[PropertyCheck]] = [_check_weight(lambda x, s=s: gate.weight_x(x, s), x_max, n) for s in signs]
+    if len(results) == 1:
+        return results[0]
+    merged = []
+    for per_sign in zip(*results, strict=True):
+        bad = [(s, c) for s, c in zip(("A>0", "A<0"), per_sign, strict=True) if not c.passed]
+        if not bad:
+            merged.append(per_sign[0])
+        else:
+            s, c = bad[0]
+            details = "; ".join(f"{s}: {c.detail}" for s, c in bad)
+            merged.append(PropertyCheck(c.name, False, c.worst_x, details))
+    return merged
+
+
+def _check_weight(w: Callable[[Tensor], Tensor], x_max: float, n: int) -> list[PropertyCheck]:
+    x = torch.linspace(-x_max, x_max, n, dtype=torch.float64)
+    wx = w(x)
+    i0 = (n - 1) // 2
+    h = float(x[1] - x[0])
+    out = []
+
+    # (i) continuity: a jump between neighbours that does not shrink when the step is refined 1000×.
+    jumps = (wx[1:] - wx[:-1]).abs()
+    k = int(jumps.argmax())
+    xa = float(x[k])
+    fine = torch.linspace(xa, xa + h, 1001, dtype=torch.float64)
+    fine_jump = float((w(fine)[1:] - w(fine)[:-1]).abs().max())
+    cont = fine_jump < 0.5 * float(jumps[k]) or fine_jump < 1e-6
+    out.append(
+        PropertyCheck(
+            "(i) F' continuous",
+            cont,
+            None if cont else xa,
+            "no jump found" if cont else f"jump of {fine_jump:.3g} in w near x={xa:.4g}",
+        )
+    )
+
+    # (ii) global maximum 1 at x = 0.
+    w0 = float(w(torch.zeros(1, dtype=torch.float64)))
+    worst = int(wx.argmax())
+    over = float(wx[worst]) - w0
+    ok = abs(w0 - 1.0) < 1e-9 and over <= 1e-12
+    worst_x = None if ok else (0.0 if abs(w0 - 1.0) >= 1e-9 else float(x[worst]))
+    out.append(PropertyCheck("(ii) max F' = 1 at x=0", ok, worst_x, f"F'(0)={w0:.6g}, max F'={float(wx[worst]):.6g}"))
+
+    # (iii) non-increasing in |x| on each side.
+    right = wx[i0:]
+    left = wx[: i0 + 1].flip(0)
+    rise_r = right[1:] - right[:-1]
+    rise_l = left[1:] - left[:-1]
+    worst_r, worst_l = float(rise_r.max()), float(rise_l.max())
+    ok = max(worst_r, worst_l) <= 1e-12
+    if ok:
+        wx3 = None
+    elif worst_r >= worst_l:
+        wx3 = float(x[i0 + 1 + int(rise_r.argmax())])
+    else:
+        wx3 = -float(x[i0 + 1 + int(rise_l.argmax())] - x[i0])
+    out.append(PropertyCheck("(iii) F' non-increasing in |x|", ok, wx3, f"largest rise {max(worst_r, worst_l):.3g}"))
+
+    # (iv) vanishing tail: F' at large x is small and still decreasing towards 0.
+    far = torch.tensor([1e3, 1e4, 1e6], dtype=torch.float64)
+    wf = w(far)
+    ok = float(wf[-1]) < 1e-3 and float(wf[-1]) <= float(wf[0])
+    out.append(
+        PropertyCheck(
+            "(iv) F'(x) -> 0 as x -> +inf",
+            ok,
+            None if ok else float(far[-1]),
+            f"F'(1e3)={float(wf[0]):.3g}, F'(1e6)={float(wf[-1]):.3g}",
+        )
+    )
+    return out

@@ -1,0 +1,206 @@
+r"""The policy objective: the one place any backend computes the policy loss.
+
+For response tokens t of sequence i with behaviour log-probs :math:`\log\pi_{old}` and current
+log-probs :math:`\log\pi_\theta`:
+
+.. math::
+
+    \rho_{it} = \mathrm{clamp}(\log\pi_\theta - \log\pi_{old}, \pm c), \qquad r_{it} = e^{\rho_{it}}
+
+(``ratio_level="sequence"`` is GSPO: :math:`\rho_{it} = \frac{1}{|y_i|}\sum_t \rho_{it}` for every
+t, the log of the sequence's geometric-mean ratio). The per-token loss is
+
+.. math::  \ell_{it} = -\,s(r_{it}, A_{it}) + \beta\, k_3(\log\pi_{ref}, \log\pi_\theta)
+
+with the gate surrogate :math:`s = f_\tau(r) A` (smooth gates, see :mod:`harness.gates`) or
+:math:`s = \min(rA, \mathrm{clip}(r)A)` (``clip``), and the k3 KL estimator
+:math:`k_3 = e^{\log\pi_{ref} - \log\pi_\theta} - (\log\pi_{ref} - \log\pi_\theta) - 1`.
+Aggregation over the (B, T) mask M:
+
+* ``seq-mean-token-mean`` (GRPO/SAPO): :math:`\frac{1}{B'}\sum_i \frac{\sum_t M_{it}\ell_{it}}
+  {\sum_t M_{it}}` over the B' sequences with at least one token;
+* ``token-mean`` (DAPO): :math:`\sum_{it} M_{it}\ell_{it} / \sum_{it} M_{it}`;
+* ``seq-mean-token-sum-norm`` (Dr. GRPO): :math:`\sum_{it} M_{it}\ell_{it} / (B \cdot L)` with a
+  constant L (``norm_length``, default T).
+
+Because every smooth gate has :math:`f_\tau(1) = 1`, at r = 1 every gate's loss equals the GRPO
+surrogate :math:`-A`: logged losses are comparable across gates (SAPO's own
+:math:`\frac{4}{\tau}\sigma(\tau(r-1))` differs by the constant :math:`(1 - 2/\tau)A`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from harness.gates import ClipGate, Gate, effective_tau, get_gate
+
+AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+RATIO_LEVELS = ("token", "sequence")
+
+_DIAG_STATS = ("ratio_mean", "ratio_std", "ratio_min", "ratio_max", "ratio_p05", "ratio_p95",
+               "abs_ratio_dev", "gate_weight", "frac_w_lt_0.5", "frac_w_lt_0.1")
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    gate: str | Mapping[str, Any] | Gate = "sigmoid",
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    width: str = "raw",
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    ratio_level: str = "token",
+    agg: str = "seq-mean-token-mean",
+    ref_logp: Tensor | None = None,
+    kl_beta: float = 0.0,
+    log_ratio_clip: float = 20.0,
+    norm_length: int | None = None,
+    diagnostics: bool = True,
+) -> tuple[Tensor, dict[str, float]]:
+    """Gated policy-gradient loss (see the module docstring for the math).
+
+    Args:
+        logp: current per-token log-probs, (B, T), differentiable.
+        old_logp: behaviour per-token log-probs, (B, T) (detached inside).
+        advantages: (B,) per-sequence or (B, T) per-token advantages.
+        mask: (B, T) response mask (bool or 0/1).
+        gate: gate name, ``"module:attr"`` path, ``_target_`` mapping or gate object.
+        tau_pos, tau_neg: temperatures for A > 0 and A <= 0 (smooth gates).
+        width: ``"raw"`` or ``"hwhm"`` (τ read as sigmoid-equivalent; see :mod:`harness.gates`).
+        eps_low, eps_high: clip range for ``gate="clip"``.
+        ratio_level: ``"token"`` or ``"sequence"`` (GSPO).
+        agg: one of :data:`AGG_MODES`.
+        ref_logp, kl_beta: optional k3 KL penalty to a reference policy.
+        log_ratio_clip: |log r| is clamped to this before exponentiation.
+        norm_length: constant L of ``seq-mean-token-sum-norm`` (default T).
+        diagnostics: compute the diagnostics dict (plain floats over masked tokens).
+
+    Returns:
+        ``(loss, diagnostics)``; diagnostics hold ratio statistics, mean |r − 1|, mean gate weight,
+        fractions of tokens with w < 0.5 / w < 0.1 (and ``clip_frac`` for clip), each also split by
+        advantage sign with suffixes ``_pos`` / ``_neg``, plus ``kl`` when a reference is given.
+    """
+    g = get_gate(gate, eps_low=eps_low, eps_high=eps_high)
+    mask, advantages = _validate(logp, old_logp, advantages, mask, ref_logp, tau_pos, tau_neg,
+                                 ratio_level, agg, log_ratio_clip, kl_beta, norm_length)
+    tp, tn = effective_tau(g, tau_pos, width), effective_tau(g, tau_neg, width)
+
+    # Padding may hold anything (even NaN): zero it before it can reach a sum.
+    log_ratio = torch.where(mask, logp - old_logp.detach(), 0.0)
+    if ratio_level == "sequence":
+        seq_len = mask.sum(-1, keepdim=True).clamp(min=1)
+        log_ratio = (log_ratio.sum(-1, keepdim=True) / seq_len).expand_as(logp)
+    ratio = torch.exp(log_ratio.clamp(-log_ratio_clip, log_ratio_clip))
+
+    adv = advantages.to(logp.dtype)
+    adv = adv.unsqueeze(-1).expand_as(logp) if adv.dim() == 1 else adv
+    pos = adv > 0
+    if isinstance(g, ClipGate):
+        tau = None
+        surrogate = g.surrogate(ratio, adv)
+    else:
+        tau = torch.where(pos, tp, tn).to(logp.dtype)
+        surrogate = g.surrogate(ratio, adv, tau)
+    per_token = -surrogate
+
+    kl = None
+    if ref_logp is not None and kl_beta != 0.0:
+        delta = torch.where(mask, ref_logp.detach() - logp, 0.0).clamp(-log_ratio_clip, log_ratio_clip)
+        kl = torch.exp(delta) - delta - 1.0
+        per_token = per_token + kl_beta * kl
+
+    loss = aggregate(per_token, mask, agg, norm_length)
+    if not diagnostics:
+        return loss, {}
+    with torch.no_grad():
+        diag = _diagnostics(g, ratio.detach(), adv, tau, mask, pos)
+        if kl is not None:
+            diag["kl"] = float(aggregate(kl.detach(), mask, "token-mean"))
+    return loss, diag
+
+
+def aggregate(per_token: Tensor, mask: Tensor, agg: str = "seq-mean-token-mean",
+              norm_length: int | None = None) -> Tensor:
+    """Reduce a (B, T) per-token loss over a bool mask with one of :data:`AGG_MODES`."""
+    masked = torch.where(mask, per_token, 0.0)
+    if agg == "token-mean":
+        return masked.sum() / mask.sum().clamp(min=1)
+    if agg == "seq-mean-token-mean":
+        lengths = mask.sum(-1)
+        has_tokens = lengths > 0
+        seq_means = masked.sum(-1) / lengths.clamp(min=1)
+        return seq_means.sum() / has_tokens.sum().clamp(min=1)
+    if agg == "seq-mean-token-sum-norm":
+        length = norm_length if norm_length is not None else per_token.shape[-1]
+        return masked.sum() / (per_token.shape[0] * length)
+    raise ValueError(f"agg must be one of {', '.join(AGG_MODES)}, got {agg!r}")
+
+
+def _validate(logp, old_logp, advantages, mask, ref_logp, tau_pos, tau_neg, ratio_level, agg,
+              log_ratio_clip, kl_beta, norm_length) -> tuple[Tensor, Tensor]:
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level must be one of {', '.join(RATIO_LEVELS)}, got {ratio_level!r}")
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {', '.join(AGG_MODES)}, got {agg!r}")
+    for key, tau in (("tau_pos", tau_pos), ("tau_neg", tau_neg)):
+        if not (isinstance(tau, int | float) and math.isfinite(tau) and tau > 0):
+            raise ValueError(f"{key} must be a finite number > 0, got {tau!r}")
+    if not (log_ratio_clip > 0):
+        raise ValueError(f"log_ratio_clip must be > 0, got {log_ratio_clip!r}")
+    if not math.isfinite(kl_beta) or kl_beta < 0:
+        raise ValueError(f"kl_beta must be a finite number >= 0, got {kl_beta!r}")
+    if norm_length is not None and norm_length <= 0:
+        raise ValueError(f"norm_length must be > 0, got {norm_length!r}")
+    if logp.dim() != 2:
+        raise ValueError(f"logp must have shape (B, T), got {tuple(logp.shape)}")
+    for key, t in (("old_logp", old_logp), ("mask", mask)) + ((("ref_logp", ref_logp),) if ref_logp is not None else ()):
+        if t.shape != logp.shape:
+            raise ValueError(f"{key} has shape {tuple(t.shape)} but logp has {tuple(logp.shape)}")
+    if advantages.shape not in (logp.shape[:1], logp.shape):
+        raise ValueError(f"advantages must have shape (B,)={tuple(logp.shape[:1])} or (B, T)="
+                         f"{tuple(logp.shape)}, got {tuple(advantages.shape)}")
+    mask = mask.bool()
+    if not bool(mask.any()):
+        raise ValueError("mask is empty: no response token to compute a loss on")
+    adv_tok = advantages.unsqueeze(-1).expand_as(mask) if advantages.dim() == 1 else advantages
+    checks = (("logp", logp.detach()), ("old_logp", old_logp.detach()), ("advantages", adv_tok))
+    if ref_logp is not None:
+        checks += (("ref_logp", ref_logp.detach()),)
+    for key, t in checks:
+        if not bool(torch.isfinite(t[mask]).all()):
+            raise ValueError(f"{key} contains NaN or inf at unmasked positions")
+    return mask, advantages
+
+
+def _diagnostics(g: Gate, ratio: Tensor, adv: Tensor, tau: Tensor | None, mask: Tensor,
+                 pos: Tensor) -> dict[str, float]:
+    weight = g.weight(ratio, adv, tau)
+    clipped = g.clipped(ratio, adv) if isinstance(g, ClipGate) else None
+    out: dict[str, float] = {}
+    for suffix, sel in (("", mask), ("_pos", mask & pos), ("_neg", mask & ~pos)):
+        n = int(sel.sum())
+        if n == 0:
+            continue
+        r = ratio[sel].double()
+        w = weight[sel].double()
+        q = torch.quantile(r, torch.tensor([0.05, 0.95], dtype=r.dtype)) if r.numel() <= 16_000_000 else None
+        stats = torch.stack([
+            r.mean(), r.std(unbiased=False), r.min(), r.max(),
+            q[0] if q is not None else r.new_tensor(float("nan")),
+            q[1] if q is not None else r.new_tensor(float("nan")),
+            (r - 1.0).abs().mean(), w.mean(), (w < 0.5).double().mean(), (w < 0.1).double().mean(),
+        ]).tolist()
+        out.update({f"{k}{suffix}": v for k, v in zip(_DIAG_STATS, stats, strict=True)})
+        out[f"tokens{suffix}"] = float(n)
+        if clipped is not None:
+            out[f"clip_frac{suffix}"] = float(clipped[sel].double().mean())
+    return out
