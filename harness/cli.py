@@ -22,7 +22,7 @@ def _register_optional() -> None:
     """Subcommands whose modules exist in this checkout (later issues add run/sweep/tune/eval/report)."""
     optional = {
         "run": ("harness.app:run_main", "train → evaluate → log one cell (Hydra overrides)"),
-        "sweep": ("harness.app:sweep_main", "run a sweep from sweeps/ with Hydra multirun (default: gates)"),
+        "sweep": ("harness.sweep:sweep_main", "run a sweep from sweeps/ with Hydra multirun (default: gates)"),
         "tune": ("harness.tuning:main", "Optuna temperature tuning"),
         "eval": ("harness.evaluation:main", "evaluate a checkpoint on benchmarks"),
         "report": ("harness.reporting:main", "write the comparison report of an MLflow experiment"),
@@ -74,7 +74,11 @@ def gates_main(argv: list[str]) -> int:
     from harness.reporting import plot_gate_shapes
 
     for spec in args.gates:
-        G.get_gate(spec)  # fail on a bad name before drawing anything
+        try:
+            G.get_gate(spec)  # fail on a bad name before drawing anything
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     plot_gate_shapes(args.gates, args.tau, args.out, width=args.width)
     print(f"wrote {args.out}")
     return 0

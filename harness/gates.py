@@ -53,6 +53,7 @@ accepted; F' is then obtained by autograd and the half-width numerically.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from collections.abc import Callable, Mapping
@@ -229,11 +230,18 @@ def get_gate(spec: str | Mapping[str, Any] | Gate, *, eps_low: float = 0.2, eps_
     if spec in _BUILTIN:
         return _BUILTIN[spec]
     if ":" in spec:
-        return _coerce(_import(spec), spec)
+        return _resolve_path(spec)
     raise ValueError(
         f"unknown gate {spec!r}: known gates are {', '.join(known_gates())}, "
         "or give a custom base function as 'package.module:function'"
     )
+
+
+@functools.lru_cache(maxsize=128)
+def _resolve_path(spec: str) -> Gate:
+    """Import and wrap a ``"module:attr"`` gate once: building a SmoothGate finds its half-width
+    numerically (hundreds of autograd calls), far more than a policy_loss call itself costs."""
+    return _coerce(_import(spec), spec)
 
 
 def _import(path: str) -> Any:
@@ -271,7 +279,10 @@ def effective_tau(gate: Gate, tau: float, width: str = "raw") -> float:
         raise ValueError(f"gate.width must be one of {', '.join(WIDTH_MODES)}, got {width!r}")
     if isinstance(gate, ClipGate) or width == "raw":
         return tau
-    return tau * gate.hwhm / SIGMOID_HWHM  # type: ignore[operator]
+    if not (gate.hwhm is not None and math.isfinite(gate.hwhm) and gate.hwhm > 0):
+        raise ValueError(f"gate {gate.name!r}: width='hwhm' needs a finite half-width of F' "
+                         f"(found {gate.hwhm!r}, F' never falls to 1/2?); use width='raw'")
+    return tau * gate.hwhm / SIGMOID_HWHM
 
 
 def _numeric_hwhm(weight_x: Callable[[Tensor], Tensor], lim: float = 1e4) -> float:
@@ -324,9 +335,9 @@ def check_admissible(gate: Gate, *, x_max: float = 60.0, n: int = 240_001) -> li
         if not bad:
             merged.append(per_sign[0])
         else:
-            s, c = bad[0]
-            details = "; ".join(f"{s}: {c.detail}" for s, c in bad)
-            merged.append(PropertyCheck(c.name, False, c.worst_x, details))
+            first = bad[0][1]
+            details = "; ".join(f"{sign}: {c.detail}" for sign, c in bad)
+            merged.append(PropertyCheck(first.name, False, first.worst_x, details))
     return merged
 
 

@@ -103,12 +103,16 @@ def policy_loss(
 
     adv = advantages.to(logp.dtype)
     adv = adv.unsqueeze(-1).expand_as(logp) if adv.dim() == 1 else adv
+    # Padded advantages may be NaN too: 0·NaN in the backward would otherwise leak into GSPO's
+    # per-sequence sum of the log-ratio gradient.
+    adv = torch.where(mask, adv, 0.0)
     pos = adv > 0
     if isinstance(g, ClipGate):
         tau = None
         surrogate = g.surrogate(ratio, adv)
     else:
-        tau = torch.where(pos, tp, tn).to(logp.dtype)
+        # not torch.where(pos, tp, tn): on Python floats that builds a float32 tensor (τ rounded)
+        tau = torch.full_like(adv, tn).masked_fill_(pos, tp)
         surrogate = g.surrogate(ratio, adv, tau)
     per_token = -surrogate
 
@@ -145,6 +149,19 @@ def aggregate(per_token: Tensor, mask: Tensor, agg: str = "seq-mean-token-mean",
     raise ValueError(f"agg must be one of {', '.join(AGG_MODES)}, got {agg!r}")
 
 
+def micro_batch_weight(micro_mask: Tensor, batch_mask: Tensor, agg: str = "seq-mean-token-mean") -> float:
+    """Factor that makes gradient accumulation exact: Σ_micro weight·aggregate(micro) equals
+    aggregate(batch) for the aggregation ``agg`` when the micro-batches partition the batch's rows."""
+    micro_mask, batch_mask = micro_mask.bool(), batch_mask.bool()
+    if agg == "token-mean":
+        return float(micro_mask.sum()) / max(float(batch_mask.sum()), 1.0)
+    if agg == "seq-mean-token-mean":
+        return float((micro_mask.sum(-1) > 0).sum()) / max(float((batch_mask.sum(-1) > 0).sum()), 1.0)
+    if agg == "seq-mean-token-sum-norm":
+        return micro_mask.shape[0] / batch_mask.shape[0]
+    raise ValueError(f"agg must be one of {', '.join(AGG_MODES)}, got {agg!r}")
+
+
 def _validate(logp, old_logp, advantages, mask, ref_logp, tau_pos, tau_neg, ratio_level, agg,
               log_ratio_clip, kl_beta, norm_length) -> tuple[Tensor, Tensor]:
     if ratio_level not in RATIO_LEVELS:
@@ -162,7 +179,8 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, tau_pos, tau_neg, rati
         raise ValueError(f"norm_length must be > 0, got {norm_length!r}")
     if logp.dim() != 2:
         raise ValueError(f"logp must have shape (B, T), got {tuple(logp.shape)}")
-    for key, t in (("old_logp", old_logp), ("mask", mask)) + ((("ref_logp", ref_logp),) if ref_logp is not None else ()):
+    same_shape = [("old_logp", old_logp), ("mask", mask)] + ([("ref_logp", ref_logp)] if ref_logp is not None else [])
+    for key, t in same_shape:
         if t.shape != logp.shape:
             raise ValueError(f"{key} has shape {tuple(t.shape)} but logp has {tuple(logp.shape)}")
     if advantages.shape not in (logp.shape[:1], logp.shape):

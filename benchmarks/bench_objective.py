@@ -1,0 +1,112 @@
+"""Forward + backward time of ``policy_loss`` for every gate, relative to ``clip``.
+
+Usage::
+
+    python benchmarks/bench_objective.py [--batch 64] [--seq 1024] [--reps 60] [--warmup 5]
+                                         [--gates sigmoid erf arctan softsign clip] [--threads N]
+                                         [--clock wall|cpu]
+
+All gates are timed side by side in one process on identical inputs (float32, CPU): each repetition
+runs every (gate, diagnostics) case once in a freshly shuffled order, so drift in machine load hits all
+cases alike, and the table reports medians and the ratio of each median to clip's median with the same
+``diagnostics`` setting. ``diagnostics=True`` is how the trainer calls it. Target: every smooth gate
+<= 1.25x clip.
+
+``--clock cpu`` times with ``time.thread_time`` (CPU time of the calling thread) instead of wall time;
+use it with ``--threads 1`` on a shared, loaded machine, where wall time mostly measures waiting for a
+core. Custom gates (``--gates tests.custom_gate_module:F``) resolve from the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from harness.gates import BUILTIN_GATES, SMOOTH_GATES
+from harness.objective import policy_loss
+
+TARGET = 1.25
+ROOT = Path(__file__).resolve().parents[1]
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def make_inputs(batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Realistic inputs: log r ~ N(0, 0.1), ~80% of tokens unmasked, advantages of both signs."""
+    gen = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(batch, seq, generator=gen) * 5.0
+    old_logp = logp + 0.1 * torch.randn(batch, seq, generator=gen)
+    lengths = (seq * (0.6 + 0.4 * torch.rand(batch, generator=gen))).long()  # ragged, mean 0.8·T
+    mask = torch.arange(seq)[None, :] < lengths[:, None]
+    advantages = torch.randn(batch, generator=gen)
+    return {"logp": logp, "old_logp": old_logp, "advantages": advantages, "mask": mask}
+
+
+def step(inputs: dict[str, torch.Tensor], gate: str, diagnostics: bool, clock=time.perf_counter) -> float:
+    """One forward + backward, as the trainer calls it; returns the time in seconds."""
+    logp = inputs["logp"].detach().requires_grad_(True)
+    t0 = clock()
+    loss, _ = policy_loss(logp, inputs["old_logp"], inputs["advantages"], inputs["mask"], gate=gate,
+                          diagnostics=diagnostics)
+    loss.backward()
+    return clock() - t0
+
+
+def run(gates: list[str], batch: int, seq: int, reps: int, warmup: int, seed: int = 0,
+        clock=time.perf_counter) -> dict:
+    inputs = make_inputs(batch, seq, seed)
+    cases = [(g, d) for d in (True, False) for g in gates]
+    times: dict[tuple[str, bool], list[float]] = {c: [] for c in cases}
+    rng = random.Random(seed)
+    for rep in range(warmup + reps):
+        order = cases[:]
+        rng.shuffle(order)
+        for gate, diag in order:
+            dt = step(inputs, gate, diag, clock)
+            if rep >= warmup:
+                times[(gate, diag)].append(dt)
+    return {c: statistics.median(v) for c, v in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--reps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--gates", nargs="+", default=list(BUILTIN_GATES))
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall", help="wall time, or CPU time of this thread")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))  # custom gates such as tests.custom_gate_module:F
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gates = list(dict.fromkeys([*args.gates, "clip"]))
+
+    med = run(gates, args.batch, args.seq, args.reps, args.warmup, clock=CLOCKS[args.clock])
+    print(f"policy_loss forward+backward, {args.batch}x{args.seq} float32 CPU, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; {args.clock} clock, "
+          f"median of {args.reps} interleaved reps after {args.warmup} warmup")
+    wn = max(10, *map(len, gates))
+    print(f"{'gate':<{wn}} {'diag=True ms':>13} {'x clip':>8} {'diag=False ms':>14} {'x clip':>8}  target <= {TARGET}x")
+    missed = []
+    for g in gates:
+        row = [f"{g:<{wn}}"]
+        for diag in (True, False):
+            ratio = med[(g, diag)] / med[("clip", diag)]
+            row.append(f"{med[(g, diag)] * 1e3:>{13 if diag else 14}.2f} {ratio:>7.2f}x")
+            if g in SMOOTH_GATES and ratio > TARGET:
+                missed.append(f"{g} (diagnostics={diag}: {ratio:.2f}x)")
+        print(" ".join(row) + ("" if g in SMOOTH_GATES or g == "clip" else "  (custom)"))
+    print("all smooth gates within target" if not missed else "MISSED target: " + ", ".join(missed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
