@@ -58,4 +58,5 @@ def prompt_config(cfg: Any | None) -> PromptConfig:
     if cfg is None:
         return PromptConfig()
     get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
-    return PromptConfig(template=get("template", DEFAULT_TEMPLATE), system_prompt=get("system_prompt", DEFAULT_SYSTEM_PROMPT))
+    return PromptConfig(template=get("template", DEFAULT_TEMPLATE),
+                        system_prompt=get("system_prompt", DEFAULT_SYSTEM_PROMPT))

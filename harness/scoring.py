@@ -420,6 +420,10 @@ def _quick_verdict(pred: str, gold: str) -> bool | None:
     """Verdict decided without math-verify (plain numbers, fractions, base numerals, over-long
     predictions), or ``None``."""
     verdict = _fast_verdict(pred, gold)
+    if verdict is None and _plain_number(gold) is not None and not any(ch.isdigit() for ch in pred):
+        # A plain-number gold cannot equal text without a single digit (words, bare symbols, tags):
+        # saves a math-verify round trip for every malformed sample of a weak policy.
+        verdict = False
     if verdict is None:
         verdict = _base_verdict(pred, gold)
     if verdict is None and len(pred) > max(_MAX_JUDGED_CHARS, 2 * len(gold)):

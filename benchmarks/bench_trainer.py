@@ -1,0 +1,123 @@
+"""Native backend vs TRL's stock GRPOTrainer: throughput on the same tiny model and rollout settings.
+
+Both run SAPO (TRL: ``loss_type="sapo"``; native: ``gate=sigmoid``) from the same warm-started tiny
+model on the same ``arith`` prompts: 16 prompts x 8 rollouts per generation batch, up to 24 new
+tokens, two optimizer updates per batch over micro-batches of 64, fp32 on CPU, same thread count.
+Throughput = (prompt + completion tokens of every rollout batch) / wall time of the steps, after one
+warm-up step that is not timed for either trainer. Run:
+
+    python benchmarks/bench_trainer.py [--steps 6] [--threads 2]
+
+Target (issue "Built-in RL trainer"): native >= 3x TRL on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PROMPTS, G, MAX_NEW, MICRO = 16, 8, 24, 64
+
+
+def native_throughput(steps: int, threads: int, cache_dir: str) -> tuple[float, float]:
+    import tempfile
+
+    from omegaconf import open_dict
+
+    from harness.backends.native import train
+    from tests.conftest import compose
+
+    cfg = compose([f"train.steps={steps + 1}", f"train.rollout_batch_size={PROMPTS * G}", f"train.num_generations={G}",
+                   f"train.micro_batch_size={MICRO}", f"train.max_new_tokens={MAX_NEW}", "train.num_iterations=2",
+                   f"train.save_every={10**6}", "backend.progress=false", f"backend.threads={threads}",
+                   "backend.device=cpu", "eval.enabled=false", f"cache_dir={cache_dir}"])
+    with open_dict(cfg):
+        cfg.output_dir = tempfile.mkdtemp(prefix="bench-native-")
+    history = train(cfg).history[1:]  # drop the warm-up step
+    seconds = sum(h["step_time_s"] for h in history)
+    return sum(h["tokens"] for h in history) / seconds, seconds / len(history)
+
+
+def trl_throughput(steps: int, threads: int, cache_dir: str) -> tuple[float, float]:
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from harness.data import load_task
+    from harness.models import model_prompt_config, resolve_model_path
+    from harness.prompts import render_prompt
+    from harness.scoring import has_format, score_batch
+
+    torch.set_num_threads(threads)
+    path = resolve_model_path("tiny", cache_dir=cache_dir)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path)
+    pcfg = model_prompt_config("tiny")
+    problems = load_task("arith", "train", limit=PROMPTS * (steps + 2))
+    data = Dataset.from_list([{"prompt": render_prompt(tok, p["problem"], pcfg), "answer": p["answer"]}
+                              for p in problems])
+
+    def reward(completions, answer, **_):  # same reward as native: format + strict accuracy
+        acc = [float(s.correct) for s in score_batch(completions, answer, fallbacks=())]
+        return [float(has_format(c)) + a for c, a in zip(completions, acc, strict=True)]
+
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"), use_cpu=True, bf16=False, loss_type="sapo",
+        num_generations=G, generation_batch_size=PROMPTS * G, per_device_train_batch_size=MICRO,
+        gradient_accumulation_steps=PROMPTS * G // MICRO, num_iterations=2, max_completion_length=MAX_NEW,
+        learning_rate=1e-4, max_steps=2 * (steps + 1), logging_steps=1, report_to="none", save_strategy="no",
+        temperature=1.0, top_k=0, seed=0, shuffle_dataset=False,
+    )
+    times: list[float] = []
+    tokens: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "num_tokens" in logs:
+                tokens.append(float(logs["num_tokens"]))
+
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
+                          callbacks=[Timer()])
+    trainer.train()
+    # Two optimizer steps per rollout batch; drop the first batch (warm-up) for both trainers.
+    seconds = sum(times[2:])
+    batch_tokens = tokens[-1] - tokens[1]  # cumulative prompt+completion tokens after the warm-up batch
+    return batch_tokens / seconds, seconds / (len(times[2:]) / 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6, help="timed rollout batches per trainer")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache-dir", default=str(REPO / ".cache" / "test"))
+    args = parser.parse_args()
+    import torch
+
+    native_tps, native_step = native_throughput(args.steps, args.threads, args.cache_dir)
+    trl_tps, trl_step = trl_throughput(args.steps, args.threads, args.cache_dir)
+    print(f"tiny model, {PROMPTS}x{G} rollouts, <= {MAX_NEW} new tokens, 2 updates/batch, micro-batch {MICRO}, "
+          f"{args.threads} threads, torch {torch.__version__}, {args.steps} timed batches each")
+    print(f"{'trainer':8s} {'tokens/s':>10s} {'s/batch':>9s}")
+    print(f"{'native':8s} {native_tps:10.0f} {native_step:9.2f}")
+    print(f"{'trl':8s} {trl_tps:10.0f} {trl_step:9.2f}")
+    ratio = native_tps / trl_tps
+    print(f"native / trl throughput: {ratio:.2f}x (target >= 3x): {'met' if ratio >= 3 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""The native backend: a GRPO/SAPO loop in plain PyTorch over any Hugging Face causal LM.
+
+One rollout batch per step, read top to bottom in :func:`train`:
+
+1. take ``rollout_batch_size / num_generations`` prompts from the task's train split (a seeded
+   shuffle per epoch, so step s always sees the same prompts, which makes resume exact);
+2. sample ``num_generations`` completions per prompt at the rollout temperature;
+3. reward = format_weight·[follows <think>…</think> <answer>…</answer>]
+   + accuracy_weight·[the <answer> span equals the gold, by :func:`harness.scoring.score`]
+   (+ extra reward functions);
+4. group advantages A_i = (R_i − mean_g R) / (std_g R + eps) (``grpo``) or R_i − mean_g R
+   (``drgrpo``);
+5. behaviour log-probs log π_old are taken ONCE, before the first update; then ``num_iterations``
+   optimizer updates over the same batch, each accumulating gradients over micro-batches. From the
+   second update on, r = π_θ/π_old ≠ 1 and the gate decides how far off-policy tokens count.
+
+The loss is :func:`harness.objective.policy_loss` — the same function every backend calls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from harness.backends import StepCallback, TrainResult
+from harness.data import load_task, resolve_data_dir
+from harness.gates import get_gate
+from harness.models import load_model_and_tokenizer, model_prompt_config, resolve_model_path
+from harness.objective import micro_batch_weight, policy_loss
+from harness.prompts import render_prompt
+from harness.scoring import has_format, score_batch
+
+STATE_FILE = "trainer_state.pt"
+ADVANTAGE_MODES = ("grpo", "drgrpo")
+LR_SCHEDULES = ("cosine", "constant")
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+def validate_train_config(cfg: Any) -> None:
+    """Every check that can fail before compute starts, with the key and the allowed values."""
+    t = cfg.train
+    for key in ("steps", "rollout_batch_size", "num_generations", "micro_batch_size", "num_iterations",
+                "max_new_tokens"):
+        value = t[key]
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"train.{key} must be an integer >= 1, got {value!r}")
+    if t.rollout_batch_size % t.num_generations:
+        raise ValueError(
+            f"train.rollout_batch_size={t.rollout_batch_size} must be divisible by train.num_generations="
+            f"{t.num_generations} (each prompt gets num_generations rollouts)"
+        )
+    if t.num_generations < 2:
+        raise ValueError("train.num_generations must be >= 2: group advantages need at least two rollouts")
+    if t.rollout_batch_size % t.micro_batch_size:
+        raise ValueError(f"train.micro_batch_size={t.micro_batch_size} must divide train.rollout_batch_size="
+                         f"{t.rollout_batch_size}")
+    if not t.rollout_temperature > 0:
+        raise ValueError(f"train.rollout_temperature must be > 0, got {t.rollout_temperature!r}")
+    if not 0 < t.top_p <= 1:
+        raise ValueError(f"train.top_p must be in (0, 1], got {t.top_p!r}")
+    if t.advantage not in ADVANTAGE_MODES:
+        raise ValueError(f"train.advantage must be one of {', '.join(ADVANTAGE_MODES)}, got {t.advantage!r}")
+    if t.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {t.lr_schedule!r}")
+    if not t.lr > 0:
+        raise ValueError(f"train.lr must be > 0, got {t.lr!r}")
+    # Fails on an unknown gate / bad tau / bad eps / bad agg before any model is loaded.
+    g = cfg.gate
+    get_gate(g.name, eps_low=g.eps_low, eps_high=g.eps_high)
+    dummy = torch.zeros(1, 2)
+    policy_loss(dummy, dummy, torch.ones(1), torch.ones(1, 2, dtype=torch.bool), **_loss_kwargs(cfg), diagnostics=False)
+    for extra in t.rewards.extra or []:
+        _import_reward(extra.path)
+
+
+def _loss_kwargs(cfg: Any) -> dict[str, Any]:
+    g, loss = cfg.gate, cfg.train.loss
+    return dict(gate=g.name, tau_pos=g.tau_pos, tau_neg=g.tau_neg, width=g.width, eps_low=g.eps_low,
+                eps_high=g.eps_high, ratio_level=loss.ratio_level, agg=loss.agg, kl_beta=loss.kl_beta,
+                log_ratio_clip=loss.log_ratio_clip, norm_length=loss.norm_length)
+
+
+def _import_reward(path: str) -> Callable[..., Sequence[float]]:
+    from harness.gates import _import
+
+    fn = _import(path)
+    if not callable(fn):
+        raise ValueError(f"train.rewards.extra: {path!r} is not callable")
+    return fn
+
+
+# ----------------------------------------------------------------------------- pieces of a step
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"backend.device={name!r} but CUDA is not available; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def prompts_for_step(n_problems: int, step: int, per_step: int, seed: int) -> list[int]:
+    """Indices of the problems used at ``step``: consecutive slices of a seeded per-epoch shuffle."""
+    out = []
+    start = step * per_step
+    for pos in range(start, start + per_step):
+        epoch, idx = divmod(pos, n_problems)
+        order = np.random.default_rng([seed, epoch]).permutation(n_problems)
+        out.append(int(order[idx]))
+    return out
+
+
+def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, n_completion: int,
+                   temperature: float, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Log-probs of the last ``n_completion`` tokens of each row under ``model`` (logits / temperature,
+    matching the sampling distribution), and optionally the per-token entropy."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = logits[:, -n_completion - 1 : -1].float() / temperature
+    targets = input_ids[:, -n_completion:]
+    log_norm = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            probs = torch.softmax(logits, dim=-1)
+            entropy = log_norm - (probs * logits).sum(-1)
+    return logp, entropy
+
+
+def group_advantages(rewards: Tensor, group_size: int, mode: str, eps: float) -> tuple[Tensor, int]:
+    """Per-rollout advantages and the number of zero-variance groups (their advantages are 0)."""
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(-1, keepdim=True)
+    std = grouped.std(-1, unbiased=False, keepdim=True)
+    zero_var = int((std.squeeze(-1) < 1e-8).sum())
+    adv = centred / (std + eps) if mode == "grpo" else centred
+    return adv.reshape(-1), zero_var
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int, history: list[dict[str, float]]) -> Path:
+    """HF-format weights + tokenizer, plus optimizer/RNG/history so training can resume exactly.
+    Written to a temporary directory and renamed, so a kill never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(), "history": history},
+               tmp / STATE_FILE)
+    tmp.rename(path)
+    return path
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / STATE_FILE).exists() and not p.name.endswith(".tmp"))
+    return done[-1] if done else None
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
+    """Run GRPO/SAPO with the configured gate; see the module docstring."""
+    validate_train_config(cfg)
+    t, bk = cfg.train, cfg.backend
+    out_dir = Path(cfg.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    data_dir = resolve_data_dir(cfg.get("data_dir"))
+    problems = load_task(cfg.task, "train", data_dir=data_dir, seed=cfg.seed)  # errors before the model loads
+    if not problems:
+        raise ValueError(f"task {cfg.task.name!r} has no training problems")
+    model_path = resolve_model_path(cfg.model, cache_dir=cfg.get("cache_dir"))
+    prompt_cfg = model_prompt_config(cfg.model)
+
+    if bk.get("threads"):
+        torch.set_num_threads(int(bk.threads))
+    device = pick_device(bk.device)
+    use_bf16 = bool(bk.get("bf16", True)) and device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    start_step, history, checkpoints = 0, [], []
+    resume_from = latest_checkpoint(ckpt_dir) if cfg.get("resume") else None
+    model, tokenizer = load_model_and_tokenizer(
+        {**_plain(cfg.model), "path": str(resume_from or model_path)}, device=device, cache_dir=cfg.get("cache_dir"))
+    tokenizer.padding_side = "left"
+    ref_model = None
+    if t.loss.kl_beta > 0:
+        ref_model, _ = load_model_and_tokenizer({**_plain(cfg.model), "path": model_path}, device=device)
+        ref_model.eval().requires_grad_(False)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    if resume_from is not None:
+        state = torch.load(resume_from / STATE_FILE, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        start_step, history = state["step"], state["history"]
+        checkpoints = sorted(p for p in ckpt_dir.glob("step-*") if (p / STATE_FILE).exists())
+    extra_rewards = [(_import_reward(e.path), float(e.weight)) for e in (t.rewards.extra or [])]
+    loss_kwargs = _loss_kwargs(cfg)
+    per_step = t.rollout_batch_size // t.num_generations
+    G = t.num_generations
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else _null_ctx()
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=t.steps, initial=start_step, desc=f"train {cfg.gate.name}", disable=not bk.get("progress", True))
+
+    for step in range(start_step, t.steps):
+        t0 = time.perf_counter()
+        lr = t.lr * lr_factor(step, t.steps, t.warmup_steps, t.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # 1-2. prompts and rollouts ------------------------------------------------------------
+        batch = [problems[i] for i in prompts_for_step(len(problems), step, per_step, cfg.seed)]
+        prompts = [render_prompt(tokenizer, p["problem"], prompt_cfg) for p in batch]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        model.eval()
+        with torch.no_grad(), autocast:
+            seqs = model.generate(
+                **enc, do_sample=True, temperature=t.rollout_temperature, top_p=t.top_p, top_k=0,
+                max_new_tokens=t.max_new_tokens, num_return_sequences=G,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+        prompt_len = enc.input_ids.shape[1]
+        completion_ids = seqs[:, prompt_len:]
+        is_eos = completion_ids == tokenizer.eos_token_id
+        # completion mask: tokens up to and including the first EOS
+        after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
+        completion_mask = ~after_eos
+        truncated = ~is_eos.any(-1)
+        texts = tokenizer.batch_decode(completion_ids.masked_fill(~completion_mask, tokenizer.pad_token_id),
+                                       skip_special_tokens=True)
+        golds = [p["answer"] for p in batch for _ in range(G)]
+
+        # 3. rewards ------------------------------------------------------------------------------
+        fmt = torch.tensor([float(has_format(x)) for x in texts])
+        acc = torch.tensor([float(s.correct) for s in score_batch(texts, golds, fallbacks=())])
+        rewards = t.rewards.format_weight * fmt + t.rewards.accuracy_weight * acc
+        for fn, weight in extra_rewards:
+            rewards = rewards + weight * torch.tensor([float(v) for v in fn(texts, golds, [p for p in batch
+                                                                                          for _ in range(G)])])
+
+        # 4. advantages ------------------------------------------------------------------------------
+        advantages, zero_var = group_advantages(rewards, G, t.advantage, t.adv_eps)
+        advantages = advantages.to(device)
+
+        # 5. behaviour log-probs once, then num_iterations updates ------------------------------------
+        attn = torch.cat([enc.attention_mask.repeat_interleave(G, 0), completion_mask.long()], dim=1)
+        n_comp = completion_ids.shape[1]
+        micro = [slice(i, i + t.micro_batch_size) for i in range(0, seqs.shape[0], t.micro_batch_size)]
+        with torch.no_grad(), autocast:
+            old_logp = torch.cat([token_logprobs(model, seqs[s], attn[s], n_comp, t.rollout_temperature)[0]
+                                  for s in micro])
+            ref_logp = None
+            if ref_model is not None:
+                ref_logp = torch.cat([token_logprobs(ref_model, seqs[s], attn[s], n_comp, t.rollout_temperature)[0]
+                                      for s in micro])
+
+        model.train()
+        metrics: dict[str, float] = {}
+        entropies = []
+        for it in range(t.num_iterations):
+            optimizer.zero_grad(set_to_none=True)
+            logps, loss_total = [], 0.0
+            for s in micro:
+                with autocast:
+                    logp, ent = token_logprobs(model, seqs[s], attn[s], n_comp, t.rollout_temperature,
+                                               with_entropy=it == 0)
+                    loss, _ = policy_loss(logp, old_logp[s], advantages[s], completion_mask[s],
+                                          ref_logp=None if ref_logp is None else ref_logp[s],
+                                          diagnostics=False, **loss_kwargs)
+                weight = micro_batch_weight(completion_mask[s], completion_mask, t.loss.agg)
+                (loss * weight).backward()
+                loss_total += float(loss.detach()) * weight
+                logps.append(logp.detach())
+                if ent is not None:
+                    entropies.append(ent)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise FloatingPointError(f"non-finite gradient norm at step {step}, update {it + 1}")
+            optimizer.step()
+            # Diagnostics of this update over the whole rollout batch (params are fixed within an update).
+            _, diag = policy_loss(torch.cat(logps), old_logp, advantages, completion_mask, ref_logp=ref_logp,
+                                  **loss_kwargs)
+            metrics.update({f"it{it + 1}/{k}": v for k, v in diag.items()})
+            metrics[f"it{it + 1}/loss"] = loss_total
+            metrics[f"it{it + 1}/grad_norm"] = float(grad_norm)
+        if not math.isfinite(metrics[f"it{t.num_iterations}/loss"]):
+            raise FloatingPointError(f"NaN/inf loss at step {step}")
+
+        ent_all = torch.cat(entropies)
+        lengths = completion_mask.sum(-1).float()
+        metrics.update({
+            "step": float(step + 1),
+            "reward": float(rewards.mean()),
+            "reward_std": float(rewards.std(unbiased=False)),
+            "reward_format": float(fmt.mean()),
+            "reward_accuracy": float(acc.mean()),
+            "response_length": float(lengths.mean()),
+            "truncation_rate": float(truncated.float().mean()),
+            "entropy": float((ent_all * completion_mask).sum() / completion_mask.sum()),
+            "zero_var_groups": float(zero_var),
+            "zero_var_frac": zero_var / per_step,
+            "lr": lr,
+            "loss": metrics[f"it{t.num_iterations}/loss"],
+            "grad_norm": metrics[f"it{t.num_iterations}/grad_norm"],
+            "step_time_s": time.perf_counter() - t0,
+            "tokens": float(completion_mask.sum() + enc.attention_mask.sum() * G),
+        })
+        history.append(metrics)
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['reward_accuracy']:.3f}")
+        bar.update(1)
+        if on_step is not None:
+            on_step(step + 1, metrics)
+        if (step + 1) % t.save_every == 0 or step + 1 == t.steps:
+            checkpoints.append(save_checkpoint(ckpt_dir / f"step-{step + 1:06d}", model, tokenizer, optimizer,
+                                               step + 1, history))
+    bar.close()
+    (out_dir / "train_history.json").write_text(json.dumps(history))
+    final = latest_checkpoint(ckpt_dir)
+    assert final is not None
+    return TrainResult(final_checkpoint=final, checkpoints=checkpoints, history=history,
+                       initial_checkpoint=model_path)
+
+
+class _null_ctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _plain(node: Any) -> dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)

@@ -1,0 +1,533 @@
+r"""The TRL backend: TRL's ``GRPOTrainer`` (generation, vLLM, accelerate/DeepSpeed, checkpoints) with the
+harness objective as its per-token loss.
+
+TRL 1.16 has no loss registry: its gates are an if/elif chain inside ``GRPOTrainer._compute_loss``.
+:class:`HarnessGRPOTrainer` overrides that method (the pattern TRL's own experimental trainers use):
+it takes the tensors TRL prepared (current log-probs from ``_get_per_token_logps_and_entropies``,
+``old_per_token_logps`` — ``None`` when generation and optimisation are aligned, then the current
+log-probs detached, so r = 1 — the per-sequence ``advantages``, the completion mask and, with a KL
+term, ``ref_per_token_logps``) and returns
+
+.. math::  \mathcal{L}_{micro} = c \cdot \texttt{policy\_loss}(\log\pi_\theta, \log\pi_{old}, A, M)
+
+with :func:`harness.objective.policy_loss`, the one loss every backend calls, and the
+gradient-accumulation factor c = 1/``current_gradient_accumulation_steps`` exactly as TRL's
+``grpo``/``sapo`` branches do for ``seq-mean-token-mean`` (the micro-batches of one optimizer step
+hold equally many sequences, so the accumulated gradient is the gradient of the batch loss). For
+``token-mean`` / ``seq-mean-token-sum-norm`` c is :func:`harness.objective.micro_batch_weight`
+against the whole accumulation window, which makes accumulation exact for those too.
+
+Config mapping (harness → ``GRPOConfig``; one harness step = one rollout batch, as on the native
+backend):
+
+==============================  =====================================================================
+harness                         TRL
+==============================  =====================================================================
+train.steps                     max_steps = steps × num_iterations (TRL counts optimizer steps)
+train.rollout_batch_size        generation_batch_size (= micro × accumulation × processes)
+train.micro_batch_size          per_device_train_batch_size
+(rollout / micro / processes)   gradient_accumulation_steps = steps_per_generation
+train.num_generations           num_generations
+train.num_iterations            num_iterations (2: the second pass has r ≠ 1, where gates differ)
+train.max_new_tokens            max_completion_length
+train.rollout_temperature/top_p temperature / top_p (top_k=0: off, as native)
+train.lr, betas, weight_decay   learning_rate, adam_beta1/2, weight_decay; max_grad_norm
+train.warmup_steps, lr_schedule warmup_steps × num_iterations; constant_with_warmup | cosine
+train.advantage                 scale_rewards = group (grpo) | none (drgrpo)
+train.loss.agg                  loss_type grpo | bnpo | dr_grpo (same aggregation; for TRL's logs)
+train.loss.kl_beta              beta (TRL then computes reference log-probs)
+train.rewards.*                 reward_funcs [format, accuracy, extras...] + reward_weights
+train.save_every                save_steps = save_every × num_iterations (HF-format checkpoints)
+gate.*                          the harness loss (and epsilon / sapo temperatures, for TRL's logs)
+==============================  =====================================================================
+
+Prompts are plain text rendered by :func:`harness.prompts.render_prompt` (the native backend's and the
+evaluator's prompts, byte for byte) and tokenized without special tokens, as on the native backend;
+reward functions therefore receive plain-text completions. Known differences from the native backend:
+TRL's group std is unbiased (Bessel) with ε = 1e-4 fixed; the prompt order comes from TRL's seeded
+sampler; the LR schedule advances per optimizer step (the native one per rollout batch); dropout is
+disabled (``backend.disable_dropout``) so the two passes see the same network.
+
+Diagnostics: every optimizer step the harness diagnostics of that pass (ratio statistics, mean
+|r − 1|, gate weights, ... over the whole accumulation window) are added to TRL's logs as
+``harness/<name>``; once per harness step ``on_step(step, metrics)`` receives the native backend's
+keys (``reward``, ``it1/abs_ratio_dev``, ``it2/abs_ratio_dev``, ``loss``, ``grad_norm``, ...) plus
+TRL's own first-pass logs as ``trl/<name>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from harness.backends import StepCallback, TrainResult
+from harness.backends.native import _import_reward, _loss_kwargs, _plain, validate_train_config
+from harness.data import load_task, resolve_data_dir
+from harness.models import load_model_and_tokenizer, resolve_model_path
+from harness.objective import micro_batch_weight, policy_loss
+from harness.prompts import prompt_config, render_prompt
+from harness.scoring import has_format, score_batch
+
+HISTORY_FILE = "harness_history.json"
+TRL_LOSS_TYPE = {"seq-mean-token-mean": "grpo", "token-mean": "bnpo", "seq-mean-token-sum-norm": "dr_grpo"}
+LR_SCHEDULER = {"constant": "constant_with_warmup", "cosine": "cosine"}
+VLLM_KEYS = ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
+             "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
+             "vllm_max_model_length", "vllm_enable_sleep_mode", "vllm_importance_sampling_correction")
+# TRL features that act inside its own _compute_loss; the harness loss does not implement them.
+_FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+                 "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+_UNSUPPORTED = {"top_entropy_quantile": 1.0, "off_policy_mask_threshold": None, "entropy_coef": 0.0,
+                "use_adaptive_entropy": False, "delta": None}
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def gated_loss(
+    per_token_logps: Tensor,
+    old_per_token_logps: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    loss_kwargs: dict[str, Any],
+    *,
+    ref_per_token_logps: Tensor | None = None,
+    is_weights: Tensor | None = None,
+    scale: float = 1.0,
+    diagnostics: bool = False,
+) -> tuple[Tensor, dict[str, float]]:
+    """The TRL backend's micro-batch loss: ``scale · policy_loss(...)`` on TRL's tensors.
+
+    ``old_per_token_logps=None`` means "on-policy" (TRL skips computing them when generation and
+    optimisation are aligned): the current log-probs, detached, so r = 1. ``advantages`` may be
+    (B,), (B, 1) or (B, T). vLLM importance-sampling weights w ≥ 0 (``is_weights``, (B, T) or (B, 1))
+    are folded into the advantages: s(r, wA) = w·s(r, A) for every gate, which is TRL's
+    ``per_token_loss * importance_sampling_ratio``.
+    """
+    old = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+    adv = advantages.squeeze(-1) if advantages.dim() == 2 and advantages.shape[1] == 1 else advantages
+    if is_weights is not None:
+        w = torch.nan_to_num(is_weights.to(per_token_logps.dtype), nan=1.0)
+        adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv) * w.expand_as(per_token_logps)
+    loss, diag = policy_loss(per_token_logps, old, adv, mask, ref_logp=ref_per_token_logps,
+                             diagnostics=diagnostics, **loss_kwargs)
+    return loss * scale, diag
+
+
+class HarnessGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` whose loss is :func:`harness.objective.policy_loss` (see the module docstring).
+
+    ``loss_kwargs``: the keyword arguments of ``policy_loss`` (gate, τ, ε, aggregation, KL β, ...), as
+    built by :func:`harness.backends.native._loss_kwargs`.
+    """
+
+    def __init__(self, *args: Any, loss_kwargs: dict[str, Any], **kwargs: Any) -> None:
+        cfg = kwargs.get("args")
+        for key, neutral in _UNSUPPORTED.items():
+            if cfg is not None and getattr(cfg, key, neutral) != neutral:
+                raise ValueError(f"GRPOConfig.{key}={getattr(cfg, key)!r} acts inside TRL's own loss and is not "
+                                 f"supported with the harness objective (leave it at {neutral!r})")
+        self.harness_loss_kwargs = dict(loss_kwargs)
+        self._harness_window: list[tuple[Tensor, ...]] = []
+        self._harness_window_loss = 0.0
+        self._harness_pending: dict[str, float] = {}
+        super().__init__(*args, **kwargs)
+
+    # Plain-text prompts: tokenize exactly like the native backend (no BOS/special tokens added), so the
+    # rendered chat template is the whole prompt.
+    def _tokenize_prompts(self, prompts: list) -> tuple[list, Any, dict]:
+        if prompts and isinstance(prompts[0], str):
+            return self.processing_class(text=prompts, add_special_tokens=False)["input_ids"], None, {}
+        return super()._tokenize_prompts(prompts)
+
+    def _harness_scale(self, mask: Tensor, train: bool) -> float:
+        """Gradient-accumulation factor c of this micro-batch (module docstring)."""
+        if not train:
+            return 1.0
+        agg = self.harness_loss_kwargs.get("agg", "seq-mean-token-mean")
+        window = self._window_mask(mask)
+        if agg == "seq-mean-token-mean" or window is None:
+            return 1.0 / self.current_gradient_accumulation_steps  # TRL's grpo/sapo rule
+        return micro_batch_weight(mask, window, agg)
+
+    def _window_mask(self, like: Tensor) -> Tensor | None:
+        """Completion masks of the whole accumulation window (the buffered generation batch)."""
+        buffered = getattr(self, "_buffered_inputs", None)
+        if not buffered or self.args.steps_per_generation != self.args.gradient_accumulation_steps:
+            return None
+        masks = [b["completion_mask"] for b in buffered]
+        width = max(m.shape[1] for m in masks)
+        return torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks]).to(like.device)
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> Tensor:
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        # The same call as TRL's _compute_loss (multimodal fields pass through untouched).
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled, **{k: inputs.get(k) for k in _FORWARD_KEYS},
+        )
+        train = self.model.training
+        is_weights = None
+        if getattr(self, "use_vllm", False) and getattr(self, "vllm_importance_sampling_correction", False):
+            is_weights = inputs.get("importance_sampling_ratio")
+        ref = inputs.get("ref_per_token_logps") if self.harness_loss_kwargs.get("kl_beta", 0.0) else None
+        loss, _ = gated_loss(per_token_logps, inputs.get("old_per_token_logps"), inputs["advantages"], mask,
+                             self.harness_loss_kwargs, ref_per_token_logps=ref, is_weights=is_weights,
+                             scale=self._harness_scale(mask, train))
+
+        mode = "train" if train else "eval"
+        if self.aux_loss_enabled and aux_loss is not None:  # MoE load balancing, scaled as TRL does
+            accumulation = self.current_gradient_accumulation_steps if train else 1.0
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+        if entropies is not None:
+            self._metrics[mode]["entropy"].append(self._global_masked_mean(entropies.detach(), mask))
+        if train:
+            old = inputs.get("old_per_token_logps")
+            adv = inputs["advantages"].detach()
+            adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand_as(per_token_logps).to(per_token_logps.dtype)
+            if is_weights is not None:  # the diagnostics see what the loss saw
+                adv = adv * torch.nan_to_num(is_weights.to(adv.dtype), nan=1.0).expand_as(adv)
+            self._harness_window.append((
+                per_token_logps.detach(),
+                per_token_logps.detach() if old is None else old.detach(),
+                adv, mask.detach(), None if ref is None else ref.detach(),
+            ))
+            self._harness_window_loss += float(loss.detach())
+        return loss
+
+    def _global_masked_mean(self, x: Tensor, mask: Tensor) -> float:
+        totals = self.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum().to(x.dtype)]), reduction="sum")
+        return float(totals[0] / totals[1].clamp(min=1.0))
+
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Tensor:
+        out = super().training_step(model, inputs, num_items_in_batch)
+        # self._step was advanced by TRL; at the end of an accumulation window, summarise that pass.
+        if self._step % self.current_gradient_accumulation_steps == 0 and self._harness_window:
+            self._finish_window()
+        return out
+
+    def _finish_window(self) -> None:
+        """Harness diagnostics over the finished accumulation window (one optimizer step = one pass)."""
+        rows = self._harness_window
+        width = max(r[0].shape[1] for r in rows)  # one generation batch shares T; pad in case it does not
+
+        def cat(i: int) -> Tensor | None:
+            if rows[0][i] is None:
+                return None
+            return torch.cat([torch.nn.functional.pad(r[i], (0, width - r[i].shape[1])) for r in rows])
+
+        logp, old, adv, mask, ref = (cat(i) for i in range(5))
+        _, diag = policy_loss(logp, old, adv, mask.bool(), ref_logp=ref, **self.harness_loss_kwargs)
+        gen_every = self.args.steps_per_generation * self.num_iterations
+        iteration = ((self._step - 1) % gen_every) // self.args.steps_per_generation + 1
+        pending = {f"harness/{k}": float(v) for k, v in diag.items()}
+        pending["harness/loss"] = self._harness_window_loss
+        pending["harness/iteration"] = float(iteration)
+        self._harness_pending = pending
+        self._harness_window, self._harness_window_loss = [], 0.0
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and self._harness_pending and "train_runtime" not in logs:
+            logs.update(self._harness_pending)
+            self._harness_pending = {}
+        super().log(logs, start_time)
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+def _text(completion: Any) -> str:
+    """A completion as text: TRL passes strings for plain-text prompts and message lists for chats."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        content = completion[-1].get("content", "")
+        return content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+    raise TypeError(f"unexpected completion type {type(completion).__name__}")
+
+
+def format_reward(completions: Sequence[Any], **_: Any) -> list[float]:
+    """1.0 when the completion is exactly ``<think> … </think> <answer> … </answer>`` (harness.scoring)."""
+    return [float(has_format(_text(c))) for c in completions]
+
+
+def accuracy_reward(completions: Sequence[Any], answer: Sequence[str], **_: Any) -> list[float]:
+    """1.0 when the ``<answer>`` span equals the gold (harness.scoring, no fallbacks: as on the native backend)."""
+    texts = [_text(c) for c in completions]
+    return [float(s.correct) for s in score_batch(texts, [str(a) for a in answer], fallbacks=())]
+
+
+def reward_functions(cfg: Any) -> tuple[list[Callable[..., list[float]]], list[float]]:
+    """TRL reward functions and their weights: format, accuracy, then ``train.rewards.extra``
+    (``fn(texts, golds, problems)``, wrapped to TRL's keyword signature)."""
+    r = cfg.train.rewards
+    funcs: list[Callable[..., list[float]]] = [format_reward, accuracy_reward]
+    weights = [float(r.format_weight), float(r.accuracy_weight)]
+    for extra in r.extra or []:
+        fn = _import_reward(extra.path)
+
+        def wrapped(completions: Sequence[Any], answer: Sequence[str], problem: Sequence[str], id: Sequence[str],
+                    _fn: Callable[..., Sequence[float]] = fn, **_: Any) -> list[float]:
+            texts = [_text(c) for c in completions]
+            probs = [{"id": i, "problem": p, "answer": a} for i, p, a in zip(id, problem, answer, strict=True)]
+            return [float(v) for v in _fn(texts, list(answer), probs)]
+
+        wrapped.__name__ = str(extra.path).replace(":", ".")
+        funcs.append(wrapped)
+        weights.append(float(extra.weight))
+    return funcs, weights
+
+
+# ----------------------------------------------------------------------------- config mapping
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _use_cpu(device: str) -> bool:
+    if device == "auto":
+        return not torch.cuda.is_available()
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"backend.device={device!r} but CUDA is not available; use 'cpu' or 'auto'")
+        if device != "cuda":
+            raise ValueError(f"backend.device={device!r}: TRL places the model itself; use 'cuda' and choose GPUs "
+                             "with CUDA_VISIBLE_DEVICES (several GPUs: accelerate launch)")
+        return False
+    if device == "cpu":
+        return True
+    raise ValueError(f"backend.device must be auto, cpu or cuda, got {device!r}")
+
+
+def grpo_config_kwargs(cfg: Any, output_dir: str | Path, *, world_size: int | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``trl.GRPOConfig`` for the harness config ``cfg`` (the table in the module
+    docstring). Pure: no model, data or GPU is touched."""
+    t, g, bk = cfg.train, cfg.gate, cfg.backend
+    world = _world_size() if world_size is None else world_size
+    per_update = t.micro_batch_size * world
+    if t.rollout_batch_size % per_update:
+        raise ValueError(f"train.rollout_batch_size={t.rollout_batch_size} must be divisible by train.micro_batch_size"
+                         f" x processes = {t.micro_batch_size} x {world}")
+    accumulation = t.rollout_batch_size // per_update
+    if t.loss.agg not in TRL_LOSS_TYPE:
+        raise ValueError(f"train.loss.agg must be one of {', '.join(TRL_LOSS_TYPE)}, got {t.loss.agg!r}")
+    use_cpu = _use_cpu(str(bk.device))
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        seed=int(cfg.seed),
+        data_seed=int(cfg.seed),
+        max_steps=int(t.steps * t.num_iterations),
+        per_device_train_batch_size=int(t.micro_batch_size),
+        gradient_accumulation_steps=accumulation,
+        steps_per_generation=accumulation,  # one generation batch = one optimizer step's data = one rollout batch
+        num_generations=int(t.num_generations),
+        num_iterations=int(t.num_iterations),
+        max_completion_length=int(t.max_new_tokens),
+        temperature=float(t.rollout_temperature),
+        top_p=float(t.top_p),
+        top_k=0,
+        learning_rate=float(t.lr),
+        adam_beta1=float(t.betas[0]),
+        adam_beta2=float(t.betas[1]),
+        weight_decay=float(t.weight_decay),
+        max_grad_norm=float(t.max_grad_norm),
+        lr_scheduler_type=LR_SCHEDULER[t.lr_schedule],
+        warmup_steps=int(t.warmup_steps * t.num_iterations),
+        optim="adamw_torch",
+        scale_rewards="group" if t.advantage == "grpo" else "none",
+        loss_type=TRL_LOSS_TYPE[t.loss.agg],
+        importance_sampling_level=str(t.loss.ratio_level),
+        beta=float(t.loss.kl_beta),
+        use_bias_correction_kl=False,  # the harness k3 term has no importance weight
+        epsilon=float(g.eps_low),
+        epsilon_high=float(g.eps_high),
+        sapo_temperature_pos=float(g.tau_pos),
+        sapo_temperature_neg=float(g.tau_neg),
+        reward_weights=None,  # set with the reward functions
+        mask_truncated_completions=False,
+        disable_dropout=bool(bk.get("disable_dropout", True)),
+        gradient_checkpointing=bool(bk.get("gradient_checkpointing", False)),
+        use_cpu=use_cpu,
+        bf16=bool(bk.get("bf16", True)) and not use_cpu,  # GRPOConfig defaults bf16=True, which CPUs reject
+        logging_steps=1,
+        logging_first_step=True,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=int(t.save_every * t.num_iterations),
+        save_only_model=False,  # keep optimizer/scheduler/RNG so `resume=true` continues exactly
+        remove_unused_columns=False,
+        shuffle_dataset=True,
+        dataloader_num_workers=0,
+        disable_tqdm=not bool(bk.get("progress", True)),
+        log_completions=False,
+    )
+    for key in VLLM_KEYS:
+        if key in bk and bk[key] is not None:
+            kwargs[key] = _plain(bk[key]) if hasattr(bk[key], "items") else bk[key]
+    if kwargs.get("use_vllm") and use_cpu:
+        raise ValueError("backend.use_vllm=true needs a GPU (TRL's vLLM integration is CUDA-only); on CPU leave it off")
+    extra = bk.get("grpo_config") or {}
+    extra = _plain(extra) if hasattr(extra, "items") else dict(extra)
+    kwargs.update(extra)  # explicit pass-through of any other GRPOConfig field
+    return kwargs
+
+
+def validate_trl_config(cfg: Any) -> None:
+    """Checks on top of the native backend's, before anything is loaded."""
+    grpo_config_kwargs(cfg, "unused")
+    for key, value in (cfg.backend.get("grpo_config") or {}).items():
+        if key in _UNSUPPORTED and value != _UNSUPPORTED[key]:
+            raise ValueError(f"backend.grpo_config.{key}={value!r}: acts inside TRL's own loss; not supported with the "
+                             f"harness objective (leave it at {_UNSUPPORTED[key]!r})")
+
+
+# ----------------------------------------------------------------------------- per-step history
+
+
+_FIRST_PASS_KEYS = {  # native key <- TRL's log key (from the pass that generated the batch)
+    "reward": "reward",
+    "reward_std": "reward_std",
+    "reward_format": "rewards/format_reward/mean",
+    "reward_accuracy": "rewards/accuracy_reward/mean",
+    "response_length": "completions/mean_length",
+    "truncation_rate": "completions/clipped_ratio",
+    "entropy": "entropy",
+    "zero_var_frac": "frac_reward_zero_std",
+}
+
+
+class HarnessStepCallback(TrainerCallback):
+    """Groups TRL's per-optimizer-step logs into one harness step (``num_iterations`` passes over a rollout
+    batch), appends it to ``history`` and calls ``on_step(step, metrics)``; stores the history in every
+    checkpoint so a resumed run returns the whole history."""
+
+    def __init__(self, num_iterations: int, prompts_per_step: int, history: list[dict[str, float]],
+                 on_step: StepCallback | None = None) -> None:
+        self.num_iterations = num_iterations
+        self.prompts_per_step = prompts_per_step
+        self.history = history
+        self.on_step = on_step
+        self._passes: list[dict[str, float]] = []
+        self._t0 = time.perf_counter()
+        self._tokens0 = 0.0
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
+        if not logs or "harness/iteration" not in logs:
+            return  # the end-of-training summary, or an eval log
+        self._passes.append({k: float(v) for k, v in logs.items() if isinstance(v, int | float) and v is not None})
+        if int(logs["harness/iteration"]) < self.num_iterations:
+            return
+        step = state.global_step // self.num_iterations
+        entry = self._merge(step, self._passes)
+        self._passes = []
+        self.history.append(entry)
+        if self.on_step is not None:
+            self.on_step(step, entry)
+
+    def _merge(self, step: int, passes: list[dict[str, float]]) -> dict[str, float]:
+        first, last = passes[0], passes[-1]
+        entry: dict[str, float] = {"step": float(step)}
+        for k, logs in enumerate(passes, start=1):
+            for key, value in logs.items():
+                if key.startswith("harness/") and key != "harness/iteration":
+                    entry[f"it{k}/{key[len('harness/'):]}"] = value
+            if "grad_norm" in logs:
+                entry[f"it{k}/grad_norm"] = logs["grad_norm"]
+        for native, trl_key in _FIRST_PASS_KEYS.items():
+            if trl_key in first:
+                entry[native] = first[trl_key]
+        if "zero_var_frac" in entry:
+            entry["zero_var_groups"] = entry["zero_var_frac"] * self.prompts_per_step
+        entry["lr"] = last.get("learning_rate", math.nan)
+        entry["loss"] = entry.get(f"it{len(passes)}/loss", last.get("loss", math.nan))
+        entry["grad_norm"] = last.get("grad_norm", math.nan)
+        now = time.perf_counter()
+        entry["step_time_s"] = now - self._t0
+        self._t0 = now
+        if "num_tokens" in last:
+            entry["tokens"] = last["num_tokens"] - self._tokens0
+            self._tokens0 = last["num_tokens"]
+        entry.update({f"trl/{k}": v for k, v in first.items() if not k.startswith("harness/")})
+        return entry
+
+    def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if ckpt.is_dir():
+            (ckpt / HISTORY_FILE).write_text(json.dumps(self.history))
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    """TRL/transformers checkpoints (``checkpoint-<optimizer step>``), oldest first."""
+    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+
+def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
+    """Train with TRL's GRPOTrainer and the harness objective; HF-format checkpoints under
+    ``<output_dir>/checkpoints/checkpoint-<optimizer step>`` (each loads with ``from_pretrained``)."""
+    validate_train_config(cfg)
+    validate_trl_config(cfg)
+    from datasets import Dataset
+
+    t, bk = cfg.train, cfg.backend
+    out_dir = Path(cfg.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    data_dir = resolve_data_dir(cfg.get("data_dir"))
+    problems = load_task(cfg.task, "train", data_dir=data_dir, seed=cfg.seed)  # errors before the model loads
+    if not problems:
+        raise ValueError(f"task {cfg.task.name!r} has no training problems")
+    model_path = resolve_model_path(cfg.model, cache_dir=cfg.get("cache_dir"))
+    prompt_cfg = prompt_config(cfg.model.get("prompt"))
+    if bk.get("threads"):
+        torch.set_num_threads(int(bk.threads))
+
+    model, tokenizer = load_model_and_tokenizer({**_plain(cfg.model), "path": model_path}, device="cpu",
+                                                cache_dir=cfg.get("cache_dir"))
+    dataset = Dataset.from_list([
+        {"prompt": render_prompt(tokenizer, p["problem"], prompt_cfg), "answer": str(p["answer"]),
+         "problem": str(p["problem"]), "id": str(p["id"])}
+        for p in problems
+    ])
+    funcs, weights = reward_functions(cfg)
+    args = GRPOConfig(**{**grpo_config_kwargs(cfg, ckpt_dir), "reward_weights": weights})
+
+    resume_from = None
+    history: list[dict[str, float]] = []
+    if cfg.get("resume") and _checkpoints(ckpt_dir):
+        resume_from = _checkpoints(ckpt_dir)[-1]
+        saved = resume_from / HISTORY_FILE
+        history = json.loads(saved.read_text()) if saved.exists() else []
+    callback = HarnessStepCallback(int(t.num_iterations), t.rollout_batch_size // t.num_generations, history, on_step)
+    trainer = HarnessGRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
+                                 processing_class=tokenizer, callbacks=[callback], loss_kwargs=_loss_kwargs(cfg))
+    # With the progress bar off, transformers prints every log dict (~60 keys a step here): keep the run quiet,
+    # the metrics reach on_step, the history and trainer_state.json anyway.
+    trainer.remove_callback(PrinterCallback)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "train_history.json").write_text(json.dumps(history))
+    checkpoints = _checkpoints(ckpt_dir)
+    if not checkpoints:
+        raise RuntimeError(f"TRL saved no checkpoint under {ckpt_dir}")
+    return TrainResult(final_checkpoint=checkpoints[-1], checkpoints=checkpoints, history=history,
+                       initial_checkpoint=model_path)

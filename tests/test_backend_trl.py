@@ -1,0 +1,234 @@
+"""The TRL backend: loss parity with the harness objective and TRL's own losses, config mapping, a CPU run."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from trl import GRPOTrainer
+
+from harness.backends.trl import (
+    HarnessGRPOTrainer,
+    accuracy_reward,
+    format_reward,
+    gated_loss,
+    grpo_config_kwargs,
+)
+from harness.gates import BUILTIN_GATES
+from harness.objective import aggregate, policy_loss
+from tests.conftest import compose
+
+TAU_POS, TAU_NEG, GA = 1.0, 1.05, 4
+
+
+# ----------------------------------------------------------------------------- loss parity on random tensors
+
+
+def _tensors(seed: int = 0, B: int = 6, T: int = 9, P: int = 3) -> dict[str, torch.Tensor]:
+    """Random float64 TRL inputs: ratios exp(±~0.6), mixed-sign advantages, ragged completion masks."""
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3 - 0.1
+    logp = old + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = torch.ones(B, T, dtype=torch.long)
+    for i, n in enumerate(torch.randint(1, T + 1, (B,), generator=g).tolist()):
+        mask[i, n:] = 0
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    adv[0] = 0.0  # A = 0 takes tau_neg
+    return {"prompt_ids": torch.ones(B, P, dtype=torch.long), "prompt_mask": torch.ones(B, P, dtype=torch.long),
+            "completion_ids": torch.ones(B, T, dtype=torch.long), "completion_mask": mask,
+            "advantages": adv, "old_per_token_logps": old, "_logp": logp}
+
+
+def _fake_trainer(cls: type, logp: torch.Tensor, **attrs):
+    """An instance of ``cls`` with only what ``_compute_loss`` reads: the model forward is replaced by a
+    leaf tensor of log-probs, so ``_compute_loss`` runs unmodified on constructed inputs."""
+    obj = cls.__new__(cls)
+    args = SimpleNamespace(delta=None, sapo_temperature_pos=TAU_POS, sapo_temperature_neg=TAU_NEG,
+                           use_bias_correction_kl=False, steps_per_generation=GA, gradient_accumulation_steps=GA)
+    common = dict(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
+        aux_loss_enabled=False, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+        importance_sampling_level="token", beta=0.0, epsilon_low=0.2, epsilon_high=0.2, args=args,
+        use_vllm=False, vllm_importance_sampling_correction=False, model=SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=GA, _entropy_bonus_enabled=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        accelerator=SimpleNamespace(reduce=lambda t, reduction="sum": t, gather=lambda t: t),
+        _harness_window=[], _harness_window_loss=0.0, _harness_pending={},
+    )
+    for key, value in {**common, **attrs}.items():
+        object.__setattr__(obj, key, value)
+    return obj
+
+
+def _run(cls: type, data: dict, **attrs) -> tuple[float, torch.Tensor]:
+    logp = data["_logp"].clone().requires_grad_(True)
+    inputs = {k: v for k, v in data.items() if not k.startswith("_")}
+    trainer = _fake_trainer(cls, logp, **attrs)
+    loss = cls._compute_loss(trainer, None, inputs)
+    (grad,) = torch.autograd.grad(loss, logp)
+    return float(loss.detach()), grad
+
+
+def _reference(data: dict, gate: str) -> tuple[float, torch.Tensor]:
+    logp = data["_logp"].clone().requires_grad_(True)
+    loss, _ = policy_loss(logp, data["old_per_token_logps"], data["advantages"], data["completion_mask"], gate=gate,
+                          tau_pos=TAU_POS, tau_neg=TAU_NEG, diagnostics=False)
+    loss = loss / GA  # TRL divides every micro-batch loss by the accumulation steps
+    (grad,) = torch.autograd.grad(loss, logp)
+    return float(loss.detach()), grad
+
+
+def _harness_kwargs(gate: str) -> dict:
+    return dict(gate=gate, tau_pos=TAU_POS, tau_neg=TAU_NEG, width="raw", eps_low=0.2, eps_high=0.2,
+                ratio_level="token", agg="seq-mean-token-mean", kl_beta=0.0, log_ratio_clip=20.0, norm_length=None)
+
+
+@pytest.mark.parametrize("gate", BUILTIN_GATES)
+def test_compute_loss_equals_harness_objective(gate: str):
+    """HarnessGRPOTrainer._compute_loss == policy_loss / gradient-accumulation steps, value and gradient."""
+    worst = 0.0
+    for seed in range(3):
+        data = _tensors(seed)
+        got, g_got = _run(HarnessGRPOTrainer, data, harness_loss_kwargs=_harness_kwargs(gate))
+        ref, g_ref = _reference(data, gate)
+        worst = max(worst, abs(got - ref), float((g_got - g_ref).abs().max()))
+    assert worst <= 1e-6, f"{gate}: max abs diff {worst:.3g}"
+
+
+def test_compute_loss_without_old_logps_is_on_policy():
+    """old_per_token_logps=None (TRL skips them when aligned): r = 1, every gate gives the plain PG gradient."""
+    data = _tensors(1)
+    data.pop("old_per_token_logps")
+    grads = [_run(HarnessGRPOTrainer, data, harness_loss_kwargs=_harness_kwargs(g))[1] for g in BUILTIN_GATES]
+    for g in grads[1:]:
+        assert torch.allclose(g, grads[0], atol=1e-12, rtol=0)
+    mask = data["completion_mask"].double()
+    expected = -data["advantages"][:, None] * mask / mask.sum(-1, keepdim=True) / mask.shape[0] / GA
+    assert torch.allclose(grads[0], expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(("gate", "loss_type"), [("sigmoid", "sapo"), ("clip", "grpo")])
+def test_compute_loss_matches_trl_builtin(gate: str, loss_type: str):
+    """Gradients equal TRL's own sapo / grpo loss exactly; values too after removing the constant
+    (1 − 2/τ)·A (aggregated) by which SAPO's (4/τ)σ(τ(r − 1)) differs from the harness sigmoid gate."""
+    for seed in range(3):
+        data = _tensors(seed)
+        got, g_got = _run(HarnessGRPOTrainer, data, harness_loss_kwargs=_harness_kwargs(gate))
+        trl, g_trl = _run(GRPOTrainer, data, loss_type=loss_type)
+        offset = 0.0
+        if gate == "sigmoid":
+            adv = data["advantages"][:, None].expand_as(data["_logp"])
+            tau = torch.where(adv > 0, TAU_POS, TAU_NEG)
+            offset = float(aggregate((1 - 2 / tau) * adv, data["completion_mask"].bool())) / GA
+        assert abs(trl - (got + offset)) <= 1e-6, (trl, got, offset)
+        assert float((g_trl - g_got).abs().max()) <= 1e-6
+
+
+def test_vllm_importance_weights_fold_into_advantages():
+    """TRL multiplies the per-token loss by vLLM importance weights w >= 0; gated_loss folds w into A. Same result."""
+    data = _tensors(2)
+    w = torch.rand(data["_logp"].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 2
+    data["importance_sampling_ratio"] = w
+    vllm = dict(use_vllm=True, vllm_importance_sampling_correction=True)
+    got, g_got = _run(HarnessGRPOTrainer, data, harness_loss_kwargs=_harness_kwargs("clip"), **vllm)
+    trl, g_trl = _run(GRPOTrainer, data, loss_type="grpo", **vllm)
+    assert abs(got - trl) <= 1e-12 and float((g_got - g_trl).abs().max()) <= 1e-12
+
+
+def test_gated_loss_accepts_trl_advantage_shapes():
+    data = _tensors(3)
+    kw = _harness_kwargs("erf")
+    args = (data["_logp"], data["old_per_token_logps"])
+    a, _ = gated_loss(*args, data["advantages"], data["completion_mask"], kw)
+    b, _ = gated_loss(*args, data["advantages"][:, None], data["completion_mask"], kw)
+    c, _ = gated_loss(*args, data["advantages"][:, None].expand_as(data["_logp"]), data["completion_mask"], kw)
+    assert float(a) == float(b) == float(c)
+
+
+# ----------------------------------------------------------------------------- rewards and config
+
+
+def test_reward_functions_take_text_and_messages():
+    good = "<think> 2+3=5 </think> <answer> 5 </answer>"
+    assert format_reward([good, "5"]) == [1.0, 0.0]
+    assert accuracy_reward([good, "<think></think> <answer>6</answer>"], answer=["5", "5"]) == [1.0, 0.0]
+    # conversational prompts make TRL pass message lists
+    assert accuracy_reward([[{"role": "assistant", "content": good}]], answer=["5"]) == [1.0]
+
+
+def test_paper_preset_maps_onto_grpo_config():
+    from trl import GRPOConfig
+
+    cfg = compose(["backend=trl", "train=paper", "backend.device=cpu", "output_dir=/tmp/unused"])
+    kw = grpo_config_kwargs(cfg, "/tmp/unused", world_size=1)
+    assert kw["num_generations"] == 8 and kw["max_completion_length"] == 512
+    assert kw["per_device_train_batch_size"] == 1 and kw["gradient_accumulation_steps"] == 16
+    assert kw["steps_per_generation"] == 16 and kw["num_iterations"] == 2
+    assert kw["loss_type"] == "grpo"  # seq-mean-token-mean, SAPO's aggregation
+    assert kw["max_steps"] == 500 * 2 and kw["use_cpu"] and not kw["bf16"] and not kw["use_vllm"]
+    args = GRPOConfig(**{**kw, "reward_weights": [1.0, 1.0]})
+    assert args.generation_batch_size == 16 and args.generation_batch_size % args.num_generations == 0
+    # two processes: accumulation halves, the rollout batch stays 16
+    assert grpo_config_kwargs(cfg, "/tmp/unused", world_size=2)["gradient_accumulation_steps"] == 8
+
+
+def test_config_errors_name_the_key():
+    cfg = compose(["backend=trl", "backend.device=cpu", "backend.use_vllm=true", "output_dir=/tmp/unused"])
+    with pytest.raises(ValueError, match="use_vllm"):
+        grpo_config_kwargs(cfg, "/tmp/unused")
+    cfg = compose(["backend=trl", "backend.device=cuda:1", "output_dir=/tmp/unused"])
+    with pytest.raises(ValueError, match=r"backend\.device"):
+        grpo_config_kwargs(cfg, "/tmp/unused")
+    cfg = compose(["backend=trl", "backend.device=cpu", "+backend.grpo_config.top_entropy_quantile=0.5",
+                   "output_dir=/tmp/unused"])
+    from harness.backends.trl import validate_trl_config
+
+    with pytest.raises(ValueError, match="top_entropy_quantile"):
+        validate_trl_config(cfg)
+
+
+# ----------------------------------------------------------------------------- a real run on CPU
+
+
+@pytest.fixture(scope="module")
+def trl_run(tmp_path_factory, cache_dir: Path):
+    from omegaconf import open_dict
+
+    from harness.backends.trl import train
+
+    out = tmp_path_factory.mktemp("trl")
+    cfg = compose(["backend=trl", "backend.device=cpu", "backend.threads=2", "backend.progress=false",
+                   "train.steps=3", "train.rollout_batch_size=16", "train.num_generations=8",
+                   "train.micro_batch_size=8", "train.max_new_tokens=16", "train.warmup_steps=0",
+                   "train.save_every=3", "eval.enabled=false", f"cache_dir={cache_dir}"])
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    calls: list[tuple[int, dict]] = []
+    result = train(cfg, on_step=lambda step, metrics: calls.append((step, metrics)))
+    return result, calls
+
+
+def test_trl_trains_tiny_model_on_cpu(trl_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result, calls = trl_run
+    assert [s for s, _ in calls] == [1, 2, 3]
+    assert [h["step"] for h in result.history] == [1.0, 2.0, 3.0]
+    for h in result.history:
+        for key in ("reward", "reward_format", "reward_accuracy", "response_length", "entropy", "loss", "grad_norm",
+                    "lr", "it1/abs_ratio_dev", "it2/abs_ratio_dev", "it2/gate_weight", "it2/ratio_p95"):
+            assert key in h and math.isfinite(h[key]), key
+        # first pass on-policy (TRL passes no old log-probs: r == 1 exactly); the second is off-policy
+        assert h["it1/abs_ratio_dev"] == 0.0
+        assert h["it2/abs_ratio_dev"] > 0.0
+    assert result.final_checkpoint == result.checkpoints[-1]
+    assert result.final_checkpoint.name == "checkpoint-6"  # 3 steps x 2 optimizer updates
+    AutoModelForCausalLM.from_pretrained(result.final_checkpoint)
+    AutoTokenizer.from_pretrained(result.final_checkpoint)

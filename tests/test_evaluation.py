@@ -1,0 +1,288 @@
+"""The evaluator: metrics, config validation, the hf engine, evaluate(), the Hydra app and the lm-eval path.
+
+The vllm engine has its own file (tests/test_vllm_engine.py, marker ``vllm``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+
+from harness import evaluation as E
+from harness.prompts import PromptConfig, render_prompt
+
+TINY_PROMPT = {"template": "{problem}", "system_prompt": None}
+# One torch thread for generation: on a busy 2-core machine two OpenMP threads spin-wait on each other (7-35x slower).
+HF_OPTS = {"num_threads": 1}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics
+
+
+def _pass_at_k_bruteforce(n: int, c: int, k: int) -> float:
+    """Fraction of k-subsets of n samples (c correct) that contain at least one correct sample."""
+    samples = [1] * c + [0] * (n - c)
+    subsets = list(combinations(range(n), k))
+    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n,c,k", [(1, 0, 1), (1, 1, 1), (4, 1, 1), (4, 1, 2), (5, 2, 3), (8, 3, 8), (6, 0, 3)])
+def test_pass_at_k_matches_subset_enumeration(n, c, k):
+    assert E.pass_at_k(n, c, k) == pytest.approx(_pass_at_k_bruteforce(n, c, k))
+
+
+def test_pass_at_k_edge_cases():
+    assert E.pass_at_k(16, 5, 1) == pytest.approx(5 / 16)  # pass@1 is the mean accuracy
+    assert E.pass_at_k(16, 12, 8) == 1.0  # fewer than k wrong samples: every subset has a correct one
+    with pytest.raises(ValueError):
+        E.pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError):
+        E.pass_at_k(4, 1, 5)
+
+
+def test_bootstrap_ci_seeded_and_brackets_mean():
+    values = [0, 1, 1, 0, 1, 0.5, 0.25, 1, 0, 0]
+    lo, hi = E.bootstrap_ci(values, n_boot=2000, seed=3)
+    assert (lo, hi) == E.bootstrap_ci(values, n_boot=2000, seed=3)
+    assert lo < sum(values) / len(values) < hi
+    assert E.bootstrap_ci([1.0] * 5) == (1.0, 1.0)
+    assert all(math.isnan(x) for x in E.bootstrap_ci([]))
+
+
+def _record(pid, j, correct, *, strict=None, fmt=True, tokens=10, finish="stop", fallback="answer"):
+    return {"problem_id": pid, "sample_index": j, "correct": correct,
+            "strict_correct": correct if strict is None else strict, "format_ok": fmt, "num_tokens": tokens,
+            "finish_reason": finish, "fallback": fallback}
+
+
+def test_benchmark_metrics_on_known_records():
+    records = [
+        _record("a", 0, True), _record("a", 1, True), _record("a", 2, False, finish="length", tokens=20),
+        _record("a", 3, False, fmt=False, fallback="none"),
+        _record("b", 0, True, strict=False, fallback="last_number", fmt=False), _record("b", 1, False),
+        _record("b", 2, False), _record("b", 3, False),
+    ]
+    m = E.benchmark_metrics(records, 4, pass_k=[2], n_boot=200)
+    assert m["n_problems"] == 2 and m["n_samples"] == 8 and m["k"] == 4
+    assert m["acc"] == pytest.approx((0.5 + 0.25) / 2)
+    assert m["strict_acc"] == pytest.approx((0.5 + 0.0) / 2)
+    assert m["pass_at_1"] == pytest.approx(m["acc"])
+    assert m["pass_at_2"] == pytest.approx((E.pass_at_k(4, 2, 2) + E.pass_at_k(4, 1, 2)) / 2)
+    assert m["pass_at_4"] == 1.0
+    assert m["format_rate"] == pytest.approx(6 / 8)
+    assert m["truncation_rate"] == pytest.approx(1 / 8)
+    assert m["mean_tokens"] == pytest.approx((7 * 10 + 20) / 8)
+    assert m["acc_ci_low"] <= m["acc"] <= m["acc_ci_high"]
+    assert m["fallback_none_rate"] == pytest.approx(1 / 8) and m["fallback_last_number_rate"] == pytest.approx(1 / 8)
+    assert all(isinstance(v, int | float) for v in m.values())  # tracking.log_eval logs every number
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation: clear ValueErrors before any generation
+
+
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        ({"benchmarks": ["gsm8k", "mmlu"]}, r"unknown benchmark.*mmlu.*known: arith, gsm8k, math500, aime24, aime25"),
+        ({"k": 0}, r"k of benchmark 'arith'.*>= 1"),
+        ({"bench": {"aime24": {"k": -2}}, "benchmarks": ["aime24"]}, r"k of benchmark 'aime24'"),
+        ({"temperature": -0.1}, r"temperature must be >= 0"),
+        ({"engine": "sglang"}, r"eval.engine='sglang' is unknown; known engines: hf, vllm, lm_eval"),
+        ({"top_p": 0}, r"top_p"),
+        ({"benchmark": ["arith"]}, r"unknown key.*benchmark"),
+        ({"bench": {"arith": {"max_tokens": 5}}}, r"eval.bench.arith: unknown key"),
+        ({"bench": {"arith": {"template": "no placeholder"}}}, r"\{problem\}"),
+        ({"scoring": {"fallbacks": ["regex"]}}, r"unknown rule"),
+        ({"engine": "vllm", "vllm": {"python": "/nonexistent/python"}}, r"eval.vllm.python.*does not exist"),
+    ],
+)
+def test_validate_eval_config_errors(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        E.validate_eval_config(cfg)
+
+
+def test_validate_missing_local_file(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    with pytest.raises(ValueError, match=r"benchmark 'gsm8k': local file .*gsm8k/test.jsonl not found"):
+        E.validate_eval_config({"benchmarks": ["gsm8k"]}, data_dir=tmp_path)
+    # arith is built in: no file needed
+    assert E.validate_eval_config({"benchmarks": ["arith"]}, data_dir=tmp_path).benchmarks[0].name == "arith"
+
+
+def test_vllm_python_without_vllm_is_rejected():
+    import importlib.util
+    import sys
+
+    # This interpreter (the harness's .venv) has no vllm: validation must say so before anything runs.
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is importable here")
+    with pytest.raises(ValueError, match="cannot import vllm"):
+        E.validate_eval_config({"engine": "vllm", "vllm": {"python": sys.executable}})
+
+
+def test_vllm_worker_failure_is_reported(tmp_path):
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is importable here")
+    # A child that dies (here: no vllm in that interpreter) surfaces as an error with the tail of its log.
+    engine = E.VllmEngine(str(tmp_path), {"python": sys.executable, "stream_logs": False}, log_dir=tmp_path)
+    with pytest.raises(RuntimeError, match=r"(?s)vllm worker 0 failed.*No module named 'vllm'"):
+        engine.generate(["hi"], 2, E.Sampling(0.7, max_new_tokens=4))
+    assert (tmp_path / "vllm_worker.log").exists()
+
+
+def test_per_benchmark_defaults_and_overrides(data_dir):
+    s = E.validate_eval_config({"benchmarks": ["gsm8k", "math500", "aime24", "aime25"]}, data_dir=data_dir)
+    assert [(b.name, b.k) for b in s.benchmarks] == [("gsm8k", 1), ("math500", 4), ("aime24", 16), ("aime25", 16)]
+    s = E.validate_eval_config({"benchmarks": ["aime25"], "k": 2, "max_new_tokens": 64}, data_dir=data_dir)
+    assert (s.benchmarks[0].k, s.benchmarks[0].max_new_tokens) == (2, 64)
+
+
+def test_paper_and_default_configs_compose(data_dir):
+    from conftest import compose
+
+    cfg = compose(["eval=paper"], config_name="evaluate")
+    s = E.validate_eval_config({**cfg.eval, "engine": "hf"}, data_dir=data_dir)
+    assert [b.name for b in s.benchmarks] == ["gsm8k", "math500", "aime24", "aime25"]
+    assert s.temperature == 0.7 and [b.k for b in s.benchmarks] == [1, 4, 16, 16]
+    assert compose([], config_name="evaluate").eval.benchmarks == ["arith"]
+
+
+def test_evaluate_rejects_missing_model_before_generating(tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("generation must not start")
+
+    monkeypatch.setattr(E, "make_engine", boom)
+    with pytest.raises(ValueError, match="does not exist"):
+        E.evaluate(str(tmp_path / "no-such-model"), {}, out_dir=tmp_path / "out")
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        E.evaluate(str(tmp_path), {"benchmarks": ["nope"]}, out_dir=tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the hf engine and evaluate() on the tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny(cache_dir) -> str:
+    from harness.models import resolve_model_path
+
+    return resolve_model_path("tiny", cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="module")
+def arith_prompts(tiny):
+    from transformers import AutoTokenizer
+
+    from harness.data import load_task
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    problems = load_task("arith", "test", limit=24)
+    return problems, [render_prompt(tok, p["problem"], PromptConfig(**TINY_PROMPT)) for p in problems]
+
+
+def test_hf_engine_sampling_semantics(tiny, arith_prompts):
+    _, prompts = arith_prompts
+    engine = E.HFEngine(tiny, batch_size=32, progress=False, num_threads=1)
+    greedy = engine.generate(prompts[:6], 3, E.Sampling(0.0, max_new_tokens=16))
+    assert [len(c) for c in greedy] == [3] * 6
+    assert all(len({x.text for x in c}) == 1 for c in greedy)  # T = 0: one completion, repeated
+    s = E.Sampling(1.0, max_new_tokens=16, seed=7)
+    a = engine.generate(prompts[:6], 4, s)
+    b = engine.generate(prompts[:6], 4, s)
+    assert a == b  # seeded
+    assert a != engine.generate(prompts[:6], 4, E.Sampling(1.0, max_new_tokens=16, seed=8))
+    for comps in a:
+        for c in comps:
+            assert c.finish_reason in E.FINISH_REASONS and 1 <= c.num_tokens <= 16
+            assert (c.finish_reason == "length") == (c.num_tokens == 16) or c.finish_reason == "stop"
+    # Batching does not change greedy output (left padding + attention mask).
+    single = E.HFEngine(tiny, batch_size=1, progress=False, num_threads=1)
+    one_by_one = [single.generate([p], 1, E.Sampling(0.0, max_new_tokens=16))[0] for p in prompts[:4]]
+    assert [c[0].text for c in one_by_one] == [c[0].text for c in greedy[:4]]
+
+
+def test_evaluate_hf_end_to_end(tiny, tmp_path):
+    cfg = {"benchmarks": ["arith"], "bench": {"arith": {"limit": 40, "k": 4}}, "temperature": 0.7, "hf": HF_OPTS}
+    summary = E.evaluate(tiny, cfg, prompt_cfg=TINY_PROMPT, out_dir=tmp_path, seed=1)
+    m = summary["benchmarks"]["arith"]
+    assert (m["n_problems"], m["k"], m["n_samples"]) == (40, 4, 160)
+    assert m["acc_ci_low"] <= m["acc"] <= m["acc_ci_high"]
+    assert 0 <= m["strict_acc"] <= m["acc"] <= m["pass_at_4"] <= 1
+    assert m["acc"] > 0.05  # the warm-started tiny model solves some arith problems
+    assert json.loads((tmp_path / "summary.json").read_text())["benchmarks"]["arith"]["acc"] == m["acc"]
+    rows = [json.loads(x) for x in (tmp_path / "samples" / "arith.jsonl").read_text().splitlines()]
+    assert len(rows) == 160
+    assert set(rows[0]) >= {"problem_id", "sample_index", "prompt", "response", "extracted", "correct",
+                            "strict_correct", "fallback", "num_tokens", "finish_reason", "format_ok"}
+    assert rows[0]["prompt"].startswith("Q: ") and rows[0]["prompt"].endswith("\nA:")  # the tiny chat template
+    assert [r["sample_index"] for r in rows[:4]] == [0, 1, 2, 3]
+
+
+def test_hydra_app(tiny, tmp_path, capsys, monkeypatch, cache_dir):
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(cache_dir))
+    E.main(["--cfg", "job", "eval.benchmarks=[gsm8k]"])
+    assert "benchmarks:\n  - gsm8k" in capsys.readouterr().out
+    out = tmp_path / "run"
+    E.main(["eval.bench.arith.limit=8", "eval.k=2", "eval.hf.num_threads=1", f"hydra.run.dir={out}"])
+    assert "arith" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["benchmarks"]["arith"]["n_samples"] == 16
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lm-eval cross-check
+
+
+def test_lm_eval_task_files_load(tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    docs = [{"id": "x", "problem": "1+1?", "answer": "2"}]
+    name = E.write_lm_eval_task(tmp_path, "arith", docs, ["Q: 1+1?\nA:"], k=3, sampling=E.Sampling(0.7, 0.9, 12, 0))
+    tasks = TaskManager(include_path=str(tmp_path), include_defaults=False).load([name])
+    task = next(iter(tasks["tasks"].values())) if "tasks" in tasks else next(iter(tasks.values()))
+    assert task.config.repeats == 3
+    assert task.config.generation_kwargs["do_sample"] is True
+    assert task.config.generation_kwargs["max_gen_toks"] == 12
+    assert task.doc_to_text(task.test_docs()[0]) == "Q: 1+1?\nA:"
+
+
+@pytest.mark.slow
+def test_lm_eval_path_gives_identical_verdicts(tiny, tmp_path):
+    """Same prompts at T = 0 through lm-eval and through the harness's hf engine: lm-eval's process_results and
+    our scorer must judge identical completions identically."""
+    cfg = {"benchmarks": ["arith"], "bench": {"arith": {"limit": 32, "k": 1}}, "temperature": 0.0, "hf": HF_OPTS}
+    lm = E.evaluate(tiny, {**cfg, "engine": "lm_eval"}, prompt_cfg=TINY_PROMPT, out_dir=tmp_path / "lm")
+    hf = E.evaluate(tiny, {**cfg, "engine": "hf"}, prompt_cfg=TINY_PROMPT, out_dir=tmp_path / "hf")
+    m = lm["benchmarks"]["arith"]
+    assert m["lm_eval_agreement"] == 1.0
+    assert m["lm_eval_acc"] == pytest.approx(m["acc"])
+    rows = {p: [json.loads(x) for x in (tmp_path / p / "samples" / "arith.jsonl").read_text().splitlines()]
+            for p in ("lm", "hf")}
+    assert [r["prompt"] for r in rows["lm"]] == [r["prompt"] for r in rows["hf"]]
+    same = [a["correct"] == b["correct"] for a, b in zip(rows["lm"], rows["hf"], strict=True)
+            if a["response"] == b["response"]]
+    assert len(same) >= 0.9 * len(rows["hf"]) and all(same)
+    assert hf["benchmarks"]["arith"]["acc"] == pytest.approx(m["acc"], abs=0.1)
+
+
+def test_lm_eval_utils_process_results():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lm_eval_utils", Path(E.EVAL_TASK_DIR) / "lm_eval_utils.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    doc = {"problem": "2+3?", "answer": "5"}
+    res = mod.process_results(doc, [["<think>x</think> <answer>5</answer>", "the answer is 5", "<answer>4</answer>"]])
+    assert res["acc"] == pytest.approx(2 / 3) and res["strict_acc"] == pytest.approx(1 / 3)
+    assert res["format_rate"] == pytest.approx(1 / 3) and res["pass_at_k"] == 1.0
+    assert mod.keep_all([["a", "b"], ["c", "d"]], [{}, {}]) == [["a", "b"], ["c", "d"]]
+    assert "2+3?" in mod.doc_to_text(doc)
