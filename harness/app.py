@@ -44,9 +44,29 @@ def run_cell(cfg: DictConfig, on_step: StepCallback | None = None) -> dict[str, 
         summary["eval"] = evaluate(str(result.final_checkpoint), out_dir / "eval")
         if cfg.eval.get("baseline") and result.initial_checkpoint:
             summary["eval_initial"] = evaluate(result.initial_checkpoint, out_dir / "eval_initial")
+            summary["gain"] = training_gain(out_dir / "eval", out_dir / "eval_initial")
         summary["eval_time_s"] = time.perf_counter() - t1
     (out_dir / "cell_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def training_gain(after_dir: Path, before_dir: Path) -> dict[str, dict[str, float]]:
+    """Accuracy after minus before training per benchmark, paired by problem: the difference, its bootstrap
+    standard error and 95% CI (resampling problems), from the evaluator's per-sample files."""
+    from harness.reporting import paired_bootstrap, per_problem_correct
+
+    def per_problem(path: Path) -> dict[str, float]:
+        return per_problem_correct([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+
+    out = {}
+    for after in sorted((after_dir / "samples").glob("*.jsonl")):
+        before = before_dir / "samples" / after.name
+        if before.exists():
+            g = paired_bootstrap(per_problem(after), per_problem(before))
+            out[after.stem] = {k: g[k] for k in ("n", "diff", "se", "ci_low", "ci_high")}
+            print(f"{after.stem}: accuracy {g['diff']:+.4f} after training (paired bootstrap SE {g['se']:.4f}, "
+                  f"95% CI [{g['ci_low']:+.4f}, {g['ci_high']:+.4f}], n={g['n']} problems)", file=sys.stderr)
+    return out
 
 
 def _evaluator(cfg: DictConfig):

@@ -358,7 +358,8 @@ def paired_bootstrap(a: Mapping[str, float], b: Mapping[str, float], *, n_boot: 
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
     alpha = (1 - level) / 2
-    return {"n": n, "diff": float(d.mean()), "ci_low": float(np.quantile(means, alpha)),
+    return {"n": n, "diff": float(d.mean()), "se": float(means.std(ddof=1)) if n_boot > 1 else float("nan"),
+            "ci_low": float(np.quantile(means, alpha)),
             "ci_high": float(np.quantile(means, 1 - alpha)), "p_le_0": float((means <= 0).mean()),
             "only_a": len(set(a) - set(b)), "only_b": len(set(b) - set(a))}
 

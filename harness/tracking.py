@@ -24,8 +24,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 # Keys that say where things are or how they are shown, not what is computed.
-HASH_IGNORED = ("output_dir", "resume", "cache_dir", "data_dir", "tracking", "backend.progress", "backend.threads",
-                "sweep", "tune")
+HASH_IGNORED = ("output_dir", "cells_dir", "resume", "cache_dir", "data_dir", "tracking", "backend.progress",
+                "backend.threads", "sweep_name", "sweep", "tune")
 PARENT_FILE = ".mlflow_parent_run"
 
 

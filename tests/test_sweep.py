@@ -1,0 +1,234 @@
+"""Gate sweeps: config logic through Hydra's compose API, one failing cell in process, and real multiruns in
+subprocesses (local parallel launcher, then SLURM through fake sbatch/srun)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+from harness import tracking
+from harness.app import CONF_DIR, validate_cell
+from harness.sweep import SWEEPS_DIR, cell_name, cell_overrides, cell_task, expand_arguments
+from tests.conftest import REPO
+
+# A cell that trains 2 steps and evaluates 8 problems x 2 samples: seconds on a CPU.
+TINY = ["train.steps=2", "train.rollout_batch_size=16", "train.micro_batch_size=16", "train.save_every=1",
+        "eval.bench.arith.limit=8", "eval.bench.arith.k=2", "backend.progress=false", "backend.threads=1"]
+FAKE_SLURM = Path(__file__).parent / "fake_slurm"
+
+
+def compose_sweep(name: str, overrides: list[str], hydra_config: bool = False):
+    """Compose sweeps/NAME.yaml (with conf/ on the search path) exactly as ``harness sweep NAME`` does."""
+    import hydra_plugins.harness_sweepers  # noqa: F401  (registers hydra/sweeper=harness_gates)
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=[f"hydra.searchpath=[file://{CONF_DIR}]", *overrides],
+                       return_hydra_config=hydra_config)
+
+
+# ----------------------------------------------------------------------------- config logic (compose API)
+
+
+def test_default_sweep_covers_five_gates_and_two_taus():
+    cfg = compose_sweep("gates", [], hydra_config=True)
+    sw = cfg.hydra.sweeper
+    assert sw._target_ == "hydra_plugins.harness_sweepers.GateSweeper"
+    cells = cell_overrides(sw.gates, sw.taus, sw.seeds, tau_mode=sw.tau_mode, tau_neg_scale=sw.tau_neg_scale)
+    assert len(cells) == 4 * 2 + 1  # four smooth gates x two taus, clip once
+    gates = {c[0] for c in cells}
+    assert gates == {f"gate={g}" for g in ("sigmoid", "erf", "arctan", "softsign", "clip")}
+    assert ["gate=clip", "seed=0"] in cells
+    assert ["gate=erf", "seed=0", "gate.tau_pos=4.0", "gate.tau_neg=4.2"] in cells
+    assert cfg.tracking.experiment == "gates" and cfg.model.name == "tiny" and cfg.task.name == "arith"
+
+
+def test_every_cell_composes_and_validates():
+    sw = compose_sweep("gates", [], hydra_config=True).hydra.sweeper
+    cells = cell_overrides(sw.gates, sw.taus, sw.seeds, tau_mode=sw.tau_mode, tau_neg_scale=sw.tau_neg_scale)
+    names = set()
+    for overrides in cells:
+        cfg = compose_sweep("gates", overrides)
+        validate_cell(cfg)
+        names.add(cell_name(cfg))
+    assert len(names) == len(cells)
+    assert "softsign-t4-4.2-s0" in names and "clip-e0.2-0.2-s0" in names
+
+
+def test_tau_modes_and_seed_axis():
+    separate = cell_overrides(["sigmoid", "clip"], [1.0, 2.0], [0, 1], tau_mode="separate", tau_neg=[1.0, 3.0])
+    assert len(separate) == 2 * (2 * 2) + 2  # sigmoid: tau_pos x tau_neg x seeds; clip: seeds
+    assert ["gate=sigmoid", "seed=1", "gate.tau_pos=2.0", "gate.tau_neg=3.0"] in separate
+    custom = cell_overrides(["tests.custom_gate_module:F"], [1.0], [0])
+    assert custom == [["gate=custom", "seed=0", "gate.name=tests.custom_gate_module:F", "gate.tau_pos=1.0",
+                       "gate.tau_neg=1.05"]]
+    with pytest.raises(ValueError, match="tau_mode must be one of tied, separate"):
+        cell_overrides(["sigmoid"], [1.0], [0], tau_mode="both")
+    with pytest.raises(ValueError, match="tau_neg grid"):
+        cell_overrides(["sigmoid"], [1.0], [0], tau_mode="separate")
+
+
+def test_command_line_sweeps_multiply_cells():
+    assert expand_arguments(["train.lr=1e-4,3e-4", "seed=1"]) == [["train.lr=0.0001", "seed=1"],
+                                                                   ["train.lr=0.0003", "seed=1"]]
+    assert expand_arguments([]) == [[]]
+
+
+def test_bad_cell_is_named_before_compute():
+    cfg = compose_sweep("gates", ["gate.name=nope"])
+    with pytest.raises(ValueError, match="nope.*known gates are"):
+        validate_cell(cfg)
+
+
+def test_config_hash_ignores_paths_not_what_is_computed():
+    out = "output_dir=/tmp/cell"  # ${hydra:runtime.output_dir} outside a Hydra app
+    a = compose_sweep("gates", ["gate=erf", "gate.tau_pos=2", out])
+    b = compose_sweep("gates", ["gate=erf", "gate.tau_pos=2", "cells_dir=/elsewhere", "backend.progress=false",
+                                "tracking.uri=sqlite:////tmp/other.db", "cache_dir=/tmp/c", "output_dir=/tmp/x"])
+    assert tracking.config_hash(a) == tracking.config_hash(b)
+    for change in (["gate=erf", "gate.tau_pos=3"], ["gate=arctan", "gate.tau_pos=2"], ["gate=erf", "gate.tau_pos=2",
+                                                                                       "seed=1"]):
+        assert tracking.config_hash(compose_sweep("gates", [*change, out])) != tracking.config_hash(a)
+
+
+@pytest.mark.parametrize(("launcher", "target"), [
+    ("local", "hydra._internal.core_plugins.basic_launcher.BasicLauncher"),
+    ("parallel", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
+    ("slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+])
+def test_launcher_configs_compose(launcher, target):
+    cfg = compose_sweep("gates", [f"hydra/launcher={launcher}"], hydra_config=True)
+    assert cfg.hydra.launcher._target_ == target
+    if launcher == "slurm":
+        assert cfg.hydra.launcher.name == "harness-gates"
+        assert cfg.hydra.launcher.gpus_per_node == 1
+
+
+def test_paper_sweep_composes_the_papers_recipe():
+    cfg = compose_sweep("paper", [], hydra_config=True)
+    assert cfg.model.name == "qwen2.5-7b-instruct"
+    assert list(cfg.eval.benchmarks) == ["gsm8k", "math500", "aime24", "aime25"]
+    assert cfg.train.num_generations == 8 and cfg.train.max_new_tokens == 512 and cfg.train.num_iterations == 2
+
+
+# ----------------------------------------------------------------------------- one cell, in process
+
+
+def nan_reward(texts, golds, problems):
+    """An extra reward that breaks the run (NaN advantages) once rollouts exist."""
+    return [float("nan")] * len(texts)
+
+
+def test_failed_cell_is_recorded_and_returned(tmp_path, cache_dir):
+    import mlflow
+
+    cfg = compose_sweep("gates", [*TINY, f"cache_dir={cache_dir}", f"cells_dir={tmp_path / 'cells'}",
+                                  f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"output_dir={tmp_path}",
+                                  "train.rewards.extra=[{path: 'tests.test_sweep:nan_reward', weight: 1.0}]"])
+    result = cell_task(cfg)
+    assert result["status"] == "failed" and "NaN" in result["reason"]
+    run = mlflow.get_run(result["run_id"])
+    assert run.info.status == "FAILED"
+    assert "NaN" in run.data.tags["failure_reason"]
+    assert run.data.tags["config_hash"] == result["config_hash"]
+
+
+# ----------------------------------------------------------------------------- real multiruns (subprocess)
+
+
+def _harness(args: list[str], cwd: Path, cache_dir: Path, path_prefix: Path | None = None,
+             timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HARNESS_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if path_prefix is not None:
+        env["PATH"] = f"{path_prefix}{os.pathsep}{env['PATH']}"
+        env["FAKE_SLURM_LOG"] = str(cwd / "fake_slurm")
+    exe = shutil.which("harness", path=str(Path(sys.executable).parent)) or "harness"
+    return subprocess.run([exe, "sweep", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _runs(cwd: Path, experiment: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{cwd / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+@pytest.mark.slow
+def test_parallel_multirun_logs_every_cell_then_skips_them(tmp_path, cache_dir):
+    from mlflow.tracking import MlflowClient
+
+    args = ["hydra.sweeper.gates=[sigmoid,erf,clip]", "hydra.sweeper.taus=[2.0]", *TINY,
+            "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]
+    first = _harness(args, tmp_path, cache_dir)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "3 cells — 3 finished, 0 skipped, 0 failed" in first.stdout
+
+    runs = _runs(tmp_path, "gates")
+    parents = [r for r in runs if r.data.tags.get("sweep") == "gates"]
+    cells = [r for r in runs if "config_hash" in r.data.tags]
+    assert len(parents) == 1 and len(cells) == 3
+    assert parents[0].info.status == "FINISHED"
+    client = MlflowClient()
+    for run in cells:
+        tags = run.data.tags
+        assert run.info.status == "FINISHED"
+        assert tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert {"gate", "tau_pos", "tau_neg", "seed", "backend", "model", "task", "git_commit"} <= tags.keys()
+        assert run.data.params["train.steps"] == "2"
+        # no lost metric: every step of every training metric, from workers writing one store at once
+        for key in ("train/reward", "train/entropy", "train/it2/abs_ratio_dev"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+        assert 0.0 <= run.data.metrics["eval/arith/acc"] <= 1.0
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "train_history.json", "eval"} <= artifacts
+
+    # the report that ends the sweep shows the numbers MLflow holds
+    import json
+
+    report = json.loads((tmp_path / "reports" / "gates" / "report.json").read_text())
+    by_run = {r.info.run_id: r for r in cells}
+    for row in report["accuracy"]:
+        (rid,) = row["run_ids"]
+        assert row["acc"] == by_run[rid].data.metrics[f"eval/{row['benchmark']}/acc"]
+    assert (tmp_path / "reports" / "gates" / "report.html").stat().st_size > 10_000
+
+    again = _harness(args, tmp_path, cache_dir)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "3 cells — 0 finished, 3 skipped, 0 failed" in again.stdout
+    assert len(_runs(tmp_path, "gates")) == len(runs) + 1  # one more parent, no new cell run
+
+
+@pytest.mark.slow
+def test_bad_sweep_input_fails_before_any_cell(tmp_path, cache_dir):
+    out = _harness(["hydra.sweeper.gates=[sigmoid,nope]", *TINY, "hydra.sweeper.report=false"], tmp_path, cache_dir)
+    assert out.returncode != 0
+    assert "gate/nope" in out.stderr and "Available options in 'gate'" in out.stderr and "softsign" in out.stderr
+    assert not (tmp_path / "outputs" / "cells").exists()
+
+
+@pytest.mark.slow
+def test_slurm_launcher_renders_a_valid_job_script(tmp_path, cache_dir):
+    out = _harness(["hydra.sweeper.gates=[sigmoid,clip]", "hydra.sweeper.taus=[1.0]", *TINY, "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                    "hydra.sweeper.report=false"], tmp_path, cache_dir, path_prefix=FAKE_SLURM,
+                   timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:] + str(list((tmp_path / "fake_slurm").glob("*")))
+    script = (tmp_path / "fake_slurm" / "job.sh").read_text()
+    for line in ("#SBATCH --array=0-1%2", "#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=16",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=1440", "#SBATCH --job-name=harness-gates",
+                 "export OMP_NUM_THREADS=16"):
+        assert line in script, line
+    assert "srun" in script and "submitit.core._submit" in script
+    # the array tasks really ran through the script: two FINISHED cells in the local store
+    assert "2 cells — 2 finished, 0 skipped, 0 failed" in out.stdout
+    runs = [r for r in _runs(tmp_path, "gates") if "config_hash" in r.data.tags]
+    assert sorted(r.data.tags["gate"] for r in runs) == ["clip", "sigmoid"]
+    assert all(r.info.status == "FINISHED" for r in runs)
