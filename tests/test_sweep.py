@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 
 from harness import tracking
 from harness.app import CONF_DIR, validate_cell
@@ -84,7 +83,7 @@ def test_command_line_sweeps_multiply_cells():
 
 def test_bad_cell_is_named_before_compute():
     cfg = compose_sweep("gates", ["gate.name=nope"])
-    with pytest.raises(ValueError, match="nope.*known gates are"):
+    with pytest.raises(ValueError, match=r"nope.*known gates are"):
         validate_cell(cfg)
 
 
@@ -217,9 +216,9 @@ def test_bad_sweep_input_fails_before_any_cell(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_slurm_launcher_renders_a_valid_job_script(tmp_path, cache_dir):
-    out = _harness(["hydra.sweeper.gates=[sigmoid,clip]", "hydra.sweeper.taus=[1.0]", *TINY, "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                    "hydra.sweeper.report=false"], tmp_path, cache_dir, path_prefix=FAKE_SLURM,
-                   timeout=300)
+    overrides = ["hydra.sweeper.gates=[sigmoid,clip]", "hydra.sweeper.taus=[1.0]", *TINY, "hydra/launcher=slurm",
+                 "hydra.launcher.partition=gpu", "hydra.sweeper.report=false"]
+    out = _harness(overrides, tmp_path, cache_dir, path_prefix=FAKE_SLURM, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:] + str(list((tmp_path / "fake_slurm").glob("*")))
     script = (tmp_path / "fake_slurm" / "job.sh").read_text()
     for line in ("#SBATCH --array=0-1%2", "#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=16",
