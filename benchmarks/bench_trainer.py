@@ -2,7 +2,7 @@
 
 Both run SAPO (TRL: ``loss_type="sapo"``; native: ``gate=sigmoid``) from the same warm-started tiny
 model on the same ``arith`` prompts: 16 prompts x 8 rollouts per generation batch, up to 24 new
-tokens, two optimizer updates per batch over micro-batches of 64, fp32 on CPU, same thread count.
+tokens at T = 0.7, two optimizer updates per batch over micro-batches of 64, fp32 on CPU, same thread count.
 Throughput = (prompt + completion tokens of every rollout batch) / wall time of the steps, after one
 warm-up step that is not timed for either trainer. Run:
 
@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-PROMPTS, G, MAX_NEW, MICRO = 16, 8, 24, 64
+PROMPTS, G, MAX_NEW, MICRO, TEMPERATURE = 16, 8, 24, 64, 0.7
 
 
 def native_throughput(steps: int, threads: int, cache_dir: str) -> tuple[float, float]:
@@ -34,6 +34,7 @@ def native_throughput(steps: int, threads: int, cache_dir: str) -> tuple[float, 
 
     cfg = compose([f"train.steps={steps + 1}", f"train.rollout_batch_size={PROMPTS * G}", f"train.num_generations={G}",
                    f"train.micro_batch_size={MICRO}", f"train.max_new_tokens={MAX_NEW}", "train.num_iterations=2",
+                   f"train.rollout_temperature={TEMPERATURE}",
                    f"train.save_every={10**6}", "backend.progress=false", f"backend.threads={threads}",
                    "backend.device=cpu", "eval.enabled=false", f"cache_dir={cache_dir}"])
     with open_dict(cfg):
@@ -75,7 +76,7 @@ def trl_throughput(steps: int, threads: int, cache_dir: str) -> tuple[float, flo
         num_generations=G, generation_batch_size=PROMPTS * G, per_device_train_batch_size=MICRO,
         gradient_accumulation_steps=PROMPTS * G // MICRO, num_iterations=2, max_completion_length=MAX_NEW,
         learning_rate=1e-4, max_steps=2 * (steps + 1), logging_steps=1, report_to="none", save_strategy="no",
-        temperature=1.0, top_k=0, seed=0, shuffle_dataset=False,
+        temperature=TEMPERATURE, top_k=0, seed=0, shuffle_dataset=False,
     )
     times: list[float] = []
     tokens: list[float] = []

@@ -37,11 +37,14 @@ print("verl", verl.__version__, "harness losses:", ", ".join(names))
 '
 # What every verl process does when it starts (import verl -> plugin), then the registry. With no argument the
 # plugin must come from the `verl.plugins` entry point; `check env` uses the VERL_USE_EXTERNAL_MODULES fallback.
+# Probed from / : in the repository root the checkout's own harness.egg-info would supply the entry point and
+# hide a stale install in the virtualenv.
+case "$VENV" in /*) PY="$VENV/bin/python" ;; *) PY="$(pwd)/$VENV/bin/python" ;; esac
 check() {
   if [ "${1:-}" = env ]; then
-    VERL_USE_EXTERNAL_MODULES=harness.verl_plugin "$VENV/bin/python" -c "$PROBE" 2>/dev/null
+    (cd / && VERL_USE_EXTERNAL_MODULES=harness.verl_plugin "$PY" -c "$PROBE" 2>/dev/null)
   else
-    env -u VERL_USE_EXTERNAL_MODULES "$VENV/bin/python" -c "$PROBE" 2>/dev/null
+    (cd / && env -u VERL_USE_EXTERNAL_MODULES -u PYTHONPATH "$PY" -c "$PROBE" 2>/dev/null)
   fi
 }
 
