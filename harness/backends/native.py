@@ -10,9 +10,10 @@ One rollout batch per step, read top to bottom in :func:`train`:
    (+ extra reward functions);
 4. group advantages A_i = (R_i − mean_g R) / (std_g R + eps) (``grpo``) or R_i − mean_g R
    (``drgrpo``);
-5. behaviour log-probs log π_old are taken ONCE, before the first update; then ``num_iterations``
-   optimizer updates over the same batch, each accumulating gradients over micro-batches. From the
-   second update on, r = π_θ/π_old ≠ 1 and the gate decides how far off-policy tokens count.
+5. behaviour log-probs log π_old are taken ONCE, by the first update's forward pass (detached; the
+   parameters only change at its optimizer step); then ``num_iterations`` optimizer updates over the
+   same batch, each accumulating gradients over micro-batches. From the second update on,
+   r = π_θ/π_old ≠ 1 and the gate decides how far off-policy tokens count.
 
 The loss is :func:`harness.objective.policy_loss` — the same function every backend calls.
 """
@@ -290,13 +291,14 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         advantages = advantages.to(device)
 
         # 5. behaviour log-probs once, then num_iterations updates ------------------------------------
+        # The behaviour log-probs are the first update's own forward pass, detached: the parameters do not
+        # change until that update's optimizer step, so a separate no-grad pass would compute the same numbers.
         attn = torch.cat([enc.attention_mask.repeat_interleave(G, 0), completion_mask.long()], dim=1)
         n_comp = completion_ids.shape[1]
         micro = [slice(i, i + t.micro_batch_size) for i in range(0, seqs.shape[0], t.micro_batch_size)]
+        old_logp: Tensor | None = None
+        ref_logp = None
         with torch.no_grad(), autocast:
-            old_logp = torch.cat([token_logprobs(model, seqs[s], attn[s], n_comp, t.rollout_temperature)[0]
-                                  for s in micro])
-            ref_logp = None
             if ref_model is not None:
                 ref_logp = torch.cat([token_logprobs(ref_model, seqs[s], attn[s], n_comp, t.rollout_temperature)[0]
                                       for s in micro])
@@ -311,7 +313,8 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
                 with autocast:
                     logp, ent = token_logprobs(model, seqs[s], attn[s], n_comp, t.rollout_temperature,
                                                with_entropy=it == 0)
-                    loss, _ = policy_loss(logp, old_logp[s], advantages[s], completion_mask[s],
+                    behaviour = logp.detach() if old_logp is None else old_logp[s]
+                    loss, _ = policy_loss(logp, behaviour, advantages[s], completion_mask[s],
                                           ref_logp=None if ref_logp is None else ref_logp[s],
                                           diagnostics=False, **loss_kwargs)
                 weight = micro_batch_weight(completion_mask[s], completion_mask, t.loss.agg)
@@ -324,6 +327,8 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
             if not torch.isfinite(grad_norm):
                 raise FloatingPointError(f"non-finite gradient norm at step {step}, update {it + 1}")
             optimizer.step()
+            if old_logp is None:
+                old_logp = torch.cat(logps)
             # Diagnostics of this update over the whole rollout batch (params are fixed within an update).
             _, diag = policy_loss(torch.cat(logps), old_logp, advantages, completion_mask, ref_logp=ref_logp,
                                   **loss_kwargs)
