@@ -105,9 +105,12 @@ def plot_gate_shapes(gates: Sequence[str], taus: Sequence[float], out: str | Pat
     h_f, l_f = axes[0, 0].get_legend_handles_labels()
     handles += [h for h, lab in zip(h_f, l_f, strict=True) if lab == "r (no gate)"]
     labels += ["r (no gate)"] if "r (no gate)" in l_f else []
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=9, frameon=False)
+    # At most 4 entries per row: 7 in one row ran past the edges of a 2-column figure.
+    ncol = min(len(labels), 4)
+    rows = -(-len(labels) // ncol)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
     fig.suptitle("Gate value f(r) and gradient weight w(r) = f'(r), for A > 0 (smooth gates use τ_pos)")
-    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.025 * rows + 0.01, 1, 0.97))
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -575,7 +578,8 @@ class _Report:
                          "gated": f"train/it{k}/clip_frac" if g.gate == "clip" else f"train/it{k}/frac_w_lt_0.5"}
                 histories[row["run_id"]] = {key: self._history(row["run_id"], name) for key, name in names.items()}
         n_steps = max((len(s) for h in histories.values() for s in h.values()), default=0)
-        window = max(1, round(n_steps / 20))
+        # Every cell sees the same prompts at a given step, so raw curves wiggle together with batch difficulty.
+        window = max(1, round(n_steps / 10))
         multi_seed = any(len(g.runs) > 1 for g in groups)
 
         plt = _pyplot()
@@ -602,7 +606,7 @@ class _Report:
                                     color="0.5" if g.gate == "clip" else color, alpha=0.09, lw=0, zorder=1)
         for ax, key in zip(axes.flat, keys, strict=True):
             ax.set_title(titles[key], fontsize=10.5)
-            ax.set_xlabel("optimizer step")
+            ax.set_xlabel("training step (one rollout batch)")
             ax.grid(alpha=0.3)
         handles, labels = axes[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=9, frameon=False)
@@ -984,7 +988,7 @@ class _Report:
         a3.plot([], [], color=color, lw=1.2, label="other COMPLETE/FAIL")
         if pruned:
             a3.plot([], [], color="0.6", marker="x", mec="0.25", label="PRUNED (× = stop)")
-        a3.set_xlabel("optimizer step")
+        a3.set_xlabel("training step (one rollout batch)")
         a3.set_ylabel("intermediate value (pruning metric, moving avg.)")
         a3.xaxis.set_major_locator(MaxNLocator(integer=True))
         a3.legend(fontsize=8.5)

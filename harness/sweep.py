@@ -215,6 +215,7 @@ def cell_task(cfg: DictConfig) -> dict[str, Any]:
         with tracking.cell_run(cfg, experiment_id=experiment_id, run_name=name,
                                parent_run_id=tracking.read_parent(sweep_dir) if sweep_dir else None) as run:
             run_id = run.info.run_id
+            tracking.supersede_stale_runs(experiment_id, chash, run_id)
             summary = run_cell(cfg, on_step=tracking.log_step)
             tracking.log_cell(summary, Path(cfg.output_dir))
     except Exception as exc:  # recorded FAILED (tag failure_reason); the sweep goes on

@@ -180,9 +180,44 @@ def end_parent(run_id: str, summary: Mapping[str, Any]) -> None:
     client.set_terminated(run_id, "FINISHED" if not summary.get("failed") else "FAILED")
 
 
-def log_cell(summary: Mapping[str, Any], out_dir: Path) -> None:
-    """A finished cell's evaluation metrics and files."""
+def backfill_steps(history: list[Mapping[str, float]]) -> int:
+    """Log the steps of ``history`` that the active run has not seen; returns how many.
+
+    A cell resumed from a checkpoint only streams the steps after it through :func:`log_step`; the
+    earlier ones (restored with the checkpoint, identical to what was logged before the kill) are
+    logged here, so the FINISHED run carries the whole training curve."""
+    from mlflow.tracking import MlflowClient
+
     mlflow = _mlflow()
+    run_id = mlflow.active_run().info.run_id
+    logged = {m.step for m in MlflowClient().get_metric_history(run_id, "train/reward")}
+    missing = [h for h in history if "step" in h and int(h["step"]) not in logged]
+    for h in missing:
+        log_step(int(h["step"]), h)
+    return len(missing)
+
+
+def supersede_stale_runs(experiment_id: str, chash: str, run_id: str) -> list[str]:
+    """Mark runs of this config hash left RUNNING (a killed sweep) as KILLED, tagged with the run that
+    continues them; returns their ids. Called by the run that resumes the cell from its checkpoint."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    stale = [r.info.run_id for r in _mlflow().search_runs(
+        experiment_ids=[experiment_id], output_format="list",
+        filter_string=f"tags.config_hash = '{chash}' and attributes.status = 'RUNNING'") if r.info.run_id != run_id]
+    for rid in stale:
+        client.set_tag(rid, "superseded_by", run_id)
+        client.set_terminated(rid, "KILLED")
+    return stale
+
+
+def log_cell(summary: Mapping[str, Any], out_dir: Path) -> None:
+    """A finished cell's evaluation metrics and files, and any training step not streamed (a resumed cell)."""
+    mlflow = _mlflow()
+    history_file = out_dir / "train_history.json"
+    if history_file.exists():
+        backfill_steps(json.loads(history_file.read_text()))
     for key, prefix in (("eval", "eval"), ("eval_initial", "eval_initial")):
         if key in summary:
             log_eval(summary[key], prefix)

@@ -140,6 +140,34 @@ def test_failed_cell_is_recorded_and_returned(tmp_path, cache_dir):
     assert run.data.tags["config_hash"] == result["config_hash"]
 
 
+def test_killed_cell_resumes_with_its_whole_history(tmp_path, cache_dir):
+    """A cell killed after step 1 (its run left RUNNING, a checkpoint on disk) is resumed by the next sweep:
+    the new run carries steps 1 and 2, the stale run is marked KILLED and points to it."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from harness.backends.native import train
+
+    cfg = compose_sweep("gates", [*TINY, f"cache_dir={cache_dir}", f"cells_dir={tmp_path / 'cells'}",
+                                  f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"output_dir={tmp_path}"])
+    chash = tracking.config_hash(cfg)
+    experiment_id = tracking.prepare(cfg.tracking)
+    # What a kill after step 1 leaves: a RUNNING run that logged step 1, and the step-1 checkpoint.
+    killed = MlflowClient().create_run(experiment_id, tags={"config_hash": chash}).info.run_id
+    partial = cfg.copy()
+    partial.train.steps = 1
+    partial.output_dir = str(tmp_path / "cells" / f"{cell_name(cfg)}-{chash}")
+    first = train(partial)
+    MlflowClient().log_metric(killed, "train/reward", first.history[0]["reward"], step=1)
+
+    result = cell_task(cfg)
+    assert result["status"] == "finished"
+    steps = [m.step for m in MlflowClient().get_metric_history(result["run_id"], "train/reward")]
+    assert sorted(steps) == [1, 2]
+    stale = mlflow.get_run(killed)
+    assert stale.info.status == "KILLED" and stale.data.tags["superseded_by"] == result["run_id"]
+
+
 # ----------------------------------------------------------------------------- real multiruns (subprocess)
 
 
