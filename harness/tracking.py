@@ -199,7 +199,8 @@ def backfill_steps(history: list[Mapping[str, float]]) -> int:
 
 def supersede_stale_runs(experiment_id: str, chash: str, run_id: str) -> list[str]:
     """Mark runs of this config hash left RUNNING (a killed sweep) as KILLED, tagged with the run that
-    continues them; returns their ids. Called by the run that resumes the cell from its checkpoint."""
+    continues them; returns their ids. Called by the run that resumes the cell from its checkpoint (two sweeps
+    must never run one cell at once anyway: they would share its output directory)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
