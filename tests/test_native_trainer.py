@@ -160,3 +160,43 @@ def test_micro_batch_accumulation_equals_full_batch(agg):
     assert torch.allclose(acc, full.detach(), atol=1e-12)
     assert torch.allclose(g_acc, g_full, atol=1e-12)
     assert aggregate(torch.ones(B, T), mask, agg) > 0
+
+
+def test_shared_prompt_forward_equals_full_forward(cache_dir):
+    """token_logprobs with group_size=G (each prompt once, its KV cache repeated) gives the log-probs,
+    entropies and parameter gradients of the plain forward over every full row, on real tiny-model rollouts
+    with left-padded prompts and completions that end at different lengths."""
+    from harness.backends.native import token_logprobs
+    from harness.data import load_task
+    from harness.models import load_model_and_tokenizer, model_prompt_config, resolve_model_path
+    from harness.prompts import render_prompt
+
+    cfg = compose([f"cache_dir={cache_dir}"])
+    path = resolve_model_path(cfg.model, cache_dir=cache_dir)
+    model, tok = load_model_and_tokenizer({"name": "hf", "path": str(path)}, device=torch.device("cpu"))
+    tok.padding_side = "left"
+    problems = load_task(cfg.task, "train", seed=0)[:4]
+    prompts = [render_prompt(tok, p["problem"], model_prompt_config(cfg.model)) for p in problems]
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert (enc.attention_mask == 0).any(), "the test needs left padding"
+    G = 4
+    torch.manual_seed(0)
+    with torch.no_grad():
+        seqs = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=12,
+                              num_return_sequences=G, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    comp = seqs[:, enc.input_ids.shape[1]:]
+    is_eos = comp == tok.eos_token_id
+    comp_mask = ~((is_eos.cumsum(-1) - is_eos.long()) > 0)
+    attn = torch.cat([enc.attention_mask.repeat_interleave(G, 0), comp_mask.long()], dim=1)
+
+    results = []
+    for group_size in (1, G):
+        model.zero_grad()
+        logp, ent = token_logprobs(model, seqs, attn, comp.shape[1], 0.7, with_entropy=True, group_size=group_size)
+        (logp * comp_mask).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results.append((logp.detach()[comp_mask], ent[comp_mask], grads))
+    (lp1, e1, g1), (lpG, eG, gG) = results
+    assert torch.allclose(lp1, lpG, atol=1e-4)
+    assert torch.allclose(e1, eG, atol=1e-4)
+    assert torch.allclose(g1, gG, atol=1e-4 * g1.abs().max().item())

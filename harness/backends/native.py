@@ -124,12 +124,34 @@ def prompts_for_step(n_problems: int, step: int, per_step: int, seed: int) -> li
 
 
 def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, n_completion: int,
-                   temperature: float, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                   temperature: float, with_entropy: bool = False,
+                   group_size: int = 1) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the last ``n_completion`` tokens of each row under ``model`` (logits / temperature,
-    matching the sampling distribution), and optionally the per-token entropy."""
+    matching the sampling distribution), and optionally the per-token entropy.
+
+    ``group_size`` G > 1 says that consecutive runs of G rows share one prompt (the first
+    ``L − n_completion`` tokens): each prompt then goes through the model once, and its keys/values are
+    repeated for the G completions (gradients flow back through the repeat). Same numbers as G = 1 up to
+    float rounding, with the prompt's share of the compute divided by G."""
+    n_prompt = input_ids.shape[1] - n_completion
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    logits = logits[:, -n_completion - 1 : -1].float() / temperature
+    if group_size > 1 and n_prompt > 0:
+        from transformers import DynamicCache
+
+        prompt = model(input_ids=input_ids[::group_size, :n_prompt],
+                       attention_mask=attention_mask[::group_size, :n_prompt],
+                       position_ids=position_ids[::group_size, :n_prompt], use_cache=True)
+        cache = DynamicCache()
+        for i, layer in enumerate(prompt.past_key_values.layers):
+            cache.update(layer.keys.repeat_interleave(group_size, 0), layer.values.repeat_interleave(group_size, 0), i)
+        rest = model(input_ids=input_ids[:, n_prompt:], attention_mask=attention_mask,
+                     position_ids=position_ids[:, n_prompt:], past_key_values=cache).logits
+        # the first completion token is predicted by the prompt's last position
+        logits = torch.cat([prompt.logits[:, -1:].repeat_interleave(group_size, 0), rest[:, :-1]], dim=1)
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        logits = logits[:, -n_completion - 1 : -1]
+    logits = logits.float() / temperature
     targets = input_ids[:, -n_completion:]
     log_norm = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
@@ -296,12 +318,14 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         attn = torch.cat([enc.attention_mask.repeat_interleave(G, 0), completion_mask.long()], dim=1)
         n_comp = completion_ids.shape[1]
         micro = [slice(i, i + t.micro_batch_size) for i in range(0, seqs.shape[0], t.micro_batch_size)]
+        # Each prompt's forward is shared by its G completions when micro-batches hold whole groups.
+        share = G if bk.get("share_prompt", True) and t.micro_batch_size % G == 0 else 1
         old_logp: Tensor | None = None
         ref_logp = None
         with torch.no_grad(), autocast:
             if ref_model is not None:
-                ref_logp = torch.cat([token_logprobs(ref_model, seqs[s], attn[s], n_comp, t.rollout_temperature)[0]
-                                      for s in micro])
+                ref_logp = torch.cat([token_logprobs(ref_model, seqs[s], attn[s], n_comp, t.rollout_temperature,
+                                                     group_size=share)[0] for s in micro])
 
         model.train()
         metrics: dict[str, float] = {}
@@ -312,7 +336,7 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
             for s in micro:
                 with autocast:
                     logp, ent = token_logprobs(model, seqs[s], attn[s], n_comp, t.rollout_temperature,
-                                               with_entropy=it == 0)
+                                               with_entropy=it == 0, group_size=share)
                     behaviour = logp.detach() if old_logp is None else old_logp[s]
                     loss, _ = policy_loss(logp, behaviour, advantages[s], completion_mask[s],
                                           ref_logp=None if ref_logp is None else ref_logp[s],
