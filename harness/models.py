@@ -60,7 +60,7 @@ TINY_CHAT_TEMPLATE = (
 
 # Everything that determines the tiny model's weights. The cache key is a hash of this dict (after overrides), so
 # changing any value builds a new model next to the old one. Measured (build_info.json): greedy held-out arith accuracy
-# 39.8% (n=500; 400 steps gave 28.2%); 58-67 s with two threads on a quiet 2-core machine (97-105 s with one). The
+# 39.8% (n=500; 400 steps gave 28.2%); 58-71 s with two threads on a quiet 2-core machine (97-105 s with one). The
 # thread count is in the recipe because it can change float reduction order: here 1 and 2 threads gave bitwise
 # identical weights, but other BLAS builds may not, and the hash must pin what was built.
 DEFAULT_TINY_RECIPE: dict[str, Any] = {

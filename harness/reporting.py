@@ -106,7 +106,7 @@ def plot_gate_shapes(gates: Sequence[str], taus: Sequence[float], out: str | Pat
     handles += [h for h, lab in zip(h_f, l_f, strict=True) if lab == "r (no gate)"]
     labels += ["r (no gate)"] if "r (no gate)" in l_f else []
     # At most 4 entries per row: 7 in one row ran past the edges of a 2-column figure.
-    ncol = min(len(labels), 4)
+    ncol = max(1, min(len(labels), 4))
     rows = -(-len(labels) // ncol)
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
     fig.suptitle("Gate value f(r) and gradient weight w(r) = f'(r), for A > 0 (smooth gates use τ_pos)")

@@ -166,7 +166,7 @@ def test_shared_prompt_forward_equals_full_forward(cache_dir):
     """token_logprobs with group_size=G (each prompt once, its KV cache repeated) gives the log-probs,
     entropies and parameter gradients of the plain forward over every full row, on real tiny-model rollouts
     with left-padded prompts and completions that end at different lengths."""
-    from harness.backends.native import token_logprobs
+    from harness.backends.native import mask_through_first_eos, token_logprobs
     from harness.data import load_task
     from harness.models import load_model_and_tokenizer, model_prompt_config, resolve_model_path
     from harness.prompts import render_prompt
@@ -182,11 +182,11 @@ def test_shared_prompt_forward_equals_full_forward(cache_dir):
     G = 4
     torch.manual_seed(0)
     with torch.no_grad():
-        seqs = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=12,
+        seqs = model.generate(**enc, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=24,
                               num_return_sequences=G, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     comp = seqs[:, enc.input_ids.shape[1]:]
-    is_eos = comp == tok.eos_token_id
-    comp_mask = ~((is_eos.cumsum(-1) - is_eos.long()) > 0)
+    comp_mask = mask_through_first_eos(comp, tok.eos_token_id)
+    assert not comp_mask.all(), "the test needs completions of different lengths"
     attn = torch.cat([enc.attention_mask.repeat_interleave(G, 0), comp_mask.long()], dim=1)
 
     results = []

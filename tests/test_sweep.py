@@ -3,6 +3,7 @@ subprocesses (local parallel launcher, then SLURM through fake sbatch/srun)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -154,7 +155,7 @@ def test_killed_cell_resumes_with_its_whole_history(tmp_path, cache_dir):
     experiment_id = tracking.prepare(cfg.tracking)
     # What a kill after step 1 leaves: a RUNNING run that logged step 1, and the step-1 checkpoint.
     killed = MlflowClient().create_run(experiment_id, tags={"config_hash": chash}).info.run_id
-    partial = cfg.copy()
+    partial = copy.deepcopy(cfg)
     partial.train.steps = 1
     partial.output_dir = str(tmp_path / "cells" / f"{cell_name(cfg)}-{chash}")
     first = train(partial)

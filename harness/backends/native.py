@@ -163,6 +163,12 @@ def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     return logp, entropy
 
 
+def mask_through_first_eos(completion_ids: Tensor, eos_token_id: int) -> Tensor:
+    """True for the tokens of each completion up to and including its first EOS."""
+    is_eos = completion_ids == eos_token_id
+    return (is_eos.cumsum(-1) - is_eos.long()) == 0
+
+
 def group_advantages(rewards: Tensor, group_size: int, mode: str, eps: float) -> tuple[Tensor, int]:
     """Per-rollout advantages and the number of zero-variance groups (their advantages are 0)."""
     grouped = rewards.view(-1, group_size)
@@ -291,11 +297,8 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
             )
         prompt_len = enc.input_ids.shape[1]
         completion_ids = seqs[:, prompt_len:]
-        is_eos = completion_ids == tokenizer.eos_token_id
-        # completion mask: tokens up to and including the first EOS
-        after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
-        completion_mask = ~after_eos
-        truncated = ~is_eos.any(-1)
+        completion_mask = mask_through_first_eos(completion_ids, tokenizer.eos_token_id)
+        truncated = ~(completion_ids == tokenizer.eos_token_id).any(-1)
         texts = tokenizer.batch_decode(completion_ids.masked_fill(~completion_mask, tokenizer.pad_token_id),
                                        skip_special_tokens=True)
         golds = [p["answer"] for p in batch for _ in range(G)]
