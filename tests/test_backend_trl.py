@@ -235,3 +235,31 @@ def test_trl_trains_tiny_model_on_cpu(trl_run):
     assert result.final_checkpoint.name == "checkpoint-6"  # 3 steps x 2 optimizer updates
     AutoModelForCausalLM.from_pretrained(result.final_checkpoint)
     AutoTokenizer.from_pretrained(result.final_checkpoint)
+
+
+def test_mini_batches_map_onto_steps_per_generation(tmp_path, cache_dir: Path):
+    """train.mini_batch_size: TRL generates once per rollout batch (steps_per_generation) and steps the optimizer
+    once per mini-batch (gradient_accumulation_steps); the harness history still has one entry per rollout batch,
+    and the first pass is already off-policy after its first mini-batch."""
+    from omegaconf import open_dict
+
+    from harness.backends.trl import grpo_config_kwargs, train
+
+    cfg = compose(["backend=trl", "backend.device=cpu", "backend.threads=2", "backend.progress=false",
+                   "train.steps=2", "train.rollout_batch_size=16", "train.num_generations=8",
+                   "train.mini_batch_size=8", "train.micro_batch_size=4", "train.max_new_tokens=16",
+                   "train.warmup_steps=0", "train.rollout_temperature=1.0", "train.save_every=2",
+                   "train.lr=1e-3", "eval.enabled=false", f"cache_dir={cache_dir}"])
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path)
+    kw = grpo_config_kwargs(cfg, tmp_path, world_size=1)
+    assert (kw["steps_per_generation"], kw["gradient_accumulation_steps"], kw["max_steps"]) == (4, 2, 8)
+    calls: list[int] = []
+    result = train(cfg, on_step=lambda step, metrics: calls.append(step))
+    assert calls == [1, 2] and [h["step"] for h in result.history] == [1.0, 2.0]
+    assert result.final_checkpoint.name == "checkpoint-8"  # 2 steps x 2 passes x 2 mini-batches
+    for h in result.history:
+        for key in ("reward", "reward_accuracy", "grad_norm", "it1/abs_ratio_dev", "it2/abs_ratio_dev", "it2/loss"):
+            assert key in h and math.isfinite(h[key]), key
+    assert any(h["it1/abs_ratio_dev"] > 1e-4 for h in result.history)
+    assert any(h["it2/abs_ratio_dev"] > h["it1/abs_ratio_dev"] for h in result.history)

@@ -108,6 +108,9 @@ def test_backend_registry():
     [
         ("train.rollout_batch_size=30", "divisible by train.num_generations"),
         ("train.micro_batch_size=7", "must divide train.rollout_batch_size"),
+        ("train.mini_batch_size=12", "train.mini_batch_size=12 must be null or an integer"),
+        ("train.mini_batch_size=8", "train.micro_batch_size=16 must divide"),
+        ("backend.sampler=beam", "backend.sampler must be one of cached, generate"),
         ("task.name=nope", "nope"),
         ("data_dir=/does/not/exist", "/does/not/exist"),
         ("model.path=/no/such/model", "/no/such/model"),
@@ -200,3 +203,112 @@ def test_shared_prompt_forward_equals_full_forward(cache_dir):
     assert torch.allclose(lp1, lpG, atol=1e-4)
     assert torch.allclose(e1, eG, atol=1e-4)
     assert torch.allclose(g1, gG, atol=1e-4 * g1.abs().max().item())
+
+
+def _tiny_prompts(cache_dir: Path, n: int):
+    from harness.data import load_task
+    from harness.models import load_model_and_tokenizer, model_prompt_config, resolve_model_path
+    from harness.prompts import render_prompt
+
+    cfg = compose([f"cache_dir={cache_dir}"])
+    path = resolve_model_path(cfg.model, cache_dir=cache_dir)
+    model, tok = load_model_and_tokenizer({"name": "hf", "path": str(path)}, device=torch.device("cpu"))
+    tok.padding_side = "left"
+    problems = load_task(cfg.task, "train", seed=0)[:n]
+    prompts = [render_prompt(tok, p["problem"], model_prompt_config(cfg.model)) for p in problems]
+    return model.eval(), tok, tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+@pytest.mark.parametrize(("temperature", "top_p", "max_new"), [(0.7, 1.0, 24), (1.3, 0.9, 24), (1.0, 1.0, 3)])
+def test_cached_sampler_draws_what_generate_draws(cache_dir, temperature, top_p, max_new):
+    """sample_completions (each prompt prefilled once, KV cache repeated G times) consumes the RNG as
+    model.generate(do_sample=True, top_k=0) does, so for one seed it draws the same rollouts: a wrong position,
+    mask, cache layout, temperature or nucleus rule shows up as different tokens. Rows may only differ where float
+    rounding between a 16-row and a 128-row prefill flips a draw, so allow a few."""
+    from harness.backends.native import mask_through_first_eos, sample_completions, token_logprobs
+
+    model, tok, enc = _tiny_prompts(cache_dir, 16)
+    assert (enc.attention_mask == 0).any(), "the test needs left padding"
+    G = 8
+    kw = dict(temperature=temperature, top_p=top_p, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        ref = model.generate(**enc, do_sample=True, top_k=0, max_new_tokens=max_new, num_return_sequences=G, **kw)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        ours, entropy = sample_completions(model, enc.input_ids, enc.attention_mask, num_generations=G,
+                                           max_new_tokens=max_new, **kw)
+    assert ours.shape == ref.shape
+    assert (ours == ref).all(-1).float().mean() >= 0.95
+    comp = ours[:, enc.input_ids.shape[1]:]
+    if max_new == 24:  # some rows end early and are padded after their EOS, as generate pads them
+        assert ((comp == tok.eos_token_id).any(-1)).any() and (comp == tok.pad_token_id).any()
+    # the sampling-time entropies are those of the full forward over the finished rollouts
+    mask = mask_through_first_eos(comp, tok.eos_token_id)
+    attn = torch.cat([enc.attention_mask.repeat_interleave(G, 0), mask.long()], dim=1)
+    with torch.no_grad():
+        _, full = token_logprobs(model, ours, attn, comp.shape[1], temperature, with_entropy=True)
+    assert entropy.shape == comp.shape
+    assert torch.allclose(entropy[mask], full[mask], atol=1e-4)
+
+
+def test_cached_sampler_greedy_limit_equals_greedy_generate(cache_dir):
+    """With a nucleus so small that only the top token survives, sampling is greedy decoding: token for
+    token what generate(do_sample=False) returns, for every one of the G rows of a prompt."""
+    from harness.backends.native import sample_completions
+
+    model, tok, enc = _tiny_prompts(cache_dir, 8)
+    with torch.no_grad():
+        greedy = model.generate(**enc, do_sample=False, max_new_tokens=24, pad_token_id=tok.pad_token_id,
+                                eos_token_id=tok.eos_token_id)
+        ours, _ = sample_completions(model, enc.input_ids, enc.attention_mask, num_generations=3,
+                                     max_new_tokens=24, temperature=1.0, top_p=1e-6, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
+    assert torch.equal(ours, greedy.repeat_interleave(3, 0))
+
+
+def test_sampler_choice_keeps_the_history(two_step_run, tmp_path, cache_dir):
+    """backend.sampler=generate (transformers' generate) and the default cached sampler train identically."""
+    other = train(_cfg(tmp_path, cache_dir, "backend.sampler=generate"))
+    _assert_same(two_step_run.history, other.history)
+
+
+def test_one_mini_batch_is_the_default(two_step_run, tmp_path, cache_dir):
+    other = train(_cfg(tmp_path, cache_dir, "train.mini_batch_size=32"))
+    _assert_same(two_step_run.history, other.history)
+
+
+def test_mini_batches_step_within_a_pass(two_step_run, tmp_path, cache_dir):
+    """Two mini-batches per pass: the first pass's second mini-batch already runs after an optimizer step, so
+    its ratios move off 1 (behaviour log-probs were taken before any update), and the second pass moves further
+    than with one optimizer step per pass."""
+    res = train(_cfg(tmp_path, cache_dir, "train.mini_batch_size=16"))
+    for h in res.history:
+        assert h["it1/abs_ratio_dev"] > 1e-4
+        assert h["it2/abs_ratio_dev"] > h["it1/abs_ratio_dev"]
+    assert res.history[0]["reward"] == two_step_run.history[0]["reward"]  # same first rollouts
+    assert res.history[0]["it2/abs_ratio_dev"] > two_step_run.history[0]["it2/abs_ratio_dev"]
+
+
+def test_skipping_zero_advantage_groups_changes_no_update(tmp_path, cache_dir):
+    """Groups with all-zero advantages add exactly 0 to the loss and its gradient, so leaving them out of the passes
+    (the default) gives the same losses, gradient norms, and weights as training on every row. The run needs such
+    groups and groups with signal in the same batch, and a second mini-batch per pass, to test anything."""
+    from safetensors.torch import load_file
+
+    extra = ("train.steps=3", "train.mini_batch_size=16", "train.rollout_temperature=0.7", "gate=erf")
+    runs = {}
+    for skip in (True, False):
+        out = tmp_path / str(skip)
+        runs[skip] = train(_cfg(out, cache_dir, *extra, f"backend.skip_zero_advantage={skip}"))
+    skipped, full = runs[True].history, runs[False].history
+    assert any(0 < h["trained_frac"] < 1 for h in skipped)
+    assert all(h["trained_frac"] == 1 for h in full)
+    for a, b in zip(skipped, full, strict=True):
+        for key in ("reward", "entropy", "it1/loss", "it2/loss", "it1/grad_norm", "it2/grad_norm"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-7), key
+    w_skip = load_file(runs[True].final_checkpoint / "model.safetensors")
+    w_full = load_file(runs[False].final_checkpoint / "model.safetensors")
+    assert w_skip.keys() == w_full.keys()
+    for name in w_skip:
+        assert torch.allclose(w_skip[name], w_full[name], atol=1e-6), name

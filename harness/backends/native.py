@@ -25,6 +25,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from harness.scoring import has_format, score_batch
 STATE_FILE = "trainer_state.pt"
 ADVANTAGE_MODES = ("grpo", "drgrpo")
 LR_SCHEDULES = ("cosine", "constant")
+SAMPLERS = ("cached", "generate")
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -63,15 +65,22 @@ def validate_train_config(cfg: Any) -> None:
         )
     if t.num_generations < 2:
         raise ValueError("train.num_generations must be >= 2: group advantages need at least two rollouts")
-    if t.rollout_batch_size % t.micro_batch_size:
+    mini = t.get("mini_batch_size")
+    if mini is not None and (not isinstance(mini, int) or mini < 1 or t.rollout_batch_size % mini):
+        raise ValueError(f"train.mini_batch_size={mini!r} must be null or an integer >= 1 that divides "
+                         f"train.rollout_batch_size={t.rollout_batch_size}")
+    if mini_batch_size(t) % t.micro_batch_size:
         raise ValueError(f"train.micro_batch_size={t.micro_batch_size} must divide train.rollout_batch_size="
-                         f"{t.rollout_batch_size}")
+                         f"{t.rollout_batch_size} and train.mini_batch_size={mini_batch_size(t)}")
     if not t.rollout_temperature > 0:
         raise ValueError(f"train.rollout_temperature must be > 0, got {t.rollout_temperature!r}")
     if not 0 < t.top_p <= 1:
         raise ValueError(f"train.top_p must be in (0, 1], got {t.top_p!r}")
     if t.advantage not in ADVANTAGE_MODES:
         raise ValueError(f"train.advantage must be one of {', '.join(ADVANTAGE_MODES)}, got {t.advantage!r}")
+    sampler = cfg.backend.get("sampler", "cached")
+    if cfg.backend.name == "native" and sampler not in SAMPLERS:
+        raise ValueError(f"backend.sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if t.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {t.lr_schedule!r}")
     if not t.lr > 0:
@@ -83,6 +92,11 @@ def validate_train_config(cfg: Any) -> None:
     policy_loss(dummy, dummy, torch.ones(1), torch.ones(1, 2, dtype=torch.bool), **_loss_kwargs(cfg), diagnostics=False)
     for extra in t.rewards.extra or []:
         _import_reward(extra.path)
+
+
+def mini_batch_size(t: Any) -> int:
+    """Completions per optimizer step: ``train.mini_batch_size``, or the whole rollout batch when null."""
+    return int(t.get("mini_batch_size") or t.rollout_batch_size)
 
 
 def _loss_kwargs(cfg: Any) -> dict[str, Any]:
@@ -155,12 +169,111 @@ def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     targets = input_ids[:, -n_completion:]
     log_norm = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            probs = torch.softmax(logits, dim=-1)
-            entropy = log_norm - (probs * logits).sum(-1)
+    entropy = tempered_entropy(logits, 1.0) if with_entropy else None  # logits are already tempered
     return logp, entropy
+
+
+def _reserved_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        """A DynamicLayer over a buffer allocated once: ``update`` writes the new positions in place and returns
+        views of the filled part (same values as concatenation)."""
+
+        def __init__(self, keys: Tensor, values: Tensor, capacity: int) -> None:
+            super().__init__()
+            b, h, n, d = keys.shape
+            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+            self._keys = keys.new_empty(b, h, capacity, d)
+            self._values = values.new_empty(b, h, capacity, d)
+            self._keys[:, :, :n], self._values[:, :, :n] = keys, values
+            self._length = n
+            self.keys, self.values = self._keys[:, :, :n], self._values[:, :, :n]
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+            n, m = self._length, key_states.shape[-2]
+            self._keys[:, :, n:n + m] = key_states
+            self._values[:, :, n:n + m] = value_states
+            self._length = n + m
+            self.keys, self.values = self._keys[:, :, :n + m], self._values[:, :, :n + m]
+            return self.keys, self.values
+
+    return ReservedLayer
+
+
+def sample_completions(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, *, num_generations: int,
+                       max_new_tokens: int, temperature: float, top_p: float, eos_token_id: int,
+                       pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """``num_generations`` sampled completions per (left-padded) prompt, as ``[B·G, P + T]`` token ids with
+    the G rows of a prompt consecutive (the layout of ``generate(num_return_sequences=G)``), and the ``[B·G, T]``
+    entropies of the tempered distributions (softmax(logits / temperature), before top-p) each token was drawn from.
+
+    Each prompt is prefilled once and its KV cache repeated G times, then all B·G rows decode together;
+    a row that has emitted EOS is padded with ``pad_token_id`` from then on, and decoding stops once every row
+    has ended. Token t is drawn from softmax(logits / temperature), restricted to the smallest set of tokens
+    whose probability reaches ``top_p`` (top_p = 1: the full distribution; no top-k). This is the same
+    distribution as ``model.generate(do_sample=True, top_k=0, ...)``; what it saves is generate's G-fold prompt
+    prefill and its per-token bookkeeping, which dominate on small models (``benchmarks/bench_trainer.py``)."""
+    G = num_generations
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(G)
+    _reserve_cache(cache, max_new_tokens)
+    logits = out.logits[:, -1].repeat_interleave(G, 0)
+    mask = attention_mask.repeat_interleave(G, 0)
+    next_position = position_ids[:, -1:].repeat_interleave(G, 0) + 1
+    done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+    tokens, entropies = [], []
+    for t in range(max_new_tokens):
+        entropies.append(tempered_entropy(logits, temperature))
+        token = _sample_token(logits, temperature, top_p).masked_fill(done, pad_token_id)
+        tokens.append(token)
+        done = done | (token == eos_token_id)
+        if t + 1 == max_new_tokens or bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+        next_position = next_position + 1
+    seqs = torch.cat([input_ids.repeat_interleave(G, 0), torch.stack(tokens, dim=1)], dim=1)
+    return seqs, torch.stack(entropies, dim=1)
+
+
+def tempered_entropy(logits: Tensor, temperature: float) -> Tensor:
+    """H(softmax(z)) = logsumexp(z) − Σ softmax(z)·z over the last axis, with z = logits / temperature."""
+    with torch.no_grad():
+        z = logits.float() / temperature
+        return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
+
+
+def _reserve_cache(cache: Any, extra: int) -> None:
+    """Give every plain (non-sliding) layer of a transformers DynamicCache room for ``extra`` more positions, so
+    decoding writes each new key/value in place. DynamicLayer concatenates instead, copying the whole cache at
+    every token: O(L²) copies, which were 40% of decode time on the tiny model."""
+    from transformers.cache_utils import DynamicLayer
+
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer and layer.is_initialized:
+            cache.layers[i] = _reserved_layer_class()(layer.keys, layer.values, layer.keys.shape[-2] + extra)
+
+
+def _sample_token(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """One token per row from softmax(logits / temperature), nucleus-truncated at ``top_p``."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep a token if the mass strictly before it is < top_p (so the top token is always kept)
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
+def _rows_logprobs(model: torch.nn.Module, rows: Tensor, *, seqs: Tensor, attn: Tensor, n_completion: int,
+                   temperature: float, group_size: int) -> Tensor:
+    """:func:`token_logprobs` of the given rows of a rollout batch."""
+    return token_logprobs(model, seqs[rows], attn[rows], n_completion, temperature, group_size=group_size)[0]
 
 
 def mask_through_first_eos(completion_ids: Tensor, eos_token_id: int) -> Tensor:
@@ -272,6 +385,8 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
     loss_kwargs = _loss_kwargs(cfg)
     per_step = t.rollout_batch_size // t.num_generations
     G = t.num_generations
+    mini_size = mini_batch_size(t)
+    sampler = bk.get("sampler", "cached")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else _null_ctx()
 
     from tqdm.auto import tqdm
@@ -290,11 +405,20 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         model.eval()
         with torch.no_grad(), autocast:
-            seqs = model.generate(
-                **enc, do_sample=True, temperature=t.rollout_temperature, top_p=t.top_p, top_k=0,
-                max_new_tokens=t.max_new_tokens, num_return_sequences=G,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            )
+            if sampler == "cached":
+                seqs, token_entropy = sample_completions(
+                    model, enc.input_ids, enc.attention_mask, num_generations=G, max_new_tokens=t.max_new_tokens,
+                    temperature=t.rollout_temperature, top_p=t.top_p, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+            else:
+                out = model.generate(
+                    **enc, do_sample=True, temperature=t.rollout_temperature, top_p=t.top_p, top_k=0,
+                    max_new_tokens=t.max_new_tokens, num_return_sequences=G, output_logits=True,
+                    return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                seqs = out.sequences
+                token_entropy = tempered_entropy(torch.stack(out.logits, dim=1), t.rollout_temperature)
         prompt_len = enc.input_ids.shape[1]
         completion_ids = seqs[:, prompt_len:]
         completion_mask = mask_through_first_eos(completion_ids, tokenizer.eos_token_id)
@@ -315,57 +439,78 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         advantages, zero_var = group_advantages(rewards, G, t.advantage, t.adv_eps)
         advantages = advantages.to(device)
 
-        # 5. behaviour log-probs once, then num_iterations updates ------------------------------------
-        # The behaviour log-probs are the first update's own forward pass, detached: the parameters do not
-        # change until that update's optimizer step, so a separate no-grad pass would compute the same numbers.
+        # 5. behaviour log-probs once, then num_iterations passes over the batch ----------------------------
+        # Each pass walks the batch in mini-batches (one optimizer step each), each accumulated over micro-batches.
+        # Groups whose advantages are all 0 (zero reward variance) add exactly 0 to every gate's loss and gradient,
+        # so without a KL term they are left out of the forward/backward passes (backend.skip_zero_advantage); the
+        # aggregation still divides by the whole mini-batch, so the update is the one over all rows.
         attn = torch.cat([enc.attention_mask.repeat_interleave(G, 0), completion_mask.long()], dim=1)
         n_comp = completion_ids.shape[1]
-        micro = [slice(i, i + t.micro_batch_size) for i in range(0, seqs.shape[0], t.micro_batch_size)]
+        n_rows = seqs.shape[0]
+        active_group = advantages.view(-1, G).ne(0).any(-1)
+        if ref_model is not None or not bk.get("skip_zero_advantage", True) or not bool(active_group.any()):
+            active_group = torch.ones_like(active_group)
+        active_row = active_group.repeat_interleave(G).cpu()
+        minis = [torch.arange(i, i + mini_size) for i in range(0, n_rows, mini_size)]
+        # row indices of each micro-batch of each mini-batch (active rows only, whole groups, in order)
+        micros = [list(torch.split(m[active_row[m]], t.micro_batch_size)) for m in minis]
+        rows = torch.cat([s for m in micros for s in m])  # the rows that train, in micro-batch order
         # Each prompt's forward is shared by its G completions when micro-batches hold whole groups.
         share = G if bk.get("share_prompt", True) and t.micro_batch_size % G == 0 else 1
+
+        logprobs_of = partial(_rows_logprobs, seqs=seqs, attn=attn, n_completion=n_comp,
+                              temperature=t.rollout_temperature, group_size=share)
+
         old_logp: Tensor | None = None
         ref_logp = None
         with torch.no_grad(), autocast:
             if ref_model is not None:
-                ref_logp = torch.cat([token_logprobs(ref_model, seqs[s], attn[s], n_comp, t.rollout_temperature,
-                                                     group_size=share)[0] for s in micro])
+                ref_logp = torch.cat([logprobs_of(ref_model, s) for m in micros for s in m])
+            # With one mini-batch the behaviour log-probs are the first update's own forward, detached: the
+            # parameters do not change before its optimizer step, so a separate pass would compute the same
+            # numbers. With several, later mini-batches of the first pass run after optimizer steps: take π_old now.
+            if len(minis) > 1:
+                old_logp = torch.cat([logprobs_of(model, s) for m in micros for s in m])
 
         model.train()
         metrics: dict[str, float] = {}
-        entropies = []
         for it in range(t.num_iterations):
-            optimizer.zero_grad(set_to_none=True)
-            logps, loss_total = [], 0.0
-            for s in micro:
-                with autocast:
-                    logp, ent = token_logprobs(model, seqs[s], attn[s], n_comp, t.rollout_temperature,
-                                               with_entropy=it == 0, group_size=share)
-                    behaviour = logp.detach() if old_logp is None else old_logp[s]
-                    loss, _ = policy_loss(logp, behaviour, advantages[s], completion_mask[s],
-                                          ref_logp=None if ref_logp is None else ref_logp[s],
-                                          diagnostics=False, **loss_kwargs)
-                weight = micro_batch_weight(completion_mask[s], completion_mask, t.loss.agg)
-                (loss * weight).backward()
-                loss_total += float(loss.detach()) * weight
-                logps.append(logp.detach())
-                if ent is not None:
-                    entropies.append(ent)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"non-finite gradient norm at step {step}, update {it + 1}")
-            optimizer.step()
+            logps, loss_total, grad_norms, offset = [], 0.0, [], 0
+            for mini, mini_micros in zip(minis, micros, strict=True):
+                optimizer.zero_grad(set_to_none=False)  # zeros: a mini-batch without active rows steps as with all rows
+                mini_mask = completion_mask[mini]
+                for s in mini_micros:
+                    k = slice(offset, offset + len(s))  # these rows' place in `rows` (and old_logp / ref_logp)
+                    offset += len(s)
+                    with autocast:
+                        logp = logprobs_of(model, s)
+                        behaviour = logp.detach() if old_logp is None else old_logp[k]
+                        loss, _ = policy_loss(logp, behaviour, advantages[s], completion_mask[s],
+                                              ref_logp=None if ref_logp is None else ref_logp[k],
+                                              diagnostics=False, **loss_kwargs)
+                    weight = micro_batch_weight(completion_mask[s], mini_mask, t.loss.agg)
+                    (loss * weight).backward()
+                    loss_total += float(loss.detach()) * weight / len(minis)
+                    logps.append(logp.detach())
+                for p in model.parameters():  # before the first backward of a run, gradients are None
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    raise FloatingPointError(f"non-finite gradient norm at step {step}, update {it + 1}")
+                optimizer.step()
+                grad_norms.append(float(grad_norm))
             if old_logp is None:
                 old_logp = torch.cat(logps)
-            # Diagnostics of this update over the whole rollout batch (params are fixed within an update).
-            _, diag = policy_loss(torch.cat(logps), old_logp, advantages, completion_mask, ref_logp=ref_logp,
-                                  **loss_kwargs)
+            # Diagnostics of this pass over the rows that trained: each token's ratio as its update saw it.
+            _, diag = policy_loss(torch.cat(logps), old_logp, advantages[rows], completion_mask[rows],
+                                  ref_logp=ref_logp, **loss_kwargs)
             metrics.update({f"it{it + 1}/{k}": v for k, v in diag.items()})
             metrics[f"it{it + 1}/loss"] = loss_total
-            metrics[f"it{it + 1}/grad_norm"] = float(grad_norm)
+            metrics[f"it{it + 1}/grad_norm"] = sum(grad_norms) / len(grad_norms)
         if not math.isfinite(metrics[f"it{t.num_iterations}/loss"]):
             raise FloatingPointError(f"NaN/inf loss at step {step}")
 
-        ent_all = torch.cat(entropies)
         lengths = completion_mask.sum(-1).float()
         metrics.update({
             "step": float(step + 1),
@@ -375,7 +520,8 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
             "reward_accuracy": float(acc.mean()),
             "response_length": float(lengths.mean()),
             "truncation_rate": float(truncated.float().mean()),
-            "entropy": float((ent_all * completion_mask).sum() / completion_mask.sum()),
+            "entropy": float((token_entropy * completion_mask).sum() / completion_mask.sum()),
+            "trained_frac": len(rows) / n_rows,
             "zero_var_groups": float(zero_var),
             "zero_var_frac": zero_var / per_step,
             "lr": lr,

@@ -23,21 +23,24 @@ backend):
 ==============================  =====================================================================
 harness                         TRL
 ==============================  =====================================================================
-train.steps                     max_steps = steps × num_iterations (TRL counts optimizer steps)
+train.steps                     max_steps = steps × num_iterations × mini-batches (TRL counts optimizer
+                                steps)
 train.rollout_batch_size        generation_batch_size (= micro × accumulation × processes)
 train.micro_batch_size          per_device_train_batch_size
-(rollout / micro / processes)   gradient_accumulation_steps = steps_per_generation
+(rollout / micro / processes)   steps_per_generation
+train.mini_batch_size           gradient_accumulation_steps = mini / micro / processes (null: rollout,
+                                one optimizer step per pass)
 train.num_generations           num_generations
 train.num_iterations            num_iterations (2: the second pass has r ≠ 1, where gates differ)
 train.max_new_tokens            max_completion_length
 train.rollout_temperature/top_p temperature / top_p (top_k=0: off, as native)
 train.lr, betas, weight_decay   learning_rate, adam_beta1/2, weight_decay; max_grad_norm
-train.warmup_steps, lr_schedule warmup_steps × num_iterations; constant_with_warmup | cosine
+train.warmup_steps, lr_schedule warmup_steps × optimizer steps per batch; constant_with_warmup | cosine
 train.advantage                 scale_rewards = group (grpo) | none (drgrpo)
 train.loss.agg                  loss_type grpo | bnpo | dr_grpo (same aggregation; for TRL's logs)
 train.loss.kl_beta              beta (TRL then computes reference log-probs)
 train.rewards.*                 reward_funcs [format, accuracy, extras...] + reward_weights
-train.save_every                save_steps = save_every × num_iterations (HF-format checkpoints)
+train.save_every                save_steps = save_every × optimizer steps per batch (HF-format checkpoints)
 gate.*                          the harness loss (and epsilon / sapo temperatures, for TRL's logs)
 ==============================  =====================================================================
 
@@ -72,7 +75,7 @@ from transformers.trainer_callback import PrinterCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from harness.backends import StepCallback, TrainResult
-from harness.backends.native import _import_reward, _loss_kwargs, _plain, validate_train_config
+from harness.backends.native import _import_reward, _loss_kwargs, _plain, mini_batch_size, validate_train_config
 from harness.data import load_task, resolve_data_dir
 from harness.models import load_model_and_tokenizer, resolve_model_path
 from harness.objective import micro_batch_weight, policy_loss
@@ -162,11 +165,15 @@ class HarnessGRPOTrainer(GRPOTrainer):
         return micro_batch_weight(mask, window, agg)
 
     def _window_mask(self, like: Tensor) -> Tensor | None:
-        """Completion masks of the whole accumulation window (the buffered generation batch)."""
+        """Completion masks of the current accumulation window: the micro-batches of this optimizer step, a
+        slice of the buffered generation batch (all of it without mini-batches). While TRL computes a loss,
+        ``self._step`` is the index of the current micro-step."""
         buffered = getattr(self, "_buffered_inputs", None)
-        if not buffered or self.args.steps_per_generation != self.args.gradient_accumulation_steps:
+        if not buffered:
             return None
-        masks = [b["completion_mask"] for b in buffered]
+        accumulation = self.args.gradient_accumulation_steps
+        start = (self._step % self.args.steps_per_generation) // accumulation * accumulation
+        masks = [b["completion_mask"] for b in buffered[start:start + accumulation]]
         width = max(m.shape[1] for m in masks)
         return torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks]).to(like.device)
 
@@ -216,13 +223,20 @@ class HarnessGRPOTrainer(GRPOTrainer):
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Tensor:
         out = super().training_step(model, inputs, num_items_in_batch)
-        # self._step was advanced by TRL; at the end of an accumulation window, summarise that pass.
+        # self._step was advanced by TRL; at the end of an accumulation window (one optimizer step) tag its log.
         if self._step % self.current_gradient_accumulation_steps == 0 and self._harness_window:
             self._finish_window()
         return out
 
     def _finish_window(self) -> None:
-        """Harness diagnostics over the finished accumulation window (one optimizer step = one pass)."""
+        """Tag the finished optimizer step's log with its pass (iteration) over the generation batch; after the
+        pass's last mini-batch, add the harness diagnostics over the whole pass."""
+        gen_every = self.args.steps_per_generation * self.num_iterations
+        iteration = ((self._step - 1) % gen_every) // self.args.steps_per_generation + 1
+        self._harness_pending = {"harness/iteration": float(iteration)}
+        if self._step % self.args.steps_per_generation:
+            return  # more mini-batches of this pass to come
+        minis = self.args.steps_per_generation // self.args.gradient_accumulation_steps
         rows = self._harness_window
         width = max(r[0].shape[1] for r in rows)  # one generation batch shares T; pad in case it does not
 
@@ -233,12 +247,8 @@ class HarnessGRPOTrainer(GRPOTrainer):
 
         logp, old, adv, mask, ref = (cat(i) for i in range(5))
         _, diag = policy_loss(logp, old, adv, mask.bool(), ref_logp=ref, **self.harness_loss_kwargs)
-        gen_every = self.args.steps_per_generation * self.num_iterations
-        iteration = ((self._step - 1) % gen_every) // self.args.steps_per_generation + 1
-        pending = {f"harness/{k}": float(v) for k, v in diag.items()}
-        pending["harness/loss"] = self._harness_window_loss
-        pending["harness/iteration"] = float(iteration)
-        self._harness_pending = pending
+        self._harness_pending.update({f"harness/{k}": float(v) for k, v in diag.items()})
+        self._harness_pending["harness/loss"] = self._harness_window_loss / minis  # mean over mini-batches
         self._harness_window, self._harness_window_loss = [], 0.0
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -321,10 +331,12 @@ def grpo_config_kwargs(cfg: Any, output_dir: str | Path, *, world_size: int | No
     t, g, bk = cfg.train, cfg.gate, cfg.backend
     world = _world_size() if world_size is None else world_size
     per_update = t.micro_batch_size * world
-    if t.rollout_batch_size % per_update:
-        raise ValueError(f"train.rollout_batch_size={t.rollout_batch_size} must be divisible by train.micro_batch_size"
-                         f" x processes = {t.micro_batch_size} x {world}")
-    accumulation = t.rollout_batch_size // per_update
+    mini = mini_batch_size(t)
+    if mini % per_update:
+        raise ValueError(f"train.mini_batch_size={mini} (null: train.rollout_batch_size) must be divisible by "
+                         f"train.micro_batch_size x processes = {t.micro_batch_size} x {world}")
+    accumulation = mini // per_update
+    updates = t.num_iterations * (t.rollout_batch_size // mini)  # optimizer steps per rollout batch
     if t.loss.agg not in TRL_LOSS_TYPE:
         raise ValueError(f"train.loss.agg must be one of {', '.join(TRL_LOSS_TYPE)}, got {t.loss.agg!r}")
     use_cpu = _use_cpu(str(bk.device))
@@ -332,10 +344,10 @@ def grpo_config_kwargs(cfg: Any, output_dir: str | Path, *, world_size: int | No
         output_dir=str(output_dir),
         seed=int(cfg.seed),
         data_seed=int(cfg.seed),
-        max_steps=int(t.steps * t.num_iterations),
+        max_steps=int(t.steps * updates),
         per_device_train_batch_size=int(t.micro_batch_size),
         gradient_accumulation_steps=accumulation,
-        steps_per_generation=accumulation,  # one generation batch = one optimizer step's data = one rollout batch
+        steps_per_generation=t.rollout_batch_size // per_update,  # one generation batch = one rollout batch
         num_generations=int(t.num_generations),
         num_iterations=int(t.num_iterations),
         max_completion_length=int(t.max_new_tokens),
@@ -348,7 +360,7 @@ def grpo_config_kwargs(cfg: Any, output_dir: str | Path, *, world_size: int | No
         weight_decay=float(t.weight_decay),
         max_grad_norm=float(t.max_grad_norm),
         lr_scheduler_type=LR_SCHEDULER[t.lr_schedule],
-        warmup_steps=int(t.warmup_steps * t.num_iterations),
+        warmup_steps=int(t.warmup_steps * updates),
         optim="adamw_torch",
         scale_rewards="group" if t.advantage == "grpo" else "none",
         loss_type=TRL_LOSS_TYPE[t.loss.agg],
@@ -369,7 +381,7 @@ def grpo_config_kwargs(cfg: Any, output_dir: str | Path, *, world_size: int | No
         logging_first_step=True,
         report_to=[],
         save_strategy="steps",
-        save_steps=int(t.save_every * t.num_iterations),
+        save_steps=int(t.save_every * updates),
         save_only_model=False,  # keep optimizer/scheduler/RNG so `resume=true` continues exactly
         remove_unused_columns=False,
         shuffle_dataset=True,
@@ -418,8 +430,9 @@ class HarnessStepCallback(TrainerCallback):
     checkpoint so a resumed run returns the whole history."""
 
     def __init__(self, num_iterations: int, prompts_per_step: int, history: list[dict[str, float]],
-                 on_step: StepCallback | None = None) -> None:
+                 on_step: StepCallback | None = None, minis_per_pass: int = 1) -> None:
         self.num_iterations = num_iterations
+        self.minis_per_pass = minis_per_pass
         self.prompts_per_step = prompts_per_step
         self.history = history
         self.on_step = on_step
@@ -431,11 +444,24 @@ class HarnessStepCallback(TrainerCallback):
         if not logs or "harness/iteration" not in logs:
             return  # the end-of-training summary, or an eval log
         self._passes.append({k: float(v) for k, v in logs.items() if isinstance(v, int | float) and v is not None})
-        if int(logs["harness/iteration"]) < self.num_iterations:
+        updates = self.num_iterations * self.minis_per_pass  # optimizer steps per rollout batch
+        if len(self._passes) < updates:
             return
-        step = state.global_step // self.num_iterations
-        entry = self._merge(step, self._passes)
+        step = state.global_step // updates
+        logs_of_step = self._passes
         self._passes = []
+        # one entry per pass: its last optimizer step's log (which carries the pass diagnostics), with the
+        # pass's mean gradient norm; generation-time metrics (rewards, lengths) are in the step's first log
+        m = self.minis_per_pass
+        passes = []
+        for k in range(self.num_iterations):
+            chunk = logs_of_step[k * m:(k + 1) * m]
+            norms = [x["grad_norm"] for x in chunk if "grad_norm" in x]
+            passes.append({**chunk[-1], **({"grad_norm": sum(norms) / len(norms)} if norms else {})})
+        for key in _FIRST_PASS_KEYS.values():
+            if key in logs_of_step[0]:
+                passes[0][key] = logs_of_step[0][key]
+        entry = self._merge(step, passes)
         self.history.append(entry)
         if self.on_step is not None:
             self.on_step(step, entry)
@@ -516,7 +542,8 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         resume_from = _checkpoints(ckpt_dir)[-1]
         saved = resume_from / HISTORY_FILE
         history = json.loads(saved.read_text()) if saved.exists() else []
-    callback = HarnessStepCallback(int(t.num_iterations), t.rollout_batch_size // t.num_generations, history, on_step)
+    callback = HarnessStepCallback(int(t.num_iterations), t.rollout_batch_size // t.num_generations, history, on_step,
+                                   minis_per_pass=t.rollout_batch_size // mini_batch_size(t))
     trainer = HarnessGRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
                                  processing_class=tokenizer, callbacks=[callback], loss_kwargs=_loss_kwargs(cfg))
     # With the progress bar off, transformers prints every log dict (~60 keys a step here): keep the run quiet,

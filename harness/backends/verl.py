@@ -24,8 +24,9 @@ Mapping (harness → verl), in :func:`verl_overrides`:
 harness                          verl
 ===============================  ==================================================================
 train.steps                      trainer.total_training_steps
-train.rollout_batch_size / G     data.train_batch_size = actor.ppo_mini_batch_size (prompts; one
-                                 optimizer step per PPO epoch, as on the native backend)
+train.rollout_batch_size / G     data.train_batch_size (prompts per rollout batch)
+train.mini_batch_size / G        actor.ppo_mini_batch_size (prompts per optimizer step; null: the whole
+                                 rollout batch, one optimizer step per PPO epoch)
 train.num_generations (G)        actor_rollout_ref.rollout.n
 train.micro_batch_size           actor.ppo_micro_batch_size_per_gpu (and the log-prob micro-batches)
 train.num_iterations             actor.ppo_epochs
@@ -151,6 +152,7 @@ def verl_overrides(
     no model, no verl import). ``model_path`` defaults to ``cfg.model.path`` (else the preset name),
     ``train_file`` to ``<output_dir>/verl_data/train.parquet``, ``max_prompt_length`` to
     ``backend.max_prompt_length`` (else 512). ``backend.extra_overrides`` are appended last (they win)."""
+    from harness.backends.native import mini_batch_size
     from harness.verl_plugin import loss_name
 
     t, g, bk = cfg.train, cfg.gate, cfg.backend
@@ -164,6 +166,10 @@ def verl_overrides(
     train_file = train_file or str(out / "verl_data" / "train.parquet")
     prompt_len = int(max_prompt_length or bk.get("max_prompt_length") or 512)
     prompts_per_step = t.rollout_batch_size // t.num_generations
+    mini = mini_batch_size(t)
+    if mini % t.num_generations:
+        raise ValueError(f"train.mini_batch_size={mini} must be divisible by train.num_generations="
+                         f"{t.num_generations} on the verl backend (verl counts mini-batches in prompts)")
     log_prob_mb = int(bk.get("log_prob_micro_batch_size_per_gpu") or t.micro_batch_size)
     r = t.rewards
     arr = "actor_rollout_ref"
@@ -199,7 +205,7 @@ def verl_overrides(
         (f"{arr}.actor.loss_agg_mode", str(t.loss.agg)),
         (f"{arr}.actor.loss_scale_factor", None if t.loss.norm_length is None else int(t.loss.norm_length)),
         (f"{arr}.actor.ppo_epochs", int(t.num_iterations)),
-        (f"{arr}.actor.ppo_mini_batch_size", prompts_per_step),
+        (f"{arr}.actor.ppo_mini_batch_size", mini // t.num_generations),
         (f"{arr}.actor.ppo_micro_batch_size_per_gpu", int(t.micro_batch_size)),
         (f"{arr}.actor.shuffle", False),
         (f"{arr}.actor.data_loader_seed", int(cfg.seed)),
