@@ -273,8 +273,10 @@ def test_sampler_choice_keeps_the_history(two_step_run, tmp_path, cache_dir):
     _assert_same(two_step_run.history, other.history)
 
 
-def test_one_mini_batch_is_the_default(two_step_run, tmp_path, cache_dir):
-    other = train(_cfg(tmp_path, cache_dir, "train.mini_batch_size=32"))
+def test_mini_batch_of_the_whole_batch_is_one_step_per_pass(two_step_run, tmp_path, cache_dir):
+    """The default mini-batch (64) exceeds this run's rollout batch (32), so it is capped: one optimizer step
+    per pass, the same run as mini_batch_size=null."""
+    other = train(_cfg(tmp_path, cache_dir, "train.mini_batch_size=null"))
     _assert_same(two_step_run.history, other.history)
 
 
@@ -293,10 +295,12 @@ def test_mini_batches_step_within_a_pass(two_step_run, tmp_path, cache_dir):
 def test_skipping_zero_advantage_groups_changes_no_update(tmp_path, cache_dir):
     """Groups with all-zero advantages add exactly 0 to the loss and its gradient, so leaving them out of the passes
     (the default) gives the same losses, gradient norms, and weights as training on every row. The run needs such
-    groups and groups with signal in the same batch, and a second mini-batch per pass, to test anything."""
+    groups and groups with signal in the same batch, and one group per mini-batch, so that some optimizer steps
+    see no active row at all (they must still step: Adam's momentum moves the weights)."""
     from safetensors.torch import load_file
 
-    extra = ("train.steps=3", "train.mini_batch_size=16", "train.rollout_temperature=0.7", "gate=erf")
+    extra = ("train.steps=3", "train.mini_batch_size=8", "train.micro_batch_size=8", "train.rollout_temperature=0.7",
+             "gate=erf")
     runs = {}
     for skip in (True, False):
         out = tmp_path / str(skip)

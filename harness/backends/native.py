@@ -10,10 +10,12 @@ One rollout batch per step, read top to bottom in :func:`train`:
    (+ extra reward functions);
 4. group advantages A_i = (R_i − mean_g R) / (std_g R + eps) (``grpo``) or R_i − mean_g R
    (``drgrpo``);
-5. behaviour log-probs log π_old are taken ONCE, by the first update's forward pass (detached; the
-   parameters only change at its optimizer step); then ``num_iterations`` optimizer updates over the
-   same batch, each accumulating gradients over micro-batches. From the second update on,
-   r = π_θ/π_old ≠ 1 and the gate decides how far off-policy tokens count.
+5. behaviour log-probs log π_old are taken ONCE (by the first update's own forward pass when a pass is one
+   optimizer step; by a no-grad pass before any update when it is several); then ``num_iterations`` passes
+   over the same batch, each in mini-batches of ``mini_batch_size`` completions (one optimizer step each),
+   each accumulating gradients over micro-batches. Once the weights have moved, r = π_θ/π_old ≠ 1 and the
+   gate decides how far off-policy tokens count. Groups with all-zero advantages are left out of the passes
+   (they add exactly 0 to the loss and gradient).
 
 The loss is :func:`harness.objective.policy_loss` — the same function every backend calls.
 """
@@ -25,7 +27,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +68,9 @@ def validate_train_config(cfg: Any) -> None:
     if t.num_generations < 2:
         raise ValueError("train.num_generations must be >= 2: group advantages need at least two rollouts")
     mini = t.get("mini_batch_size")
-    if mini is not None and (not isinstance(mini, int) or mini < 1 or t.rollout_batch_size % mini):
+    if mini is not None and (not isinstance(mini, int) or mini < 1 or t.rollout_batch_size % mini_batch_size(t)):
         raise ValueError(f"train.mini_batch_size={mini!r} must be null or an integer >= 1 that divides "
-                         f"train.rollout_batch_size={t.rollout_batch_size}")
+                         f"train.rollout_batch_size={t.rollout_batch_size} (or exceeds it: one step per pass)")
     if mini_batch_size(t) % t.micro_batch_size:
         raise ValueError(f"train.micro_batch_size={t.micro_batch_size} must divide train.rollout_batch_size="
                          f"{t.rollout_batch_size} and train.mini_batch_size={mini_batch_size(t)}")
@@ -95,8 +97,9 @@ def validate_train_config(cfg: Any) -> None:
 
 
 def mini_batch_size(t: Any) -> int:
-    """Completions per optimizer step: ``train.mini_batch_size``, or the whole rollout batch when null."""
-    return int(t.get("mini_batch_size") or t.rollout_batch_size)
+    """Completions per optimizer step: ``train.mini_batch_size``, capped at the rollout batch (null: the whole
+    rollout batch, one optimizer step per pass)."""
+    return min(int(t.get("mini_batch_size") or t.rollout_batch_size), int(t.rollout_batch_size))
 
 
 def _loss_kwargs(cfg: Any) -> dict[str, Any]:
@@ -155,11 +158,12 @@ def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
         prompt = model(input_ids=input_ids[::group_size, :n_prompt],
                        attention_mask=attention_mask[::group_size, :n_prompt],
                        position_ids=position_ids[::group_size, :n_prompt], use_cache=True)
-        cache = DynamicCache()
+        kv_cache = DynamicCache()
         for i, layer in enumerate(prompt.past_key_values.layers):
-            cache.update(layer.keys.repeat_interleave(group_size, 0), layer.values.repeat_interleave(group_size, 0), i)
+            kv_cache.update(layer.keys.repeat_interleave(group_size, 0),
+                            layer.values.repeat_interleave(group_size, 0), i)
         rest = model(input_ids=input_ids[:, n_prompt:], attention_mask=attention_mask,
-                     position_ids=position_ids[:, n_prompt:], past_key_values=cache).logits
+                     position_ids=position_ids[:, n_prompt:], past_key_values=kv_cache).logits
         # the first completion token is predicted by the prompt's last position
         logits = torch.cat([prompt.logits[:, -1:].repeat_interleave(group_size, 0), rest[:, :-1]], dim=1)
     else:
@@ -173,6 +177,7 @@ def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     return logp, entropy
 
 
+@cache
 def _reserved_layer_class():
     from transformers.cache_utils import DynamicLayer
 
@@ -218,9 +223,9 @@ def sample_completions(model: torch.nn.Module, input_ids: Tensor, attention_mask
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                 logits_to_keep=1)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(G)
-    _reserve_cache(cache, max_new_tokens)
+    kv_cache = out.past_key_values
+    kv_cache.batch_repeat_interleave(G)
+    _reserve_cache(kv_cache, max_new_tokens)
     logits = out.logits[:, -1].repeat_interleave(G, 0)
     mask = attention_mask.repeat_interleave(G, 0)
     next_position = position_ids[:, -1:].repeat_interleave(G, 0) + 1
@@ -235,7 +240,7 @@ def sample_completions(model: torch.nn.Module, input_ids: Tensor, attention_mask
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       past_key_values=kv_cache, use_cache=True).logits[:, -1]
         next_position = next_position + 1
     seqs = torch.cat([input_ids.repeat_interleave(G, 0), torch.stack(tokens, dim=1)], dim=1)
     return seqs, torch.stack(entropies, dim=1)
@@ -248,15 +253,15 @@ def tempered_entropy(logits: Tensor, temperature: float) -> Tensor:
         return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
 
 
-def _reserve_cache(cache: Any, extra: int) -> None:
+def _reserve_cache(kv_cache: Any, extra: int) -> None:
     """Give every plain (non-sliding) layer of a transformers DynamicCache room for ``extra`` more positions, so
     decoding writes each new key/value in place. DynamicLayer concatenates instead, copying the whole cache at
     every token: O(L²) copies, which were 40% of decode time on the tiny model."""
     from transformers.cache_utils import DynamicLayer
 
-    for i, layer in enumerate(cache.layers):
+    for i, layer in enumerate(kv_cache.layers):
         if type(layer) is DynamicLayer and layer.is_initialized:
-            cache.layers[i] = _reserved_layer_class()(layer.keys, layer.values, layer.keys.shape[-2] + extra)
+            kv_cache.layers[i] = _reserved_layer_class()(layer.keys, layer.values, layer.keys.shape[-2] + extra)
 
 
 def _sample_token(logits: Tensor, temperature: float, top_p: float) -> Tensor:
@@ -453,7 +458,7 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         active_row = active_group.repeat_interleave(G).cpu()
         minis = [torch.arange(i, i + mini_size) for i in range(0, n_rows, mini_size)]
         # row indices of each micro-batch of each mini-batch (active rows only, whole groups, in order)
-        micros = [list(torch.split(m[active_row[m]], t.micro_batch_size)) for m in minis]
+        micros = [[c for c in torch.split(m[active_row[m]], t.micro_batch_size) if len(c)] for m in minis]
         rows = torch.cat([s for m in micros for s in m])  # the rows that train, in micro-batch order
         # Each prompt's forward is shared by its G completions when micro-batches hold whole groups.
         share = G if bk.get("share_prompt", True) and t.micro_batch_size % G == 0 else 1
