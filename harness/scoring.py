@@ -630,6 +630,12 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     """forkserver where available: workers fork from a clean single-threaded server that has already
     imported sympy and math-verify (cheap rebuilds after a kill, and no fork of a multi-threaded trainer);
     spawn elsewhere."""
+    current = multiprocessing.get_start_method(allow_none=True)
+    if current is not None and current not in multiprocessing.get_all_start_methods():
+        # A worker of another process library (joblib/loky runs parallel sweep cells) set its own start method.
+        # Our workers replay the parent's start method at start-up and cannot set one they never imported, so the
+        # pool would die at birth: give this process a standard default first.
+        multiprocessing.set_start_method("spawn", force=True)
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
         # Only takes effect if the forkserver is not running yet; otherwise workers import on demand.

@@ -316,3 +316,32 @@ def test_skipping_zero_advantage_groups_changes_no_update(tmp_path, cache_dir):
     assert w_skip.keys() == w_full.keys()
     for name in w_skip:
         assert torch.allclose(w_skip[name], w_full[name], atol=1e-6), name
+
+
+def test_killed_and_resumed_mini_batch_run_matches_uninterrupted(tmp_path, cache_dir):
+    """The embedded default's shape (several optimizer steps per pass, zero-advantage groups skipped): a run
+    killed after step 2 and resumed from its step-1 checkpoint ends exactly where an uninterrupted run ends,
+    and a second uninterrupted run with the same seed repeats the first one."""
+    from safetensors.torch import load_file
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, metrics):
+        if step == 2:
+            raise Killed
+
+    extra = ("train.steps=3", "train.mini_batch_size=8", "train.micro_batch_size=8")
+    straight = train(_cfg(tmp_path / "straight", cache_dir, *extra))
+    again = train(_cfg(tmp_path / "again", cache_dir, *extra))
+    _assert_same(straight.history, again.history)
+    cfg = _cfg(tmp_path / "killed", cache_dir, *extra)
+    with pytest.raises(Killed):
+        train(cfg, on_step=kill)
+    with open_dict(cfg):
+        cfg.resume = True
+    resumed = train(cfg)
+    _assert_same(straight.history, resumed.history)
+    a = load_file(straight.final_checkpoint / "model.safetensors")
+    b = load_file(resumed.final_checkpoint / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

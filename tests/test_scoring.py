@@ -700,3 +700,20 @@ def test_fuzz_10k_strings_never_crash_hang_or_execute():
     _fuzz_batch()
     assert _fuzz_stats["strings"] >= FUZZ_EXAMPLES * FUZZ_STRINGS_PER_EXAMPLE
     assert not SENTINEL.exists(), "model text was executed"
+
+
+def _judge_latex_in_worker() -> list[bool]:
+    from harness.scoring import score_batch
+
+    preds = ["<think>half</think> <answer>\\frac{1}{2}</answer>", "<answer>$0.5$</answer>"]
+    return [s.correct for s in score_batch(preds, ["0.5", "\\frac12"], fallbacks=(), workers=1)]
+
+
+def test_math_verify_pool_starts_inside_a_loky_worker():
+    """Parallel sweep cells run in joblib/loky workers, whose multiprocessing start method is 'loky'. The scorer's
+    own workers must not inherit it (a forkserver child that has not imported loky cannot set it): answers that
+    need math-verify made such cells fail before."""
+    from joblib import Parallel, delayed
+
+    results = Parallel(n_jobs=2, backend="loky")(delayed(_judge_latex_in_worker)() for _ in range(2))
+    assert results == [[True, True], [True, True]]
