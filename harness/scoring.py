@@ -63,6 +63,7 @@ import functools
 import logging
 import math
 import multiprocessing
+import multiprocessing.util
 import os
 import re
 import signal
@@ -661,6 +662,10 @@ def _get_pool(workers: int | None) -> tuple[ProcessPoolExecutor, int]:
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(), initializer=_worker_init)
             _wait_until_ready(pool, workers)
             _pool, _pool_workers, _pool_pid = pool, workers, os.getpid()
+            # A process started by multiprocessing (a joblib/loky sweep worker) joins its children when it exits,
+            # before the interpreter's own shutdown would stop this pool: stop it first, or the exit waits forever.
+            multiprocessing.util.Finalize(None, pool.shutdown, kwargs={"wait": True, "cancel_futures": True},
+                                          exitpriority=10)
         return _pool, _pool_workers
 
 

@@ -717,3 +717,25 @@ def test_math_verify_pool_starts_inside_a_loky_worker():
 
     results = Parallel(n_jobs=2, backend="loky")(delayed(_judge_latex_in_worker)() for _ in range(2))
     assert results == [[True, True], [True, True]]
+
+
+def test_a_loky_worker_that_scored_with_math_verify_exits(tmp_path):
+    """The scorer's pool is stopped when a multiprocessing child (a loky sweep worker) exits; before, the
+    worker's exit joined the pool's idle processes forever and `harness sweep` hung after its report."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "sweep_like.py"
+    script.write_text(
+        "from joblib import Parallel, delayed\n"
+        "from joblib.externals.loky import get_reusable_executor\n"
+        "from tests.test_scoring import _judge_latex_in_worker\n"
+        "if __name__ == '__main__':\n"
+        "    print(Parallel(n_jobs=2, backend='loky')(delayed(_judge_latex_in_worker)() for _ in range(2)))\n"
+        "    get_reusable_executor().shutdown(wait=True)\n"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(script)], cwd=repo, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(repo)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[[True, True], [True, True]]" in out.stdout
