@@ -58,6 +58,16 @@ def test_paper_overrides_snapshot():
     assert got == path.read_text().splitlines()
 
 
+def test_mini_batches_map_to_ppo_mini_batch_size():
+    """verl counts mini-batches in prompts: 256 rollouts in mini-batches of 64 = 32 prompts, 8 per optimizer step."""
+    arr = "actor_rollout_ref"
+    ov = dict(o.split("=", 1) for o in verl_overrides(_paper_cfg("train=default")))
+    assert (ov["data.train_batch_size"], ov[f"{arr}.actor.ppo_mini_batch_size"]) == ("32", "8")
+    with pytest.raises(ValueError, match=r"train\.mini_batch_size=36 must be divisible by train\.num_generations=8"):
+        verl_overrides(_paper_cfg("train=default", "train.rollout_batch_size=288", "train.mini_batch_size=36",
+                                  "train.micro_batch_size=4"))
+
+
 def test_overrides_carry_the_recipe():
     ov = dict(o.split("=", 1) for o in verl_overrides(_paper_cfg("gate=erf", "gate.tau_pos=2.0", "gate.width=hwhm")))
     arr = "actor_rollout_ref"
