@@ -60,13 +60,13 @@ def native_throughput(steps: int, threads: int, cache_dir: str, *extra: str) -> 
             "zero_var": sum(h["zero_var_frac"] for h in history) / len(history)}
 
 
-def native_prompt_order(steps: int, cache_dir: str) -> list[dict[str, str]]:
+def native_prompt_order(steps: int) -> list[dict[str, str]]:
     """The problems the native trainer sees, batch after batch (its seeded per-epoch shuffle)."""
     from harness.backends.native import prompts_for_step
     from harness.data import load_task
+    from tests.conftest import compose
 
-    cfg = _native_cfg(steps, 1, cache_dir)
-    problems = load_task(cfg.task, "train", seed=SEED)
+    problems = load_task(compose([]).task, "train", seed=SEED)
     return [problems[i] for step in range(steps + 1) for i in prompts_for_step(len(problems), step, PROMPTS, SEED)]
 
 
@@ -89,7 +89,7 @@ def trl_throughput(steps: int, threads: int, cache_dir: str) -> dict[str, float]
     model = AutoModelForCausalLM.from_pretrained(path)
     pcfg = model_prompt_config("tiny")
     data = Dataset.from_list([{"prompt": render_prompt(tok, p["problem"], pcfg), "answer": p["answer"]}
-                              for p in native_prompt_order(steps, cache_dir)])
+                              for p in native_prompt_order(steps)])
 
     def reward(completions, answer, **_):  # same reward as native: format + strict accuracy
         acc = [float(s.correct) for s in score_batch(completions, answer, fallbacks=())]

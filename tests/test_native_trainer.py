@@ -170,17 +170,8 @@ def test_shared_prompt_forward_equals_full_forward(cache_dir):
     entropies and parameter gradients of the plain forward over every full row, on real tiny-model rollouts
     with left-padded prompts and completions that end at different lengths."""
     from harness.backends.native import mask_through_first_eos, token_logprobs
-    from harness.data import load_task
-    from harness.models import load_model_and_tokenizer, model_prompt_config, resolve_model_path
-    from harness.prompts import render_prompt
 
-    cfg = compose([f"cache_dir={cache_dir}"])
-    path = resolve_model_path(cfg.model, cache_dir=cache_dir)
-    model, tok = load_model_and_tokenizer({"name": "hf", "path": str(path)}, device=torch.device("cpu"))
-    tok.padding_side = "left"
-    problems = load_task(cfg.task, "train", seed=0)[:4]
-    prompts = [render_prompt(tok, p["problem"], model_prompt_config(cfg.model)) for p in problems]
-    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    model, tok, enc = _tiny_prompts(cache_dir, 4)
     assert (enc.attention_mask == 0).any(), "the test needs left padding"
     G = 4
     torch.manual_seed(0)

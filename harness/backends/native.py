@@ -153,15 +153,11 @@ def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     n_prompt = input_ids.shape[1] - n_completion
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     if group_size > 1 and n_prompt > 0:
-        from transformers import DynamicCache
-
         prompt = model(input_ids=input_ids[::group_size, :n_prompt],
                        attention_mask=attention_mask[::group_size, :n_prompt],
                        position_ids=position_ids[::group_size, :n_prompt], use_cache=True)
-        kv_cache = DynamicCache()
-        for i, layer in enumerate(prompt.past_key_values.layers):
-            kv_cache.update(layer.keys.repeat_interleave(group_size, 0),
-                            layer.values.repeat_interleave(group_size, 0), i)
+        kv_cache = prompt.past_key_values
+        kv_cache.batch_repeat_interleave(group_size)  # repeat_interleave per layer: differentiable
         rest = model(input_ids=input_ids[:, n_prompt:], attention_mask=attention_mask,
                      position_ids=position_ids[:, n_prompt:], past_key_values=kv_cache).logits
         # the first completion token is predicted by the prompt's last position
@@ -256,7 +252,8 @@ def tempered_entropy(logits: Tensor, temperature: float) -> Tensor:
 def _reserve_cache(kv_cache: Any, extra: int) -> None:
     """Give every plain (non-sliding) layer of a transformers DynamicCache room for ``extra`` more positions, so
     decoding writes each new key/value in place. DynamicLayer concatenates instead, copying the whole cache at
-    every token: O(L²) copies, which were 40% of decode time on the tiny model."""
+    every token (O(L²) copies): on the tiny model, 16 prompts × 8 rollouts × 24 tokens took 0.29 s with this and
+    0.35 s without (median of 15 interleaved runs, 2 threads)."""
     from transformers.cache_utils import DynamicLayer
 
     for i, layer in enumerate(kv_cache.layers):
