@@ -7,7 +7,7 @@
 What is measured (same model, same prompts, same sampling; fp32 on CPU):
 
 - ``hf``: ``HFEngine.generate`` after the model is loaded: generated tokens / generation seconds.
-- ``vllm (harness)``: ``VllmEngine.generate_many``: a child process runs ``harness/vllm_worker.py``.
+- ``vllm (harness)``: ``VllmEngine.generate_many``: a child process runs ``harness/evaluation/vllm_worker.py``.
 - ``vllm (bare)``: a script that does only ``vllm.LLM(...)`` + ``llm.generate(prompts, [SamplingParams(n=k, ...)])``
   with the SAME engine arguments and sampling parameters (seeds included), run as a child process the same way.
 - Harness overhead, two ways: end to end (process start + vLLM import + engine start + generation + results
@@ -54,7 +54,7 @@ def main():
     with open(sys.argv[2], "w") as fh:
         json.dump({"import_s": t1 - t0, "engine_start_s": t2 - t1, "generate_s": t3 - t2, "tokens": tokens}, fh)
     import os
-    os._exit(0)  # the same fast exit as harness/vllm_worker.py, so end-to-end times compare like with like
+    os._exit(0)  # the same fast exit as harness/evaluation/vllm_worker.py, so end-to-end times compare like with like
 if __name__ == "__main__":
     main()
 '''
@@ -83,7 +83,7 @@ def run_bare(engine: E.VllmEngine, jobs: list[E.GenJob], tmp: Path) -> dict:
                                 stderr=subprocess.STDOUT, start_new_session=True)
         proc.wait()
     wall = time.perf_counter() - t0
-    E._kill_group(proc, leader_done=True)  # as the harness does: reap vLLM's leftover processes
+    E.kill_process_group(proc, leader_done=True)  # as the harness does: reap vLLM's leftover processes
     log = (tmp / "bare.log").read_text(errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"bare vLLM run failed:\n{log[-4000:]}")
@@ -191,7 +191,7 @@ def main() -> None:
                  "stream_logs": False, "env": dict(kv.split("=", 1) for kv in args.vllm_env)},
     })
     tok = AutoTokenizer.from_pretrained(model)
-    ctx = E._context_len(model)
+    ctx = E.model_context_len(model)
     prep = E.prepare_benchmarks(settings, tok, prompt_cfg=prompt_cfg, context_len=ctx, seed=0)
     jobs = [p.job for p in prep]
     results: dict = {"model": model, "n_prompts": args.n, "k": args.k, "max_new_tokens": args.max_new_tokens,

@@ -22,7 +22,7 @@ import re
 import time
 from pathlib import Path
 
-from harness import scoring
+from harness import scoring, verify
 
 _REPO = Path(__file__).resolve().parents[1]
 _THINK_CHARS = 1500  # about 400 tokens of reasoning before the answer
@@ -74,7 +74,7 @@ def realistic_mix(n: int, seed: int = 0) -> tuple[list[str], list[str], list[boo
 
 def _worker_cpu_s() -> float | None:
     """CPU seconds used so far by the scorer's pool workers (Linux /proc; ``None`` elsewhere)."""
-    pool = scoring._pool
+    pool = verify._pool
     pids = list(getattr(pool, "_processes", None) or {})
     try:
         ticks = os.sysconf("SC_CLK_TCK")
@@ -90,7 +90,7 @@ def _worker_cpu_s() -> float | None:
 def measure(n: int = 2000, workers: int = 2) -> dict[str, float]:
     """Wall-clock and CPU figures of one timed :func:`harness.scoring.score_batch` call on the mix."""
     responses, golds, _ = realistic_mix(n)
-    scoring._shutdown_pool()  # cold worker caches: no answer of this mix has been parsed before
+    verify.shutdown_pool()  # cold worker caches: no answer of this mix has been parsed before
     scoring.score_batch(["<answer>\\frac{1}{3}</answer>"] * workers, ["\\sqrt{2}"] * workers, workers=workers)
     cpu_workers0, cpu_parent0 = _worker_cpu_s(), time.process_time()
     start = time.perf_counter()

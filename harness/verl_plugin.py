@@ -218,15 +218,6 @@ def register() -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- reward
 
 
-def _import_extra(path: str) -> Callable[..., Sequence[float]]:
-    from harness.gates import _import
-
-    fn = _import(path)
-    if not callable(fn):
-        raise ValueError(f"train.rewards.extra: {path!r} is not callable")
-    return fn
-
-
 def compute_score(
     data_source: str,
     solution_str: str,
@@ -247,6 +238,7 @@ def compute_score(
     training on the native backend. Returns verl's dict form: ``score`` plus ``format`` and
     ``accuracy`` (logged by verl as reward extra info).
     """
+    from harness.backends.common import load_reward
     from harness.scoring import has_format, score
 
     fmt = float(has_format(solution_str))
@@ -257,7 +249,7 @@ def compute_score(
     info = dict(extra_info or {})
     problem = {"id": str(info.get("id", "")), "problem": str(info.get("problem", "")), "answer": str(ground_truth)}
     for path, weight in zip(extra_paths, extra_weights, strict=True):
-        value = _import_extra(path)([solution_str], [str(ground_truth)], [problem])
+        value = load_reward(path)([solution_str], [str(ground_truth)], [problem])
         total += float(weight) * float(next(iter(value)))
     return {"score": total, "format": fmt, "accuracy": acc}
 

@@ -83,7 +83,7 @@ if ! "$VENV/bin/python" -c "$NEED" 2>/dev/null; then
       exit 2
       ;;
   esac
-  # The reward needs math-verify (pinned without the antlr extra, see NOTES: hydra pins antlr 4.9).
+  # The reward needs math-verify (pinned without the antlr extra: hydra pins antlr 4.9, and the extra makes pip fall back to math-verify 0.3).
   "${PIP[@]}" "math-verify==0.9.*"
 fi
 # The harness itself: editable (the verl.plugins entry point comes from its metadata), without dependency

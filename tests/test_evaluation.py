@@ -6,13 +6,14 @@ The vllm engine has its own file (tests/test_vllm_engine.py, marker ``vllm``).
 from __future__ import annotations
 
 import json
-import math
-from itertools import combinations
 from pathlib import Path
 
 import pytest
 
 from harness import evaluation as E
+from harness import stats
+from harness.cli import eval_main
+from harness.config import EVAL_TASK_DIR
 from harness.prompts import PromptConfig, render_prompt
 
 TINY_PROMPT = {"template": "{problem}", "system_prompt": None}
@@ -21,37 +22,7 @@ HF_OPTS = {"num_threads": 1}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# metrics
-
-
-def _pass_at_k_bruteforce(n: int, c: int, k: int) -> float:
-    """Fraction of k-subsets of n samples (c correct) that contain at least one correct sample."""
-    samples = [1] * c + [0] * (n - c)
-    subsets = list(combinations(range(n), k))
-    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
-
-
-@pytest.mark.parametrize("n,c,k", [(1, 0, 1), (1, 1, 1), (4, 1, 1), (4, 1, 2), (5, 2, 3), (8, 3, 8), (6, 0, 3)])
-def test_pass_at_k_matches_subset_enumeration(n, c, k):
-    assert E.pass_at_k(n, c, k) == pytest.approx(_pass_at_k_bruteforce(n, c, k))
-
-
-def test_pass_at_k_edge_cases():
-    assert E.pass_at_k(16, 5, 1) == pytest.approx(5 / 16)  # pass@1 is the mean accuracy
-    assert E.pass_at_k(16, 12, 8) == 1.0  # fewer than k wrong samples: every subset has a correct one
-    with pytest.raises(ValueError):
-        E.pass_at_k(4, 5, 1)
-    with pytest.raises(ValueError):
-        E.pass_at_k(4, 1, 5)
-
-
-def test_bootstrap_ci_seeded_and_brackets_mean():
-    values = [0, 1, 1, 0, 1, 0.5, 0.25, 1, 0, 0]
-    lo, hi = E.bootstrap_ci(values, n_boot=2000, seed=3)
-    assert (lo, hi) == E.bootstrap_ci(values, n_boot=2000, seed=3)
-    assert lo < sum(values) / len(values) < hi
-    assert E.bootstrap_ci([1.0] * 5) == (1.0, 1.0)
-    assert all(math.isnan(x) for x in E.bootstrap_ci([]))
+# metrics (pass@k and bootstrap CIs themselves: tests/test_stats.py)
 
 
 def _record(pid, j, correct, *, strict=None, fmt=True, tokens=10, finish="stop", fallback="answer"):
@@ -72,7 +43,7 @@ def test_benchmark_metrics_on_known_records():
     assert m["acc"] == pytest.approx((0.5 + 0.25) / 2)
     assert m["strict_acc"] == pytest.approx((0.5 + 0.0) / 2)
     assert m["pass_at_1"] == pytest.approx(m["acc"])
-    assert m["pass_at_2"] == pytest.approx((E.pass_at_k(4, 2, 2) + E.pass_at_k(4, 1, 2)) / 2)
+    assert m["pass_at_2"] == pytest.approx((stats.pass_at_k(4, 2, 2) + stats.pass_at_k(4, 1, 2)) / 2)
     assert m["pass_at_4"] == 1.0
     assert m["format_rate"] == pytest.approx(6 / 8)
     assert m["truncation_rate"] == pytest.approx(1 / 8)
@@ -230,10 +201,10 @@ def test_evaluate_hf_end_to_end(tiny, tmp_path):
 
 def test_hydra_app(tiny, tmp_path, capsys, monkeypatch, cache_dir):
     monkeypatch.setenv("HARNESS_CACHE_DIR", str(cache_dir))
-    E.main(["--cfg", "job", "eval.benchmarks=[gsm8k]"])
+    eval_main(["--cfg", "job", "eval.benchmarks=[gsm8k]"])
     assert "benchmarks:\n  - gsm8k" in capsys.readouterr().out
     out = tmp_path / "run"
-    E.main(["eval.bench.arith.limit=8", "eval.k=2", "eval.hf.num_threads=1", f"hydra.run.dir={out}"])
+    eval_main(["eval.bench.arith.limit=8", "eval.k=2", "eval.hf.num_threads=1", f"hydra.run.dir={out}"])
     assert "arith" in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["benchmarks"]["arith"]["n_samples"] == 16
 
@@ -277,7 +248,7 @@ def test_lm_eval_path_gives_identical_verdicts(tiny, tmp_path):
 def test_lm_eval_utils_process_results():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("lm_eval_utils", Path(E.EVAL_TASK_DIR) / "lm_eval_utils.py")
+    spec = importlib.util.spec_from_file_location("lm_eval_utils", Path(EVAL_TASK_DIR) / "lm_eval_utils.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     doc = {"problem": "2+3?", "answer": "5"}

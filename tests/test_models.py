@@ -12,6 +12,7 @@ import yaml
 from harness import models as M
 from harness.data import generate_arith
 from harness.prompts import PromptConfig, render_prompt
+from harness.scoring import score
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_PROMPT = PromptConfig(template="{problem}", system_prompt=None)
@@ -234,9 +235,9 @@ def test_measure_accuracy_scores_answer_span(fast_model_dir: Path) -> None:
         model, tok, probs, TINY_PROMPT, max_new_tokens=4, batch_size=4, return_per_problem=True
     )
     assert len(per) == 6 and 0.0 <= acc <= 1.0
-    assert M._is_correct("<think>3+4=7</think> <answer>7</answer>", "7")
-    assert not M._is_correct("<think>3+4=7</think> <answer>8</answer>", "7")
-    assert M.bootstrap_se([0.0, 1.0] * 50) == pytest.approx(0.05, abs=0.01)
+    # measure_accuracy judges with the project's scorer: the <answer> span, never the <think> block
+    assert score("<think>3+4=7</think> <answer>7</answer>", "7").correct
+    assert not score("<think>3+4=7</think> <answer>8</answer>", "7").correct
 
 
 @pytest.mark.slow

@@ -169,7 +169,7 @@ def test_shared_prompt_forward_equals_full_forward(cache_dir):
     """token_logprobs with group_size=G (each prompt once, its KV cache repeated) gives the log-probs,
     entropies and parameter gradients of the plain forward over every full row, on real tiny-model rollouts
     with left-padded prompts and completions that end at different lengths."""
-    from harness.backends.native import mask_through_first_eos, token_logprobs
+    from harness.backends.sampling import mask_through_first_eos, token_logprobs
 
     model, tok, enc = _tiny_prompts(cache_dir, 4)
     assert (enc.attention_mask == 0).any(), "the test needs left padding"
@@ -216,7 +216,7 @@ def test_cached_sampler_draws_what_generate_draws(cache_dir, temperature, top_p,
     model.generate(do_sample=True, top_k=0) does, so for one seed it draws the same rollouts: a wrong position,
     mask, cache layout, temperature or nucleus rule shows up as different tokens. Rows may only differ where float
     rounding between a 16-row and a 128-row prefill flips a draw, so allow a few."""
-    from harness.backends.native import mask_through_first_eos, sample_completions, token_logprobs
+    from harness.backends.sampling import mask_through_first_eos, sample_completions, token_logprobs
 
     model, tok, enc = _tiny_prompts(cache_dir, 16)
     assert (enc.attention_mask == 0).any(), "the test needs left padding"
@@ -246,7 +246,7 @@ def test_cached_sampler_draws_what_generate_draws(cache_dir, temperature, top_p,
 def test_cached_sampler_greedy_limit_equals_greedy_generate(cache_dir):
     """With a nucleus so small that only the top token survives, sampling is greedy decoding: token for
     token what generate(do_sample=False) returns, for every one of the G rows of a prompt."""
-    from harness.backends.native import sample_completions
+    from harness.backends.sampling import sample_completions
 
     model, tok, enc = _tiny_prompts(cache_dir, 8)
     with torch.no_grad():

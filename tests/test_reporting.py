@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from conftest import compose
 
-from harness import reporting, tracking
+from harness import reporting, stats, tracking
+from harness.cell import cell_params, cell_tags, config_hash
 from harness.evaluation import benchmark_metrics, write_jsonl
 
 BENCHES = {"arith": (60, 4), "gsm8k": (40, 2)}  # name -> (problems, k)
@@ -47,6 +48,19 @@ def _cfg(gate: str, tau: float | None, seed: int, uri: str, experiment: str, out
     return compose(ov)
 
 
+class _Pruned(Exception):
+    """Stands for optuna.TrialPruned: a run stopped on purpose, which ends KILLED."""
+
+
+def _open(cfg, store: tracking.Store, parent: str | None, name: str, **kw):
+    """A cell run as harness.cell.run_tracked opens it (tags, params, config)."""
+    from omegaconf import OmegaConf
+
+    tags = {**cell_tags(cfg, config_hash(cfg)), **kw.pop("extra_tags", {})}
+    return tracking.cell_run(store, run_name=name, tags=tags, params=cell_params(cfg),
+                             config_yaml=OmegaConf.to_yaml(cfg, resolve=True), parent_run_id=parent, **kw)
+
+
 def _train_metrics(step: int, gate: str, rng: np.random.Generator) -> dict[str, float]:
     m = {"reward": 0.8 + 0.04 * step + 0.05 * rng.standard_normal(), "reward_accuracy": 0.3 + 0.02 * step,
          "reward_format": 0.9, "entropy": 1.5 - 0.05 * step, "response_length": 12.0, "truncation_rate": 0.05,
@@ -63,34 +77,31 @@ def _train_metrics(step: int, gate: str, rng: np.random.Generator) -> dict[str, 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> dict:
     """One SQLite MLflow store with the experiments every test reads (creating a store takes seconds)."""
-    import mlflow
-
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     samples: dict[tuple[str, str], list[dict]] = {}  # (run_id, bench) -> records
     rng = np.random.default_rng(7)
 
-    def cell(gate, tau, seed, p, experiment, exp_id, parent, *, evaluate=True):
+    def cell(gate, tau, seed, p, experiment, exp, parent, *, evaluate=True):
         out = root / f"{experiment}-{gate}-{tau}-{seed}"
         cfg = _cfg(gate, tau, seed, uri, experiment, out)
-        with tracking.cell_run(cfg, experiment_id=exp_id, parent_run_id=parent, run_name=f"{gate}-{tau}-s{seed}") \
-                as run:
+        with _open(cfg, exp, parent, f"{gate}-{tau}-s{seed}") as run:
             for step in range(1, STEPS + 1):
-                tracking.log_step(step, _train_metrics(step, gate, rng))
+                run.log_step(step, _train_metrics(step, gate, rng))
             summary = {"train": {}}
             if evaluate:
                 ev = {"benchmarks": {}, "out_dir": str(out / "eval")}
                 for bench in BENCHES:
                     recs = _records(bench, p, rng)
-                    samples[(run.info.run_id, bench)] = recs
+                    samples[(run.run_id, bench)] = recs
                     write_jsonl(out / "eval" / "samples" / f"{bench}.jsonl", recs)
                     ev["benchmarks"][bench] = benchmark_metrics(recs, BENCHES[bench][1], n_boot=200, seed=seed)
                 ev["mean_accuracy"] = float(np.mean([m["acc"] for m in ev["benchmarks"].values()]))
                 summary["eval"] = ev
-            tracking.log_cell(summary, out)
-        return run.info.run_id
+            run.log_cell(summary, out)
+        return run.run_id
 
-    exp = tracking.prepare(_cfg("sigmoid", 1.0, 0, uri, "gates", root).tracking)
+    exp = tracking.open_store(_cfg("sigmoid", 1.0, 0, uri, "gates", root).tracking)
     parent = tracking.start_parent(exp, name="sweep-test", tags={"sweep": "gates"})
     runs = {}
     for gate, tau, seeds, p in CELLS:
@@ -100,17 +111,16 @@ def store(tmp_path_factory) -> dict:
     stale = cell("clip", None, 0, 0.9, "gates", exp, parent)
     runs[("clip", None, 0)] = cell("clip", None, 0, 0.38, "gates", exp, parent)
     # A FAILED cell and a pruned (KILLED) one: reported as such, not used as results.
-    with pytest.raises(RuntimeError), tracking.cell_run(_cfg("arctan", 2.0, 0, uri, "gates", root / "f"),
-                                                         experiment_id=exp, parent_run_id=parent, run_name="boom"):
+    with pytest.raises(RuntimeError), _open(_cfg("arctan", 2.0, 0, uri, "gates", root / "f"), exp, parent, "boom"):
         raise RuntimeError("NaN loss at step 3")
-    with tracking.cell_run(_cfg("arctan", 3.0, 0, uri, "gates", root / "k"), experiment_id=exp,
-                           parent_run_id=parent, run_name="pruned"):
-        tracking.log_step(1, _train_metrics(1, "arctan", rng))
-        mlflow.end_run("KILLED")
-    tracking.end_parent(parent, {"cells": 10, "finished": 9, "failed": 1})
+    with pytest.raises(_Pruned), _open(_cfg("arctan", 3.0, 0, uri, "gates", root / "k"), exp, parent, "pruned",
+                                       stop_exceptions=(_Pruned,)) as run:
+        run.log_step(1, _train_metrics(1, "arctan", rng))
+        raise _Pruned
+    tracking.end_parent(exp, parent, {"cells": 10, "finished": 9, "failed": 1})
 
     # One seed, no evaluation, no parent run, no study: every optional piece missing.
-    bare = tracking.prepare(_cfg("sigmoid", 1.0, 0, uri, "bare", root).tracking)
+    bare = tracking.open_store(_cfg("sigmoid", 1.0, 0, uri, "bare", root).tracking)
     for gate, tau in (("sigmoid", 1.0), ("softsign", 2.0)):
         cell(gate, tau, 0, 0.5, "bare", bare, None, evaluate=False)
     return {"uri": uri, "root": root, "runs": runs, "stale": stale, "samples": samples}
@@ -170,7 +180,7 @@ def test_accuracy_numbers_equal_mlflow(store, report):
             assert r["acc"] == pytest.approx(np.mean(accs), abs=1e-12)
             hw_boot = np.mean([(m[f"eval/{r['benchmark']}/acc_ci_high"] - m[f"eval/{r['benchmark']}/acc_ci_low"]) / 2
                                for m in metrics])
-            hw_seed = reporting.t_quantile(0.95, len(accs) - 1) * np.std(accs, ddof=1) / np.sqrt(len(accs))
+            hw_seed = stats.t_quantile(0.95, len(accs) - 1) * np.std(accs, ddof=1) / np.sqrt(len(accs))
             hw = np.hypot(hw_boot, hw_seed)
             assert r["ci_high"] == pytest.approx(min(1.0, r["acc"] + hw), abs=1e-12)
             assert r["ci_low"] == pytest.approx(max(0.0, r["acc"] - hw), abs=1e-12)
@@ -186,21 +196,6 @@ def test_accuracy_numbers_equal_mlflow(store, report):
         rows = [r for r in records if r["benchmark"] == bench]
         assert [r["best"] for r in rows].count(True) == 1
         assert max(rows, key=lambda r: r["acc"])["best"]
-
-
-def test_paired_bootstrap_by_hand():
-    a = {"p1": 1.0, "p2": 0.5, "p3": 0.0, "p4": 1.0, "only_a": 1.0}
-    b = {"p1": 0.5, "p2": 0.5, "p3": 0.5, "p4": 0.0, "only_b": 0.0}
-    out = reporting.paired_bootstrap(a, b, n_boot=500, seed=3)
-    d = np.array([0.5, 0.0, -0.5, 1.0])  # p1..p4, sorted by id
-    assert out["n"] == 4 and out["only_a"] == 1 and out["only_b"] == 1
-    assert out["diff"] == pytest.approx(0.25)
-    means = d[np.random.default_rng(3).integers(0, 4, size=(500, 4))].mean(axis=1)
-    assert out["ci_low"] == pytest.approx(np.quantile(means, 0.025))
-    assert out["ci_high"] == pytest.approx(np.quantile(means, 0.975))
-    assert reporting.paired_bootstrap(a, b, n_boot=500, seed=3) == out  # seeded
-    assert reporting.per_problem_correct([{"problem_id": "x", "correct": True}, {"problem_id": "x", "correct": False},
-                                          {"problem_id": "y", "correct": True}]) == {"x": 0.5, "y": 1.0}
 
 
 def test_paired_rows_recomputed_from_the_logged_samples(store, report):
@@ -276,7 +271,6 @@ def test_missing_pieces_degrade_to_notes(store, tmp_path):
 
 
 def test_optuna_section(store, tmp_path):
-    import mlflow
     import optuna
     from optuna.trial import TrialState
 
@@ -295,12 +289,12 @@ def test_optuna_section(store, tmp_path):
             study.tell(t, state=TrialState.PRUNED)
         else:
             study.tell(t, 0.3 + 0.05 * i)
-    exp = tracking.prepare(_cfg("sigmoid", 1.0, 0, store["uri"], "tuned", tmp_path).tracking)
+    exp = tracking.open_store(_cfg("sigmoid", 1.0, 0, store["uri"], "tuned", tmp_path).tracking)
     parent = tracking.start_parent(exp, name="tune-x", tags={"sweep": "tune", "optuna_storage": storage})
-    with tracking.cell_run(_cfg("sigmoid", 1.0, 0, store["uri"], "tuned", tmp_path / "o"), experiment_id=exp,
-                           parent_run_id=parent, extra_tags={"study": "opt-sigmoid", "trial": "0"}):
-        tracking.log_step(1, _train_metrics(1, "sigmoid", np.random.default_rng(0)))
-    tracking.end_parent(parent, {"cells": 1, "finished": 1})
+    with _open(_cfg("sigmoid", 1.0, 0, store["uri"], "tuned", tmp_path / "o"), exp, parent, "trial0",
+               extra_tags={"study": "opt-sigmoid", "trial": "0"}) as run:
+        run.log_step(1, _train_metrics(1, "sigmoid", np.random.default_rng(0)))
+    tracking.end_parent(exp, parent, {"cells": 1, "finished": 1})
     path = reporting.write_report("tuned", tracking_uri=store["uri"], out_dir=tmp_path / "r")
     html = path.read_text()
     data = json.loads((tmp_path / "r" / "report.json").read_text())["optuna"]["opt-sigmoid"]
@@ -311,7 +305,6 @@ def test_optuna_section(store, tmp_path):
     assert "importances" in data and "1 by construction" in html
     assert (tmp_path / "r" / "fig_optuna_opt-sigmoid.png").stat().st_size > 10_000
     assert f"{best.value:.4f}" in html
-    mlflow.set_tracking_uri(store["uri"])
 
 
 def test_cli(store, tmp_path, capsys):

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness import scoring
+from harness import scoring, verify
 from harness.scoring import FALLBACKS, Score, extract_answer, has_format, score, score_batch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -497,15 +497,15 @@ def test_fast_path_agrees_with_math_verify(a, b, delta, digits, near):
     for pred, gold in ((a, b), (b, a)):
         fast = scoring._fast_verdict(pred, gold)
         if fast is not None:
-            assert scoring._judge_with_deadline(pred, gold, 10.0) is fast, (pred, gold)
+            assert verify.judge_with_deadline(pred, gold, 10.0) is fast, (pred, gold)
 
 
 def test_fast_path_items_never_reach_the_pool(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a plain-number item was sent to math-verify")
 
-    monkeypatch.setattr(scoring, "_judge_in_pool", refuse)
-    monkeypatch.setattr(scoring, "_judge_with_deadline", refuse)
+    monkeypatch.setattr(scoring, "judge_in_pool", refuse)
+    monkeypatch.setattr(scoring, "judge_with_deadline", refuse)
     responses = [_ans("1,234"), _ans("\\frac{1}{2}"), "<think>1</think> 42", _ans("9" * 20_000)]
     golds = ["1234", "0.5", "42", "9" * 20_000]
     assert [s.correct for s in score_batch(responses, golds)] == [True, True, True, True]
@@ -513,7 +513,7 @@ def test_fast_path_items_never_reach_the_pool(monkeypatch):
 
 
 def test_overlong_prediction_is_wrong_without_math_verify(monkeypatch):
-    monkeypatch.setattr(scoring, "_judge_with_deadline", lambda *a: pytest.fail("math-verify was called"))
+    monkeypatch.setattr(scoring, "judge_with_deadline", lambda *a: pytest.fail("math-verify was called"))
     long_answer = "x+" * 1000 + "1"
     assert score(_ans(long_answer), "x") == Score(long_answer, False, "answer")
 
@@ -535,7 +535,7 @@ def test_timeout_in_process():
 
 def test_timeout_in_pool_keeps_extracted_and_spares_the_rest():
     score_batch([_ans("\\sqrt{2}")], ["\\sqrt{2}"], workers=WORKERS)  # pool up and warm
-    pool = scoring._pool
+    pool = verify._pool
     responses = [_ans(SLOW_ANSWER), _ans("\\frac{\\pi}{2}"), _ans(SLOW_ANSWER + " "), _ans("\\sqrt{8}")]
     golds = ["1", "\\frac{\\pi}{2}", "2", "2\\sqrt{2}"]
     start = time.perf_counter()
@@ -548,14 +548,14 @@ def test_timeout_in_pool_keeps_extracted_and_spares_the_rest():
         Score("\\sqrt{8}", True, "answer"),
     ]
     # Each slow item was interrupted at 0.5 s by its worker's own timer: no watchdog kill, same pool.
-    assert scoring._pool is pool
-    assert elapsed < 2 * 0.5 + scoring._KILL_GRACE_S
+    assert verify._pool is pool
+    assert elapsed < 2 * 0.5 + verify.KILL_GRACE_S
 
 
 def test_watchdog_kills_stuck_workers_and_recovers():
     """A worker that cannot be interrupted (simulated with SIGSTOP) is killed; the batch still finishes."""
     score_batch([_ans("\\sqrt{3}")], ["\\sqrt{3}"], workers=WORKERS)
-    pool = scoring._pool
+    pool = verify._pool
     pids = list(pool._processes)
     assert len(pids) == WORKERS
     for pid in pids:
@@ -575,8 +575,8 @@ def test_watchdog_kills_stuck_workers_and_recovers():
     # The two items on the stuck workers time out (text kept); the other two are judged by the new pool.
     assert [s.correct for s in results] == [False, False, True, True]
     assert [s.extracted for s in results] == ["\\sqrt{5}", "\\sqrt{6}", "\\sqrt{7}", "\\sqrt{10}"]
-    assert scoring._pool is not pool
-    assert elapsed < 2 * 0.5 + scoring._KILL_GRACE_S + 30  # + a fresh pool's start-up on a loaded machine
+    assert verify._pool is not pool
+    assert elapsed < 2 * 0.5 + verify.KILL_GRACE_S + 30  # + a fresh pool's start-up on a loaded machine
     assert score_batch([_ans("\\sqrt{5}")], ["\\sqrt{5}"], workers=WORKERS)[0].correct
 
 
@@ -677,7 +677,7 @@ def _fuzz_batch(responses, gold_offset, fallbacks):
     elapsed = time.perf_counter() - start
     # Never hangs: no math-verify item outlives the watchdog's deadline (2 x timeout + grace), and the
     # workers run them side by side; 10 s covers a pool rebuild on a busy machine.
-    bound = 10.0 + len(pool_items) * (2 * FUZZ_TIMEOUT_S + scoring._KILL_GRACE_S) / WORKERS
+    bound = 10.0 + len(pool_items) * (2 * FUZZ_TIMEOUT_S + verify.KILL_GRACE_S) / WORKERS
     assert elapsed < bound, (elapsed, bound, sorted(pool_items)[:5])
     assert len(results) == len(responses)
     for response, result in zip(responses, results, strict=True):

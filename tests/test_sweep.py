@@ -15,8 +15,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from harness import tracking
-from harness.app import CONF_DIR, validate_cell
-from harness.sweep import SWEEPS_DIR, cell_name, cell_overrides, cell_task, expand_arguments
+from harness.cell import cell_dir, cell_name, cell_overrides, config_hash, validate_cell
+from harness.config import CONF_DIR, SWEEPS_DIR
+from harness.sweep import cell_task
+from harness.sweeper import expand_arguments
 from tests.conftest import REPO
 
 # A cell that trains 2 steps and evaluates 8 problems x 2 samples: seconds on a CPU.
@@ -68,7 +70,7 @@ def test_tau_modes_and_seed_axis():
     assert len(separate) == 2 * (2 * 2) + 2  # sigmoid: tau_pos x tau_neg x seeds; clip: seeds
     assert ["gate=sigmoid", "seed=1", "gate.tau_pos=2.0", "gate.tau_neg=3.0"] in separate
     custom = cell_overrides(["tests.custom_gate_module:F"], [1.0], [0])
-    assert custom == [["gate=custom", "seed=0", "gate.name=tests.custom_gate_module:F", "gate.tau_pos=1.0",
+    assert custom == [["gate=custom", "gate.name=tests.custom_gate_module:F", "seed=0", "gate.tau_pos=1.0",
                        "gate.tau_neg=1.05"]]
     with pytest.raises(ValueError, match="tau_mode must be one of tied, separate"):
         cell_overrides(["sigmoid"], [1.0], [0], tau_mode="both")
@@ -93,10 +95,10 @@ def test_config_hash_ignores_paths_not_what_is_computed():
     a = compose_sweep("gates", ["gate=erf", "gate.tau_pos=2", out])
     b = compose_sweep("gates", ["gate=erf", "gate.tau_pos=2", "cells_dir=/elsewhere", "backend.progress=false",
                                 "tracking.uri=sqlite:////tmp/other.db", "cache_dir=/tmp/c", "output_dir=/tmp/x"])
-    assert tracking.config_hash(a) == tracking.config_hash(b)
+    assert config_hash(a) == config_hash(b)
     for change in (["gate=erf", "gate.tau_pos=3"], ["gate=arctan", "gate.tau_pos=2"], ["gate=erf", "gate.tau_pos=2",
                                                                                        "seed=1"]):
-        assert tracking.config_hash(compose_sweep("gates", [*change, out])) != tracking.config_hash(a)
+        assert config_hash(compose_sweep("gates", [*change, out])) != config_hash(a)
 
 
 @pytest.mark.parametrize(("launcher", "target"), [
@@ -128,14 +130,14 @@ def nan_reward(texts, golds, problems):
 
 
 def test_failed_cell_is_recorded_and_returned(tmp_path, cache_dir):
-    import mlflow
+    from mlflow.tracking import MlflowClient
 
     cfg = compose_sweep("gates", [*TINY, f"cache_dir={cache_dir}", f"cells_dir={tmp_path / 'cells'}",
                                   f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"output_dir={tmp_path}",
                                   "train.rewards.extra=[{path: 'tests.test_sweep:nan_reward', weight: 1.0}]"])
     result = cell_task(cfg)
     assert result["status"] == "failed" and "NaN" in result["reason"]
-    run = mlflow.get_run(result["run_id"])
+    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result["run_id"])
     assert run.info.status == "FAILED"
     assert "NaN" in run.data.tags["failure_reason"]
     assert run.data.tags["config_hash"] == result["config_hash"]
@@ -144,28 +146,27 @@ def test_failed_cell_is_recorded_and_returned(tmp_path, cache_dir):
 def test_killed_cell_resumes_with_its_whole_history(tmp_path, cache_dir):
     """A cell killed after step 1 (its run left RUNNING, a checkpoint on disk) is resumed by the next sweep:
     the new run carries steps 1 and 2, the stale run is marked KILLED and points to it."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
     from harness.backends.native import train
 
     cfg = compose_sweep("gates", [*TINY, f"cache_dir={cache_dir}", f"cells_dir={tmp_path / 'cells'}",
                                   f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"output_dir={tmp_path}"])
-    chash = tracking.config_hash(cfg)
-    experiment_id = tracking.prepare(cfg.tracking)
+    chash = config_hash(cfg)
+    store = tracking.open_store(cfg.tracking)
+    client = store.client
     # What a kill after step 1 leaves: a RUNNING run that logged step 1, and the step-1 checkpoint.
-    killed = MlflowClient().create_run(experiment_id, tags={"config_hash": chash}).info.run_id
+    killed = client.create_run(store.experiment_id, tags={"config_hash": chash}).info.run_id
     partial = copy.deepcopy(cfg)
     partial.train.steps = 1
-    partial.output_dir = str(tmp_path / "cells" / f"{cell_name(cfg)}-{chash}")
+    partial.output_dir = str(cell_dir(cfg, chash))
+    assert partial.output_dir == str(tmp_path / "cells" / f"{cell_name(cfg)}-{chash}")
     first = train(partial)
-    MlflowClient().log_metric(killed, "train/reward", first.history[0]["reward"], step=1)
+    client.log_metric(killed, "train/reward", first.history[0]["reward"], step=1)
 
     result = cell_task(cfg)
     assert result["status"] == "finished"
-    steps = [m.step for m in MlflowClient().get_metric_history(result["run_id"], "train/reward")]
+    steps = [m.step for m in client.get_metric_history(result["run_id"], "train/reward")]
     assert sorted(steps) == [1, 2]
-    stale = mlflow.get_run(killed)
+    stale = client.get_run(killed)
     assert stale.info.status == "KILLED" and stale.data.tags["superseded_by"] == result["run_id"]
 
 

@@ -16,7 +16,9 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from harness import tuning
-from harness.app import CONF_DIR, validate_cell
+from harness.cell import gate_overrides, validate_cell
+from harness.config import CONF_DIR, SWEEPS_DIR
+from harness.tracking import mask_url
 
 REPO = Path(__file__).resolve().parent.parent
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -28,7 +30,7 @@ def compose_tune(overrides: list[str] | None = None):
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(tuning.SWEEPS_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(SWEEPS_DIR), version_base="1.3"):
         return compose(config_name="tune", overrides=[*(overrides or []), f"hydra.searchpath=[file://{CONF_DIR}]"],
                        return_hydra_config=True)
 
@@ -100,12 +102,12 @@ def test_overrides_storage_and_names(tmp_path):
     assert tuning.resolve_storage(None, tmp_path) == f"sqlite:///{tmp_path / 'optuna.db'}"
     assert tuning.resolve_storage("sqlite:///sub/o.db", tmp_path) == f"sqlite:///{tmp_path / 'sub' / 'o.db'}"
     assert tuning.resolve_storage("postgresql://u:pw@h/db") == "postgresql://u:pw@h/db"
-    assert tuning.mask_url("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+    assert mask_url("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
     assert tuning.default_study_name("exp", "erf", None, 1) == "exp-erf"
     assert tuning.default_study_name("exp", "erf", "mine", 1) == "mine"
     assert tuning.default_study_name("exp", "erf", "mine", 2) == "mine-erf"  # one study per gate
     assert tuning.default_study_name("exp", "pkg.mod:F", None, 1) == "exp-F"
-    assert tuning.gate_overrides("pkg.mod:F") == ["gate=custom", "gate.name=pkg.mod:F"]
+    assert gate_overrides("pkg.mod:F") == ["gate=custom", "gate.name=pkg.mod:F"]
 
 
 # ------------------------------------------------------------------------------------------------ resume

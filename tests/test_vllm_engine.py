@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from harness import evaluation as E
+from harness.evaluation.settings import DEFAULT_VLLM_VENV
 
-VLLM_PYTHON = Path(os.environ.get("HARNESS_VLLM_PYTHON", E.DEFAULT_VLLM_VENV / "bin" / "python"))
+VLLM_PYTHON = Path(os.environ.get("HARNESS_VLLM_PYTHON", DEFAULT_VLLM_VENV / "bin" / "python"))
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.skipif(
@@ -55,7 +56,7 @@ def runs(tiny, tmp_path_factory):
     from harness.prompts import prompt_config
 
     tok = AutoTokenizer.from_pretrained(tiny)
-    ctx = E._context_len(tiny)
+    ctx = E.model_context_len(tiny)
     greedy, sampled = _settings(0.0, 1), _settings(0.7, 4)
     preps = [E.prepare_benchmarks(s, tok, prompt_cfg=prompt_config(TINY_PROMPT), context_len=ctx, seed=0)[0]
              for s in (greedy, sampled)]
@@ -82,7 +83,7 @@ def test_one_request_with_n_k_per_prompt(runs):
     assert [len(c) for c in runs["vllm"][1]] == [4] * N_PROBLEMS
     run = engine.last_run
     assert run["workers"][0]["vllm_version"].startswith("0.")
-    assert run["llm_kwargs"]["max_model_len"] <= E._context_len(engine.model_path)
+    assert run["llm_kwargs"]["max_model_len"] <= E.model_context_len(engine.model_path)
     assert (runs["log_dir"] / "vllm_worker.log").stat().st_size > 0
 
 

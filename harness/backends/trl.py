@@ -74,12 +74,13 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from harness import keys as K
 from harness.backends import StepCallback, TrainResult
-from harness.backends.native import _import_reward, _loss_kwargs, _plain, mini_batch_size, validate_train_config
-from harness.data import load_task, resolve_data_dir
-from harness.models import load_model_and_tokenizer, resolve_model_path
-from harness.objective import micro_batch_weight, policy_loss
-from harness.prompts import prompt_config, render_prompt
+from harness.backends.common import load_reward, mini_batch_size, start_training
+from harness.config import to_plain
+from harness.models import load_model_and_tokenizer
+from harness.objective import loss_kwargs, micro_batch_weight, policy_loss
+from harness.prompts import render_prompt
 from harness.scoring import has_format, score_batch
 
 HISTORY_FILE = "harness_history.json"
@@ -132,7 +133,7 @@ class HarnessGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` whose loss is :func:`harness.objective.policy_loss` (see the module docstring).
 
     ``loss_kwargs``: the keyword arguments of ``policy_loss`` (gate, τ, ε, aggregation, KL β, ...), as
-    built by :func:`harness.backends.native._loss_kwargs`.
+    built by :func:`harness.objective.loss_kwargs`.
     """
 
     def __init__(self, *args: Any, loss_kwargs: dict[str, Any], **kwargs: Any) -> None:
@@ -289,7 +290,7 @@ def reward_functions(cfg: Any) -> tuple[list[Callable[..., list[float]]], list[f
     funcs: list[Callable[..., list[float]]] = [format_reward, accuracy_reward]
     weights = [float(r.format_weight), float(r.accuracy_weight)]
     for extra in r.extra or []:
-        fn = _import_reward(extra.path)
+        fn = load_reward(extra.path)
 
         def wrapped(completions: Sequence[Any], answer: Sequence[str], problem: Sequence[str], id: Sequence[str],
                     _fn: Callable[..., Sequence[float]] = fn, **_: Any) -> list[float]:
@@ -391,11 +392,11 @@ def grpo_config_kwargs(cfg: Any, output_dir: str | Path, *, world_size: int | No
     )
     for key in VLLM_KEYS:
         if key in bk and bk[key] is not None:
-            kwargs[key] = _plain(bk[key]) if hasattr(bk[key], "items") else bk[key]
+            kwargs[key] = to_plain(bk[key]) if hasattr(bk[key], "items") else bk[key]
     if kwargs.get("use_vllm") and use_cpu:
         raise ValueError("backend.use_vllm=true needs a GPU (TRL's vLLM integration is CUDA-only); on CPU leave it off")
     extra = bk.get("grpo_config") or {}
-    extra = _plain(extra) if hasattr(extra, "items") else dict(extra)
+    extra = to_plain(extra) if hasattr(extra, "items") else dict(extra)
     kwargs.update(extra)  # explicit pass-through of any other GRPOConfig field
     return kwargs
 
@@ -412,15 +413,15 @@ def validate_trl_config(cfg: Any) -> None:
 # ----------------------------------------------------------------------------- per-step history
 
 
-_FIRST_PASS_KEYS = {  # native key <- TRL's log key (from the pass that generated the batch)
-    "reward": "reward",
-    "reward_std": "reward_std",
-    "reward_format": "rewards/format_reward/mean",
-    "reward_accuracy": "rewards/accuracy_reward/mean",
-    "response_length": "completions/mean_length",
-    "truncation_rate": "completions/clipped_ratio",
-    "entropy": "entropy",
-    "zero_var_frac": "frac_reward_zero_std",
+_FIRST_PASS_KEYS = {  # history key <- TRL's log key (from the pass that generated the batch)
+    K.REWARD: "reward",
+    K.REWARD_STD: "reward_std",
+    K.REWARD_FORMAT: "rewards/format_reward/mean",
+    K.REWARD_ACCURACY: "rewards/accuracy_reward/mean",
+    K.RESPONSE_LENGTH: "completions/mean_length",
+    K.TRUNCATION_RATE: "completions/clipped_ratio",
+    K.ENTROPY: "entropy",
+    K.ZERO_VAR_FRAC: "frac_reward_zero_std",
 }
 
 
@@ -468,26 +469,26 @@ class HarnessStepCallback(TrainerCallback):
 
     def _merge(self, step: int, passes: list[dict[str, float]]) -> dict[str, float]:
         first, last = passes[0], passes[-1]
-        entry: dict[str, float] = {"step": float(step)}
+        entry: dict[str, float] = {K.STEP: float(step)}
         for k, logs in enumerate(passes, start=1):
             for key, value in logs.items():
                 if key.startswith("harness/") and key != "harness/iteration":
-                    entry[f"it{k}/{key[len('harness/'):]}"] = value
+                    entry[K.pass_key(k, key[len("harness/"):])] = value
             if "grad_norm" in logs:
-                entry[f"it{k}/grad_norm"] = logs["grad_norm"]
+                entry[K.pass_key(k, K.PASS_GRAD_NORM)] = logs["grad_norm"]
         for native, trl_key in _FIRST_PASS_KEYS.items():
             if trl_key in first:
                 entry[native] = first[trl_key]
-        if "zero_var_frac" in entry:
-            entry["zero_var_groups"] = entry["zero_var_frac"] * self.prompts_per_step
-        entry["lr"] = last.get("learning_rate", math.nan)
-        entry["loss"] = entry.get(f"it{len(passes)}/loss", last.get("loss", math.nan))
-        entry["grad_norm"] = last.get("grad_norm", math.nan)
+        if K.ZERO_VAR_FRAC in entry:
+            entry[K.ZERO_VAR_GROUPS] = entry[K.ZERO_VAR_FRAC] * self.prompts_per_step
+        entry[K.LR] = last.get("learning_rate", math.nan)
+        entry[K.LOSS] = entry.get(K.pass_key(len(passes), K.PASS_LOSS), last.get("loss", math.nan))
+        entry[K.GRAD_NORM] = last.get("grad_norm", math.nan)
         now = time.perf_counter()
-        entry["step_time_s"] = now - self._t0
+        entry[K.STEP_TIME_S] = now - self._t0
         self._t0 = now
         if "num_tokens" in last:
-            entry["tokens"] = last["num_tokens"] - self._tokens0
+            entry[K.TOKENS] = last["num_tokens"] - self._tokens0
             self._tokens0 = last["num_tokens"]
         entry.update({f"trl/{k}": v for k, v in first.items() if not k.startswith("harness/")})
         return entry
@@ -510,23 +511,15 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
 def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
     """Train with TRL's GRPOTrainer and the harness objective; HF-format checkpoints under
     ``<output_dir>/checkpoints/checkpoint-<optimizer step>`` (each loads with ``from_pretrained``)."""
-    validate_train_config(cfg)
-    validate_trl_config(cfg)
     from datasets import Dataset
 
-    t, bk = cfg.train, cfg.backend
+    validate_trl_config(cfg)
+    problems, model_path, prompt_cfg = start_training(cfg)
+    t = cfg.train
     out_dir = Path(cfg.output_dir)
     ckpt_dir = out_dir / "checkpoints"
-    data_dir = resolve_data_dir(cfg.get("data_dir"))
-    problems = load_task(cfg.task, "train", data_dir=data_dir, seed=cfg.seed)  # errors before the model loads
-    if not problems:
-        raise ValueError(f"task {cfg.task.name!r} has no training problems")
-    model_path = resolve_model_path(cfg.model, cache_dir=cfg.get("cache_dir"))
-    prompt_cfg = prompt_config(cfg.model.get("prompt"))
-    if bk.get("threads"):
-        torch.set_num_threads(int(bk.threads))
 
-    model, tokenizer = load_model_and_tokenizer({**_plain(cfg.model), "path": model_path}, device="cpu",
+    model, tokenizer = load_model_and_tokenizer({**to_plain(cfg.model), "path": model_path}, device="cpu",
                                                 cache_dir=cfg.get("cache_dir"))
     dataset = Dataset.from_list([
         {"prompt": render_prompt(tokenizer, p["problem"], prompt_cfg), "answer": str(p["answer"]),
@@ -545,14 +538,14 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
     callback = HarnessStepCallback(int(t.num_iterations), t.rollout_batch_size // t.num_generations, history, on_step,
                                    minis_per_pass=t.rollout_batch_size // mini_batch_size(t))
     trainer = HarnessGRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
-                                 processing_class=tokenizer, callbacks=[callback], loss_kwargs=_loss_kwargs(cfg))
+                                 processing_class=tokenizer, callbacks=[callback], loss_kwargs=loss_kwargs(cfg))
     # With the progress bar off, transformers prints every log dict (~60 keys a step here): keep the run quiet,
     # the metrics reach on_step, the history and trainer_state.json anyway.
     trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train_history.json").write_text(json.dumps(history))
+    (out_dir / K.HISTORY_FILE).write_text(json.dumps(history))
     checkpoints = _checkpoints(ckpt_dir)
     if not checkpoints:
         raise RuntimeError(f"TRL saved no checkpoint under {ckpt_dir}")

@@ -66,24 +66,26 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from harness import keys as K
 from harness.backends import StepCallback, TrainResult
+from harness.backends.common import mini_batch_size, start_training, validate_train_config
+from harness.config import REPO_ROOT, to_plain
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PLUGIN_MODULE = "harness.verl_plugin"
 METRICS_FILE = "verl_metrics.jsonl"
 LOG_FILE = "verl.log"
 DATA_SOURCE_PREFIX = "harness/"
-_HISTORY_KEYS = {  # native key <- verl metric
-    "reward": "critic/score/mean",
-    "response_length": "response_length/mean",
-    "truncation_rate": "response_length/clip_ratio",
-    "entropy": "actor/entropy",
-    "loss": "actor/pg_loss",
-    "grad_norm": "actor/grad_norm",
-    "lr": "actor/lr",
-    "step_time_s": "timing_s/step",
-    "abs_ratio_dev": "actor/harness/abs_ratio_dev",
-    "gate_weight": "actor/harness/gate_weight",
+_HISTORY_KEYS = {  # history key <- verl metric
+    K.REWARD: "critic/score/mean",
+    K.RESPONSE_LENGTH: "response_length/mean",
+    K.TRUNCATION_RATE: "response_length/clip_ratio",
+    K.ENTROPY: "actor/entropy",
+    K.LOSS: "actor/pg_loss",
+    K.GRAD_NORM: "actor/grad_norm",
+    K.LR: "actor/lr",
+    K.STEP_TIME_S: "timing_s/step",
+    K.ABS_RATIO_DEV: f"actor/harness/{K.ABS_RATIO_DEV}",
+    K.GATE_WEIGHT: f"actor/harness/{K.GATE_WEIGHT}",
 }
 
 
@@ -118,14 +120,6 @@ def _hydra_quoted(text: str) -> str:
     return "'" + text.replace("'", "\\'") + "'"
 
 
-def _plain(node: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(node, DictConfig | ListConfig):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
-
-
 def loss_env(cfg: Any) -> dict[str, str]:
     """Environment variables that carry what verl's config cannot (read by :mod:`harness.verl_plugin`)."""
     from harness.gates import known_gates
@@ -152,7 +146,6 @@ def verl_overrides(
     no model, no verl import). ``model_path`` defaults to ``cfg.model.path`` (else the preset name),
     ``train_file`` to ``<output_dir>/verl_data/train.parquet``, ``max_prompt_length`` to
     ``backend.max_prompt_length`` (else 512). ``backend.extra_overrides`` are appended last (they win)."""
-    from harness.backends.native import mini_batch_size
     from harness.verl_plugin import loss_name
 
     t, g, bk = cfg.train, cfg.gate, cfg.backend
@@ -240,7 +233,7 @@ def verl_overrides(
         ("+reward.custom_reward_function.reward_kwargs.format_weight", float(r.format_weight)),
         ("+reward.custom_reward_function.reward_kwargs.accuracy_weight", float(r.accuracy_weight)),
     ]
-    extras = list(_plain(r.extra) or [])
+    extras = list(to_plain(r.extra) or [])
     if extras:
         o += [("+reward.custom_reward_function.reward_kwargs.extra_paths", [str(e["path"]) for e in extras]),
               ("+reward.custom_reward_function.reward_kwargs.extra_weights", [float(e["weight"]) for e in extras])]
@@ -269,7 +262,7 @@ def verl_overrides(
     overrides = [f"{key}={_hydra_value(value)}" for key, value in o]
     # Ray wants strings in env_vars: always quote, so Hydra never turns "20.0" or "true" into a number or bool.
     overrides += [f"+ray_kwargs.ray_init.runtime_env.env_vars.{k}={_hydra_quoted(v)}" for k, v in sorted(env.items())]
-    return overrides + [str(x) for x in (_plain(bk.get("extra_overrides")) or [])]
+    return overrides + [str(x) for x in (to_plain(bk.get("extra_overrides")) or [])]
 
 
 # ----------------------------------------------------------------------------- data
@@ -314,7 +307,7 @@ def max_prompt_tokens(tokenizer: Any, problems: Sequence[Mapping[str, Any]], pro
 def history_entry(step: int, data: Mapping[str, Any]) -> dict[str, float]:
     """One verl file-logger record as a harness history entry: native keys where verl has them,
     every numeric verl metric as ``verl/<name>``."""
-    entry: dict[str, float] = {"step": float(step)}
+    entry: dict[str, float] = {K.STEP: float(step)}
     numeric = {k: float(v) for k, v in data.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     for native, key in _HISTORY_KEYS.items():
         if key in numeric:
@@ -381,22 +374,13 @@ def launch_env(cfg: Any) -> dict[str, str]:
 def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
     """Write the data, start ``<backend.python> -m verl.trainer.main_ppo <overrides>``, stream its metrics
     into ``on_step``, and return the HF checkpoints it saved."""
-    from harness.backends.native import validate_train_config
-    from harness.data import load_task, resolve_data_dir
-    from harness.models import resolve_model_path
-    from harness.prompts import prompt_config
-
     validate_train_config(cfg)
     verl_overrides(cfg)  # config errors before anything is written
     bk = cfg.backend
     python = resolve_python(str(bk.python))
     out_dir = Path(str(cfg.output_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
-    problems = load_task(cfg.task, "train", data_dir=resolve_data_dir(cfg.get("data_dir")), seed=cfg.seed)
-    if not problems:
-        raise ValueError(f"task {cfg.task.name!r} has no training problems")
-    model_path = resolve_model_path(cfg.model, cache_dir=cfg.get("cache_dir"))
-    prompt_cfg = prompt_config(cfg.model.get("prompt"))
+    problems, model_path, prompt_cfg = start_training(cfg)
     prompt_len = bk.get("max_prompt_length")
     if not prompt_len:
         from transformers import AutoTokenizer
@@ -413,7 +397,7 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
     if metrics_path.exists():
         metrics_path.unlink()  # verl truncates it anyway; a stale file must not be read as this run's steps
     history: list[dict[str, float]] = []
-    previous = out_dir / "train_history.json"
+    previous = out_dir / K.HISTORY_FILE
     if cfg.get("resume") and previous.exists():
         history = json.loads(previous.read_text())  # steps before the resumed checkpoint
     offset = 0
@@ -439,7 +423,7 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         except BaseException:
             _stop(proc)
             raise
-    (out_dir / "train_history.json").write_text(json.dumps(history))
+    (out_dir / K.HISTORY_FILE).write_text(json.dumps(history))
     checkpoints = hf_checkpoints(out_dir / "checkpoints")
     if rc != 0 or not checkpoints:
         tail = (out_dir / LOG_FILE).read_text(errors="replace")[-4000:]

@@ -5,21 +5,17 @@ from hydra.core.config_store import ConfigStore
 from hydra.plugins.sweeper import Sweeper
 
 from harness.sweep import GateSweeperConf, GateSweeperImpl
+from harness.tuning.settings import TuneSweeperConf
+from harness.tuning.sweeper import TuneSweeperImpl
 
 
 class GateSweeper(GateSweeperImpl, Sweeper):
     """Every gate × τ × seed cell; see :mod:`harness.sweep`."""
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="harness_gates", node=GateSweeperConf, provider="harness")
-
-
-# --- Optuna temperature tuning (harness tune) ---
-from harness.tuning import TuneSweeperConf, TuneSweeperImpl  # noqa: E402
-
-
 class TuneSweeper(TuneSweeperImpl, Sweeper):
     """Optuna ask/tell over τ, one study per gate; see :mod:`harness.tuning`."""
 
 
+ConfigStore.instance().store(group="hydra/sweeper", name="harness_gates", node=GateSweeperConf, provider="harness")
 ConfigStore.instance().store(group="hydra/sweeper", name="harness_tune", node=TuneSweeperConf, provider="harness")

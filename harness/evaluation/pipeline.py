@@ -1,0 +1,342 @@
+"""Evaluate a checkpoint on math benchmarks: ``evaluate(...)`` and the ``harness eval`` task.
+
+Pipeline (everything that can fail on bad input fails before the first token is generated):
+
+1. :func:`validate_eval_config` resolves the ``eval`` node into :class:`EvalSettings` (per-benchmark ``k``, max new
+   tokens, limit, prompt template) and checks benchmark names, ``k >= 1``, ``temperature >= 0``, the engine, the
+   local data files and, for ``vllm``, that its Python executable can import vLLM.
+2. :func:`evaluate` checks the model path, loads every benchmark (``harness.data.load_task``), renders every prompt
+   with the ONE prompt builder (``harness.prompts.render_prompt`` with the model's ``prompt`` node, optionally a
+   per-benchmark template) and checks the prompts fit the model's context.
+3. One engine (:mod:`harness.evaluation.engines`: ``hf``, ``vllm``, ``lm_eval``) generates ``k`` completions per
+   prompt for all benchmarks at once.
+4. ``harness.scoring.score_batch`` judges every sample (default fallbacks); per-benchmark metrics: mean accuracy
+   over the k samples (the pass@1 estimate), strict accuracy (``<answer>`` tag only), unbiased pass@k (Chen et al.
+   2021), format compliance, truncation rate, mean response tokens, and seeded 95% bootstrap CIs over problems.
+5. Files in ``out_dir``: ``samples/<benchmark>.jsonl`` (one record per sample) and ``summary.json``.
+
+``summary["benchmarks"][name]`` holds flat numbers only (:mod:`harness.tracking` logs every number as
+``eval/<benchmark>/<metric>``, :func:`harness.keys.eval_key`; MLflow metric names cannot contain ``@``, hence
+``pass_at_16``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from harness.data import load_task
+from harness.evaluation.engines import Completion, GenJob, LmEvalEngine, Sampling, VllmEngine, make_engine
+from harness.evaluation.settings import BenchSpec, EvalSettings, validate_eval_config
+from harness.prompts import PromptConfig, prompt_config, render_prompt
+from harness.scoring import has_format, score_batch
+from harness.stats import bootstrap_ci, pass_at_k
+
+logger = logging.getLogger(__name__)
+
+
+def benchmark_metrics(
+    records: Sequence[Mapping[str, Any]],
+    k: int,
+    *,
+    pass_k: Sequence[int] | None = None,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Metrics of one benchmark from its per-sample records (``problem_id``, ``correct``, ``strict_correct``,
+    ``format_ok``, ``num_tokens``, ``finish_reason``); every problem has ``k`` records."""
+    by_problem: dict[str, list[Mapping[str, Any]]] = {}
+    for r in records:
+        by_problem.setdefault(r["problem_id"], []).append(r)
+    n_problems = len(by_problem)
+    groups = list(by_problem.values())
+    acc_p = [sum(r["correct"] for r in g) / len(g) for g in groups]
+    strict_p = [sum(r["strict_correct"] for r in g) / len(g) for g in groups]
+    ks = sorted({1, k, *(pass_k or ())} & set(range(1, k + 1)))
+    n_samples = len(records)
+    out: dict[str, Any] = {
+        "n_problems": n_problems,
+        "k": k,
+        "n_samples": n_samples,
+        "acc": _mean(acc_p),
+        "strict_acc": _mean(strict_p),
+        "format_rate": _mean([float(r["format_ok"]) for r in records]),
+        "truncation_rate": _mean([float(r["finish_reason"] == "length") for r in records]),
+        "mean_tokens": _mean([float(r["num_tokens"]) for r in records]),
+    }
+    for name, per in (("acc", acc_p), ("strict_acc", strict_p)):
+        lo, hi = bootstrap_ci(per, n_boot=n_boot, level=level, seed=seed)
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = lo, hi
+    for kk in ks:
+        per = [pass_at_k(len(g), sum(bool(r["correct"]) for r in g), kk) for g in groups]
+        out[f"pass_at_{kk}"] = _mean(per)
+        if kk > 1:
+            lo, hi = bootstrap_ci(per, n_boot=n_boot, level=level, seed=seed)
+            out[f"pass_at_{kk}_ci_low"], out[f"pass_at_{kk}_ci_high"] = lo, hi
+    for rule in ("answer", "boxed", "last_number", "none"):
+        out[f"fallback_{rule}_rate"] = _mean([float(r["fallback"] == rule) for r in records])
+    return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
+
+
+def check_model_path(model_path: str) -> str:
+    """``model_path`` if it is an existing model directory or a hub id; ``ValueError`` otherwise."""
+    from harness.models import resolve_model_path
+
+    if not model_path:
+        raise ValueError("model path is empty")
+    return resolve_model_path({"name": "hf", "path": str(model_path)})
+
+
+def model_context_len(model_path: str) -> int | None:
+    """The model's maximum context (``max_position_embeddings`` of its text config), or None when it has none."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+@dataclass
+class PreparedBenchmark:
+    """One benchmark ready to generate: its problems, rendered prompts and generation job."""
+
+    spec: BenchSpec
+    problems: list[dict[str, str]]
+    prompts: list[str]
+    prompt_tokens: list[int]
+    job: GenJob
+    note: str | None = None
+
+
+def prepare_benchmarks(
+    settings: EvalSettings,
+    tokenizer: Any,
+    *,
+    prompt_cfg: PromptConfig,
+    data_dir: str | Path | None = None,
+    seed: int = 0,
+    context_len: int | None = None,
+) -> list[PreparedBenchmark]:
+    """Load every benchmark and render its prompts; ``ValueError`` on missing data or prompts that do not fit.
+
+    When the longest prompt plus ``max_new_tokens`` exceeds ``context_len``, max new tokens is capped (with a note
+    in the summary): past the context vLLM stops while HF would extrapolate, so the engines would disagree.
+    """
+
+    prepared = []
+    for spec in settings.benchmarks:
+        # seed=0 for the data: arith problems must not change with the run seed (every cell sees the same test set).
+        problems = load_task(spec.name, "test", data_dir=data_dir, limit=spec.limit, seed=0)
+        if not problems:
+            raise ValueError(f"benchmark {spec.name!r} has no problems (limit={spec.limit})")
+        pcfg = prompt_cfg if spec.template is None else replace(prompt_cfg, template=spec.template)
+        prompts = [render_prompt(tokenizer, p["problem"], pcfg) for p in problems]
+        lengths = [len(x) for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        max_new, note = spec.max_new_tokens, None
+        if context_len is not None:
+            too_long = sum(n >= context_len for n in lengths)
+            if too_long:
+                raise ValueError(
+                    f"benchmark {spec.name!r}: {too_long} prompt(s) do not fit the model's context "
+                    f"({max(lengths)} >= {context_len} tokens); use a model with a longer context"
+                )
+            if max(lengths) + max_new > context_len:
+                max_new = context_len - max(lengths)
+                note = f"max_new_tokens capped {spec.max_new_tokens} -> {max_new} by the context ({context_len})"
+                logger.warning("benchmark %s: %s", spec.name, note)
+        sampling = Sampling(settings.temperature, settings.top_p, max_new, seed)
+        job = GenJob(prompts, spec.k, sampling, name=spec.name, docs=problems, max_prompt_tokens=max(lengths))
+        prepared.append(PreparedBenchmark(spec, problems, prompts, lengths, job, note))
+    return prepared
+
+
+def score_benchmark(
+    prep: PreparedBenchmark,
+    completions: Sequence[Sequence[Completion]],
+    settings: EvalSettings,
+    *,
+    seed: int = 0,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Judge every sample of one benchmark; returns ``(metrics, per-sample records)``."""
+
+    flat = [
+        (p, prompt, j, c)
+        for p, prompt, cs in zip(prep.problems, prep.prompts, completions, strict=True)
+        for j, c in enumerate(cs)
+    ]
+    t0 = time.perf_counter()
+    scores = score_batch(
+        [c.text for *_, c in flat],
+        [p["answer"] for p, *_ in flat],
+        fallbacks=settings.fallbacks,
+        timeout_s=settings.score_timeout_s,
+        workers=settings.score_workers,
+    )
+    score_seconds = time.perf_counter() - t0
+    records = []
+    for (p, prompt, j, c), s in zip(flat, scores, strict=True):
+        records.append({
+            "benchmark": prep.spec.name,
+            "problem_id": p["id"],
+            "sample_index": j,
+            "prompt": prompt,
+            "response": c.text,
+            "gold": p["answer"],
+            "extracted": s.extracted,
+            "correct": bool(s.correct),
+            # The "answer" rule always wins when an <answer> span exists (harness.scoring.extract_answer), so the
+            # strict verdict (fallbacks=()) is the default verdict restricted to that rule: no second scoring pass.
+            "strict_correct": bool(s.correct and s.fallback == "answer"),
+            "fallback": s.fallback,
+            "format_ok": has_format(c.text),
+            "num_tokens": c.num_tokens,
+            "finish_reason": c.finish_reason,
+        })
+    metrics = benchmark_metrics(
+        records, prep.spec.k, pass_k=settings.pass_k, n_boot=settings.bootstrap, level=settings.ci, seed=seed
+    )
+    metrics.update({
+        "max_new_tokens": prep.job.sampling.max_new_tokens,
+        "generated_tokens": sum(r["num_tokens"] for r in records),
+        "score_seconds": score_seconds,
+        "verdicts_per_s": len(records) / max(score_seconds, 1e-9),
+    })
+    return metrics, records
+
+
+def evaluate(
+    model_path: str,
+    eval_cfg: Any,
+    *,
+    prompt_cfg: PromptConfig | Mapping[str, Any] | None = None,
+    data_dir: str | Path | None = None,
+    out_dir: str | Path,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Evaluate ``model_path`` on the benchmarks of ``eval_cfg``; writes samples and ``summary.json`` to
+    ``out_dir`` and returns the summary (``{"benchmarks": {name: {metric: number}}, "mean_accuracy", ...}``).
+
+    ``eval_cfg``: the ``eval`` node (mapping / DictConfig, merged over ``conf/eval/default.yaml``'s values) or
+    :class:`EvalSettings`. ``prompt_cfg``: the model's prompt node (``PromptConfig`` or mapping; None = defaults).
+    ``seed`` seeds sampling and the bootstrap. All validation happens before any generation.
+    """
+    t_start = time.perf_counter()
+    settings = eval_cfg if isinstance(eval_cfg, EvalSettings) else validate_eval_config(eval_cfg, data_dir=data_dir)
+    model_path = check_model_path(model_path)
+    from transformers import AutoTokenizer  # after the cheap checks: importing torch takes seconds
+    base_prompt = prompt_cfg if isinstance(prompt_cfg, PromptConfig) else prompt_config(prompt_cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    context = model_context_len(model_path)
+    if settings.engine == "vllm" and settings.vllm["max_model_len"]:
+        context = min(context or 10**9, int(settings.vllm["max_model_len"]))
+    prepared = prepare_benchmarks(
+        settings, tokenizer, prompt_cfg=base_prompt, data_dir=data_dir, seed=seed, context_len=context
+    )
+
+    engine = make_engine(settings, model_path, tokenizer=tokenizer, work_dir=out, context_len=context)
+    t_gen = time.perf_counter()
+    try:
+        completions = engine.generate_many([p.job for p in prepared])
+    finally:
+        engine.close()
+    gen_seconds = time.perf_counter() - t_gen
+
+    summary: dict[str, Any] = {
+        "model_path": model_path,
+        "engine": settings.engine,
+        "seed": seed,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "fallbacks": list(settings.fallbacks),
+        "out_dir": str(out),
+        "benchmarks": {},
+        "notes": {p.spec.name: p.note for p in prepared if p.note},
+        "generate_seconds": gen_seconds,
+    }
+    if isinstance(engine, VllmEngine):
+        summary["vllm"] = engine.last_run
+    for prep, comps in zip(prepared, completions, strict=True):
+        metrics, records = score_benchmark(prep, comps, settings, seed=seed)
+        if isinstance(engine, LmEvalEngine):
+            metrics.update(_lm_eval_crosscheck(engine, prep.spec.name, records))
+        summary["benchmarks"][prep.spec.name] = metrics
+        if settings.save_samples:
+            write_jsonl(out / "samples" / f"{prep.spec.name}.jsonl", records)
+    summary["mean_accuracy"] = _mean([m["acc"] for m in summary["benchmarks"].values()])
+    summary["generated_tokens"] = sum(m["generated_tokens"] for m in summary["benchmarks"].values())
+    summary["tokens_per_s"] = summary["generated_tokens"] / max(gen_seconds, 1e-9)
+    summary["total_seconds"] = time.perf_counter() - t_start
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def write_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+    """One JSON object per line (UTF-8, not ASCII-escaped)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def _lm_eval_crosscheck(engine: LmEvalEngine, name: str, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """lm-eval's own metrics for the task, and the fraction of problems where lm-eval's per-doc accuracy (its
+    ``process_results`` on its responses) equals ours on the same responses: the two must judge alike."""
+    task = f"harness_{name}"
+    out = {f"lm_eval_{k}": v for k, v in engine.last_metrics.get(task, {}).items()
+           if k in ("acc", "strict_acc", "format_rate", "pass_at_k")}
+    per_doc = engine.last_per_doc.get(task, [])
+    ours = _per_problem(records, "correct")
+    if per_doc and len(per_doc) == len(ours):
+        out["lm_eval_agreement"] = _mean([float(abs(d.get("acc", -1.0) - a) < 1e-9)
+                                          for d, a in zip(per_doc, ours, strict=True)])
+    return out
+
+
+def _per_problem(records: Sequence[Mapping[str, Any]], key: str) -> list[float]:
+    by: dict[str, list[float]] = {}
+    for r in records:
+        by.setdefault(r["problem_id"], []).append(float(r[key]))
+    return [sum(v) / len(v) for v in by.values()]
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """A small text table of the headline numbers."""
+    lines = [f"{'benchmark':10s} {'n':>5s} {'k':>3s} {'acc':>7s} {'95% CI':>17s} {'strict':>7s} {'pass@k':>7s} "
+             f"{'format':>7s} {'trunc':>6s} {'tokens':>7s}"]
+    for name, m in summary["benchmarks"].items():
+        pass_k = m[f"pass_at_{m['k']}"]
+        lines.append(
+            f"{name:10s} {m['n_problems']:5d} {m['k']:3d} {m['acc']:7.4f} "
+            f"[{m['acc_ci_low']:.4f}, {m['acc_ci_high']:.4f}] {m['strict_acc']:7.4f} {pass_k:7.4f} "
+            f"{m['format_rate']:7.4f} {m['truncation_rate']:6.3f} {m['mean_tokens']:7.1f}"
+        )
+    return "\n".join(lines)
+
+
+def eval_task(cfg: Any) -> None:
+    """``harness eval``: evaluate the configured model (``conf/evaluate.yaml``) and print the headline table."""
+    from harness.models import model_prompt_config, resolve_model_path
+
+    out_dir = Path(cfg.output_dir)
+    settings = validate_eval_config(cfg.eval, data_dir=cfg.get("data_dir"))
+    model_path = resolve_model_path(cfg.model, cache_dir=cfg.get("cache_dir"))
+    summary = evaluate(model_path, settings, prompt_cfg=model_prompt_config(cfg.model), data_dir=cfg.get("data_dir"),
+                       out_dir=out_dir, seed=int(cfg.seed))
+    print(format_summary(summary))
+    print(f"results: {out_dir / 'summary.json'}")

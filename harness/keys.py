@@ -1,0 +1,170 @@
+"""The metric contract: every metric, tag and artifact name that crosses a module boundary, in one place.
+
+How a number travels from training into the report::
+
+    backend (native / trl / verl)            one dict per rollout batch, history keys: "reward", "it2/gate_weight"
+        │  on_step(step, metrics)            (pass_key builds the per-pass names; trl/verl map theirs onto these)
+        ▼
+    harness.cell.run_tracked                 the cell's own files first: train_history.json, cell_summary.json
+        │  harness.tracking.RunLogger        prefixes: train_key("reward") = "train/reward",
+        ▼                                    eval_key("arith", "acc") = "eval/arith/acc"
+    MLflow run (one per cell)                metrics + tags (TAG_*) + artifacts (samples_artifact(bench))
+        │  harness.reporting.data            reads them back through an explicit MlflowClient, by the same
+        ▼                                    functions, and records every key it asked for
+    report sections (harness.reporting)      tables, figures, report.json
+
+A producer and a consumer never spell a name twice: both call the functions here, and
+``tests/test_keys.py`` runs a real cell and checks that every key the report reads was produced.
+"""
+
+from __future__ import annotations
+
+import re
+
+# ----------------------------------------------------------------------------------------------------- history
+
+STEP = "step"  # the 1-based rollout-batch index in every history entry (the MLflow step, never a metric)
+
+# Step-level metrics every backend reports (as far as it can: TRL and verl map their own names onto these).
+REWARD = "reward"
+REWARD_STD = "reward_std"
+REWARD_FORMAT = "reward_format"
+REWARD_ACCURACY = "reward_accuracy"
+RESPONSE_LENGTH = "response_length"
+TRUNCATION_RATE = "truncation_rate"
+ENTROPY = "entropy"
+TRAINED_FRAC = "trained_frac"
+ZERO_VAR_GROUPS = "zero_var_groups"
+ZERO_VAR_FRAC = "zero_var_frac"
+LR = "lr"
+LOSS = "loss"
+GRAD_NORM = "grad_norm"
+STEP_TIME_S = "step_time_s"
+TOKENS = "tokens"
+
+# Per-pass diagnostics of harness.objective.policy_loss, over unmasked tokens; each also with the suffixes
+# SIGN_SUFFIXES (tokens with A > 0 / A <= 0).
+RATIO_STD = "ratio_std"
+ABS_RATIO_DEV = "abs_ratio_dev"  # mean |r - 1|
+GATE_WEIGHT = "gate_weight"  # mean gradient weight w(r)
+FRAC_W_LT_HALF = "frac_w_lt_0.5"
+RATIO_STATS = ("ratio_mean", RATIO_STD, "ratio_min", "ratio_max", "ratio_p05", "ratio_p95", ABS_RATIO_DEV,
+               GATE_WEIGHT, FRAC_W_LT_HALF, "frac_w_lt_0.1")
+DIAG_TOKENS = "tokens"
+CLIP_FRAC = "clip_frac"  # clip only: fraction of tokens whose gradient the clip removes
+KL = "kl"
+SIGN_SUFFIXES = ("", "_pos", "_neg")
+PASS_LOSS = "loss"
+PASS_GRAD_NORM = "grad_norm"
+
+_PASS_KEY = re.compile(r"it(\d+)/(.+)")
+
+
+def pass_key(pass_index: int, stat: str) -> str:
+    """History key of a diagnostic of the ``pass_index``-th (1-based) pass over a rollout batch: ``it2/gate_weight``."""
+    if pass_index < 1:
+        raise ValueError(f"pass_index must be >= 1, got {pass_index}")
+    return f"it{pass_index}/{stat}"
+
+
+def parse_pass_key(key: str) -> tuple[int, str] | None:
+    """``"it2/gate_weight"`` -> ``(2, "gate_weight")``; None for any other key (also a ``train/`` prefixed one)."""
+    m = _PASS_KEY.fullmatch(key)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+# ------------------------------------------------------------------------------------------------------ MLflow
+
+TRAIN = "train"
+EVAL = "eval"
+EVAL_INITIAL = "eval_initial"  # the starting checkpoint, evaluated by the same settings
+MEAN_ACCURACY = "mean_accuracy"
+TRAIN_TIME_S = "train_time_s"
+EVAL_TIME_S = "eval_time_s"
+TUNE_OBJECTIVE = "tune/objective"
+
+
+def train_key(stat: str, pass_index: int | None = None) -> str:
+    """MLflow name of a training metric: ``train/reward``, or ``train/it2/gate_weight`` with ``pass_index``."""
+    return f"{TRAIN}/{stat if pass_index is None else pass_key(pass_index, stat)}"
+
+
+def eval_key(bench: str, metric: str, prefix: str = EVAL) -> str:
+    """MLflow name of an evaluation metric: ``eval/<benchmark>/<metric>`` (``eval_initial/...`` for the start)."""
+    return f"{prefix}/{bench}/{metric}"
+
+
+def mean_accuracy_key(prefix: str = EVAL) -> str:
+    """``eval/mean_accuracy``: the mean over benchmarks of their accuracy."""
+    return f"{prefix}/{MEAN_ACCURACY}"
+
+
+def parse_eval_key(key: str, prefix: str = EVAL) -> tuple[str, str] | None:
+    """``"eval/arith/acc"`` -> ``("arith", "acc")``; None for anything else (``eval/mean_accuracy`` included)."""
+    parts = key.split("/")
+    return (parts[1], parts[2]) if len(parts) == 3 and parts[0] == prefix else None
+
+
+def sweep_key(stat: str) -> str:
+    """Parent-run metric of a sweep: ``sweep/finished``, ``sweep/failed``, ..."""
+    return f"sweep/{stat}"
+
+
+def tune_key(gate: str, stat: str) -> str:
+    """Parent-run metric of a tuning driver: ``tune/<gate>/best_value``."""
+    return f"tune/{gate}/{stat}"
+
+
+# Evaluation metrics per benchmark that consumers read by name (the evaluator writes more: pass_at_k, ...).
+ACC = "acc"
+ACC_CI_LOW = "acc_ci_low"
+ACC_CI_HIGH = "acc_ci_high"
+N_PROBLEMS = "n_problems"
+
+# Tags of a cell run.
+TAG_GATE = "gate"
+TAG_TAU_POS = "tau_pos"
+TAG_TAU_NEG = "tau_neg"
+TAG_EPS_LOW = "eps_low"
+TAG_EPS_HIGH = "eps_high"
+TAG_WIDTH = "width"
+TAG_SEED = "seed"
+TAG_BACKEND = "backend"
+TAG_MODEL = "model"
+TAG_TASK = "task"
+TAG_GIT_COMMIT = "git_commit"
+TAG_CONFIG_HASH = "config_hash"  # cells with one hash compute the same thing; a FINISHED one is never rerun
+TAG_FAILURE_REASON = "failure_reason"
+TAG_SUPERSEDED_BY = "superseded_by"  # a RUNNING run a kill left behind, continued by this run id
+TAG_RUN_NAME = "mlflow.runName"
+# Tags of tuning trials and parent runs.
+TAG_STUDY = "study"
+TAG_TRIAL = "trial"
+TAG_OPTUNA_STATE = "optuna_state"
+TAG_PRUNED_AT_STEP = "pruned_at_step"
+TAG_OPTUNA_STORAGE = "optuna_storage"
+TAG_SWEEP = "sweep"  # set on every parent run (sweep or tuning driver): its sweep name
+TAG_CELLS = "cells"
+TAG_REPORT = "harness.report"  # the run that holds a report when the experiment has no parent run
+
+# Artifacts of a cell run.
+CONFIG_ARTIFACT = "config.yaml"
+HISTORY_FILE = "train_history.json"
+SUMMARY_FILE = "cell_summary.json"
+REPORT_ARTIFACT_DIR = "report"
+
+
+def samples_artifact(bench: str, prefix: str = EVAL) -> str:
+    """Per-sample records of one benchmark in a cell run's artifacts: ``eval/samples/<benchmark>.jsonl``."""
+    return f"{prefix}/samples/{bench}.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+# Config keys that say where things are or how they are shown, not what is computed: left out of the config hash
+# (so moving a store or a cache reruns nothing) and out of the parameters that tell two configurations apart.
+HASH_IGNORED = ("output_dir", "cells_dir", "resume", "cache_dir", "data_dir", "tracking", "backend.progress",
+                "backend.threads", "sweep_name", "sweep", "tune")
+# Flattened config parameters (MLflow params) a group of seeds pools over: HASH_IGNORED plus the seed.
+GROUP_IGNORED_PREFIXES = ("output_dir", "resume", "cache_dir", "data_dir", "tracking.", "backend.progress",
+                          "backend.threads", "sweep", "sweep_name", "tune.", "cells_dir", "seed")

@@ -1,0 +1,136 @@
+"""The comparison report of an MLflow experiment: ``harness report EXPERIMENT`` and :func:`write_report`.
+
+:mod:`~harness.reporting.data` reads the experiment (explicit client), :mod:`~harness.reporting.sections` and
+:mod:`~harness.reporting.tuning_section` build one section each, :mod:`~harness.reporting.figures` draws and
+:mod:`~harness.reporting.render` writes HTML and Markdown. ``reports/README.md`` says how each number is computed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness import keys as K
+from harness.config import slug
+from harness.reporting import sections as S
+from harness.reporting.data import ExperimentData, load_experiment
+from harness.reporting.figures import plot_gate_shapes
+from harness.reporting.render import Section, render_html, render_markdown
+from harness.reporting.tuning_section import optuna_section
+from harness.tracking import mask_url
+
+__all__ = ["SECTIONS", "build_sections", "main", "plot_gate_shapes", "write_report"]
+
+log = logging.getLogger(__name__)
+
+# In the order they are built (the verdict is then shown first, above the overview).
+SECTIONS: tuple[Callable[[ExperimentData, dict[str, Any]], Section], ...] = (
+    S.overview, S.verdict, S.gate_shapes, S.training_curves, S.accuracy_table, S.paired, S.tau_sensitivity,
+)
+
+
+def report_tracking_uri(uri: str | None) -> str:
+    """The store to report on: ``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def build_sections(data: ExperimentData, record: dict[str, Any], optuna_storage: str | None = None) -> list[Section]:
+    """Every section, verdict first; a section that raises becomes a note (one broken section must not cost the
+    others)."""
+    builders: list[Callable[[ExperimentData, dict[str, Any]], Section]] = [
+        *SECTIONS, lambda d, r: optuna_section(d, r, optuna_storage)]
+    names = [*(b.__name__ for b in SECTIONS), "optuna_section"]
+    out = []
+    for build, name in zip(builders, names, strict=True):
+        try:
+            out.append(build(data, record))
+        except Exception as exc:
+            log.exception("report section %s failed", name)
+            out.append(Section(name.replace("_", " "), notes=[f"This section failed: {type(exc).__name__}: {exc}"]))
+    out[0], out[1] = out[1], out[0]
+    return out
+
+
+def write_report(experiment: str, *, tracking_uri: str | None = None, out_dir: str | Path | None = None,
+                 optuna_storage: str | None = None, log_to_mlflow: bool = True) -> Path:
+    """Write ``report.html`` (self-contained), ``report.md`` with its PNG figures, and ``report.json`` (every number
+    at full precision) for an MLflow experiment to ``out_dir`` (default ``reports/<experiment>/`` under the working
+    directory), log them to the experiment's newest parent run (or a new run named ``report``), and return the
+    HTML path. Missing pieces (no evaluation, one seed, no Optuna study) become notes, never errors."""
+    uri = report_tracking_uri(tracking_uri)
+    out = Path(out_dir) if out_dir is not None else Path.cwd() / "reports" / slug(experiment)
+    with tempfile.TemporaryDirectory(prefix="harness-report-") as work:
+        data = load_experiment(experiment, uri, Path(work))
+        out.mkdir(parents=True, exist_ok=True)
+        for old in out.glob("fig_*.png"):  # figures of a previous report that this one may not redraw
+            old.unlink()
+        record: dict[str, Any] = {"experiment": data.name, "tracking_uri": data.tracking_uri,
+                                  "benchmarks": data.benchmarks}
+        sections = build_sections(data, record, optuna_storage)
+    title = f"Gate comparison report: {experiment}"
+    meta = (f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from MLflow {mask_url(data.tracking_uri)}, experiment "
+            f"id {data.experiment_id}; every number is read from MLflow (metrics, histories, per-sample artifacts) "
+            "or the Optuna study.")
+    for sec in sections:
+        for f in sec.figures:
+            (out / f.name).write_bytes(f.png)
+    html_path = out / "report.html"
+    html_path.write_text(render_html(title, sections, meta), encoding="utf-8")
+    (out / "report.md").write_text(render_markdown(title, sections, meta), encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(record, indent=2, default=_json_default), encoding="utf-8")
+    if log_to_mlflow:
+        _log_report(data, out)
+    return html_path
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return str(obj)
+
+
+def _log_report(data: ExperimentData, out: Path) -> str:
+    """Log the report files to the newest parent (sweep/tune) run, or to a new run named ``report``."""
+    client = data.client
+    parents = data.runs[data.runs[f"tags.{K.TAG_SWEEP}"].notna()]
+    if not parents.empty:
+        run_id = str(parents.sort_values("start_time", ascending=False).iloc[0]["run_id"])
+    else:
+        run_id = client.create_run(data.experiment_id, run_name="report", tags={K.TAG_REPORT: "true"}).info.run_id
+        client.set_terminated(run_id, "FINISHED")
+    for p in (p for p in out.iterdir() if p.suffix in (".html", ".md", ".json", ".png")):
+        client.log_artifact(run_id, str(p), artifact_path=K.REPORT_ARTIFACT_DIR)
+    return run_id
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``harness report EXPERIMENT [--tracking-uri URI] [--out DIR] [--optuna-storage URL] [--no-log]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="harness report",
+                                     description="Write the gate-comparison report of an MLflow experiment.")
+    parser.add_argument("experiment", help="MLflow experiment name (tracking.experiment of the sweep or tuning)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the cwd)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: reports/<experiment>/)")
+    parser.add_argument("--optuna-storage", default=None,
+                        help="Optuna storage of the experiment's studies (default: the URL tagged on the tuning run)")
+    parser.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
+    args = parser.parse_args(argv)
+    try:
+        path = write_report(args.experiment, tracking_uri=args.tracking_uri, out_dir=args.out,
+                            optuna_storage=args.optuna_storage, log_to_mlflow=not args.no_log)
+    except ValueError as exc:
+        print(f"harness report: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0

@@ -1,0 +1,267 @@
+"""What a report reads: the runs of one MLflow experiment, through an explicit ``MlflowClient``.
+
+A *cell* is the latest FINISHED run of one config hash; a *group* is the cells that differ only in the seed (gate ×
+τ × everything else), which is what tables and curves aggregate over. Every metric a section reads goes through
+:meth:`ExperimentData.metric_column` or :meth:`ExperimentData.history` by a name built with :mod:`harness.keys`, and
+is recorded in :attr:`ExperimentData.keys_read` (``tests/test_keys.py`` checks those against a real cell).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness import keys as K
+from harness.stats import per_problem_correct, seed_interval
+
+GATE_ORDER = ("sigmoid", "erf", "arctan", "softsign", "clip")
+
+
+def float_or_none(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+@dataclass
+class Group:
+    """The cells (one per seed) of one configuration."""
+
+    key: str
+    label: str
+    gate: str
+    tau_pos: float | None
+    tau_neg: float | None
+    eps: tuple[float, float] | None
+    runs: pd.DataFrame  # one row per seed (latest FINISHED run of each config hash)
+
+    @property
+    def run_ids(self) -> list[str]:
+        return list(self.runs["run_id"])
+
+    @property
+    def seeds(self) -> list[str]:
+        return [str(s) for s in self.runs.get(f"tags.{K.TAG_SEED}", pd.Series(dtype=str)).tolist()]
+
+    @property
+    def smooth(self) -> bool:
+        return self.gate != "clip"
+
+
+def runs_frame(runs: Sequence[Any]) -> pd.DataFrame:
+    """MLflow runs as one row each: ``run_id``, ``status``, ``start_time`` and ``metrics.<key>`` (latest value),
+    ``params.<key>``, ``tags.<key>`` columns (the layout of ``mlflow.search_runs``)."""
+    rows = []
+    for r in runs:
+        row: dict[str, Any] = {"run_id": r.info.run_id, "status": r.info.status,
+                               "start_time": pd.to_datetime(r.info.start_time, unit="ms", utc=True),
+                               "artifact_uri": r.info.artifact_uri}
+        row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
+        row.update({f"params.{k}": v for k, v in r.data.params.items()})
+        row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
+        rows.append(row)
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["run_id", "status", "start_time"])
+
+
+def group_params(row: pd.Series) -> dict[str, str]:
+    return {k[len("params."):]: v for k, v in row.items()
+            if k.startswith("params.") and isinstance(v, str)
+            and not k[len("params."):].startswith(K.GROUP_IGNORED_PREFIXES)}
+
+
+def group_cells(cells: pd.DataFrame) -> list[Group]:
+    """Cells that differ only in the seed form one group; labels name the gate and τ (or ε), plus any other
+    parameter that tells two groups with the same gate and τ apart."""
+    by_key: dict[str, list[int]] = {}
+    params: dict[str, dict[str, str]] = {}
+    for i, row in cells.iterrows():
+        p = group_params(row)
+        key = json.dumps(p, sort_keys=True) if p else str(row.get(f"tags.{K.TAG_CONFIG_HASH}"))
+        by_key.setdefault(key, []).append(i)
+        params[key] = p
+    groups = []
+    for key, idx in by_key.items():
+        rows = cells.loc[idx]
+        first = rows.iloc[0]
+        gate = str(first.get(f"tags.{K.TAG_GATE}") or "?")
+        tp, tn = float_or_none(first.get(f"tags.{K.TAG_TAU_POS}")), float_or_none(first.get(f"tags.{K.TAG_TAU_NEG}"))
+        el, eh = float_or_none(first.get(f"tags.{K.TAG_EPS_LOW}")), float_or_none(first.get(f"tags.{K.TAG_EPS_HIGH}"))
+        eps = (el, eh) if el is not None and eh is not None else None
+        if gate == "clip":
+            label = f"clip ε={el:g}/{eh:g}" if eps else "clip"
+        else:
+            label = f"{gate.split(':')[-1]} τ={tp:.3g}/{tn:.3g}" if tp is not None and tn is not None else gate
+        groups.append(Group(key, label, gate, tp, tn, eps,
+                            rows.sort_values(f"tags.{K.TAG_SEED}").reset_index(drop=True)))
+    # Disambiguate equal labels by the parameters that differ between those groups.
+    by_label: dict[str, list[Group]] = {}
+    for g in groups:
+        by_label.setdefault(g.label, []).append(g)
+    for same in by_label.values():
+        if len(same) < 2:
+            continue
+        keys = sorted({k for g in same for k in params[g.key]})
+        differing = [k for k in keys if len({params[g.key].get(k) for g in same}) > 1]
+        for g in same:
+            g.label += " (" + ", ".join(f"{k}={params[g.key].get(k)}" for k in differing[:3]) + ")"
+    order = {name: i for i, name in enumerate(GATE_ORDER)}
+    return sorted(groups, key=lambda g: (order.get(g.gate, 99), g.gate, g.tau_pos or 0.0, g.tau_neg or 0.0, g.label))
+
+
+@dataclass
+class ExperimentData:
+    """One experiment's runs, cells and groups, and the reads of everything else a section needs."""
+
+    name: str
+    experiment_id: str
+    tracking_uri: str
+    client: Any  # mlflow.tracking.MlflowClient
+    runs: pd.DataFrame  # every run of the experiment but report holders
+    cells: pd.DataFrame  # latest FINISHED run per config hash
+    groups: list[Group]
+    benchmarks: list[str]
+    work: Path  # where artifacts are downloaded to
+    keys_read: set[str] = field(default_factory=set)
+    acc: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (group key, bench) -> accuracy
+    _samples: dict[tuple[str, str], list[dict[str, Any]] | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for g in self.groups:
+            for b in self.benchmarks:
+                row = self.group_accuracy(g, b)
+                if row is not None:
+                    self.acc[(g.key, b)] = row
+
+    # -- reads ---------------------------------------------------------------------------------------------------
+
+    def metric_column(self, frame: pd.DataFrame, key: str) -> pd.Series | None:
+        """The latest logged value of metric ``key`` per run of ``frame`` (None when no run has it)."""
+        self.keys_read.add(key)
+        col = f"metrics.{key}"
+        return frame[col] if col in frame.columns else None
+
+    def history(self, run_id: str, key: str) -> pd.Series:
+        """Metric ``key`` of one run by step (the last value logged at each step)."""
+        self.keys_read.add(key)
+        try:
+            hist = self.client.get_metric_history(run_id, key)
+        except Exception:
+            return pd.Series(dtype=float)
+        if not hist:
+            return pd.Series(dtype=float)
+        s = pd.Series({m.step: m.value for m in sorted(hist, key=lambda m: (m.step, m.timestamp))}, dtype=float)
+        return s[~s.index.duplicated(keep="last")]
+
+    def last_pass(self, row: pd.Series) -> int:
+        """k of the last optimizer pass over a rollout batch that has ratio metrics (``train/it{k}/ratio_std``)."""
+        ks = []
+        for col in row.index:
+            parsed = K.parse_pass_key(col[len("metrics.train/"):]) if col.startswith("metrics.train/") else None
+            if parsed is not None and parsed[1] == K.RATIO_STD and pd.notna(row[col]):
+                ks.append(parsed[0])
+        return max(ks, default=1)
+
+    def samples(self, run_id: str, bench: str) -> list[dict[str, Any]] | None:
+        """Per-sample records of one run on one benchmark (the logged JSONL artifact), or None."""
+        key = (run_id, bench)
+        if key not in self._samples:
+            try:
+                # MLflow draws a progress bar per download; one per file is noise in a sweep's log.
+                with contextlib.redirect_stderr(io.StringIO()):
+                    path = self.client.download_artifacts(run_id, K.samples_artifact(bench), str(self.work / run_id))
+                with open(path, encoding="utf-8") as fh:
+                    self._samples[key] = [json.loads(line) for line in fh if line.strip()]
+            except Exception:  # no artifact (save_samples=false, or an old run): the caller notes it
+                self._samples[key] = None
+        return self._samples[key]
+
+    def group_problems(self, group: Group, bench: str) -> dict[str, float] | None:
+        """Per-problem accuracy of a group on a benchmark, pooling the k samples of every seed."""
+        records: list[dict[str, Any]] = []
+        for run_id in group.run_ids:
+            r = self.samples(run_id, bench)
+            if r is None:
+                return None
+            records += r
+        return per_problem_correct(records)
+
+    # -- derived -------------------------------------------------------------------------------------------------
+
+    def group_accuracy(self, group: Group, bench: str, level: float = 0.95) -> dict[str, Any] | None:
+        """Accuracy of a group on a benchmark with its 95% CI (:func:`harness.stats.seed_interval`)."""
+        acc_col = self.metric_column(group.runs, K.eval_key(bench, K.ACC))
+        if acc_col is None:
+            return None
+        rows = group.runs[acc_col.notna()]
+        if rows.empty:
+            return None
+
+        def column(metric: str) -> list[float]:
+            col = self.metric_column(rows, K.eval_key(bench, metric))
+            return [math.nan] * len(rows) if col is None else col.astype(float).tolist()
+
+        n_problems = self.metric_column(rows, K.eval_key(bench, K.N_PROBLEMS))
+        out: dict[str, Any] = {"group": group.label, "gate": group.gate, "tau_pos": group.tau_pos,
+                               "tau_neg": group.tau_neg, "benchmark": bench, "n_seeds": len(rows),
+                               "run_ids": list(rows["run_id"]),
+                               "n_problems": None if n_problems is None else float_or_none(n_problems.iloc[0])}
+        out.update(seed_interval(column(K.ACC), column(K.ACC_CI_LOW), column(K.ACC_CI_HIGH), level=level))
+        return out
+
+    def best(self, bench: str, groups: Sequence[Group] | None = None) -> Group | None:
+        cands = [g for g in (groups if groups is not None else self.groups) if (g.key, bench) in self.acc]
+        return max(cands, key=lambda g: self.acc[(g.key, bench)]["acc"]) if cands else None
+
+    def score(self, g: Group) -> float:
+        """How good a group is overall: mean accuracy over benchmarks, else the final training reward."""
+        accs = [self.acc[(g.key, b)]["acc"] for b in self.benchmarks if (g.key, b) in self.acc]
+        if accs:
+            return float(sum(accs) / len(accs))
+        r = self.metric_column(g.runs, K.train_key(K.REWARD))
+        return float(r.mean()) if r is not None and r.notna().any() else float("-inf")
+
+
+def load_experiment(experiment: str, tracking_uri: str, work: Path) -> ExperimentData:
+    """Every run of ``experiment`` and its cells grouped by configuration (``ValueError`` if it does not exist)."""
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).exists():
+        raise ValueError(f"no MLflow store at {tracking_uri} (pass --tracking-uri)")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise ValueError(f"MLflow experiment {experiment!r} not found at {tracking_uri}; experiments: "
+                         f"{', '.join(names)}")
+    found, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
+        found += list(page)
+        token = page.token
+        if not token:
+            break
+    runs = runs_frame(found)
+    for tag in (K.TAG_CONFIG_HASH, K.TAG_GATE, K.TAG_REPORT, K.TAG_SWEEP, K.TAG_STUDY):
+        if f"tags.{tag}" not in runs.columns:
+            runs[f"tags.{tag}"] = None
+    runs = runs[runs[f"tags.{K.TAG_REPORT}"].isna()]
+    cells = runs[runs[f"tags.{K.TAG_CONFIG_HASH}"].notna() & (runs["status"] == "FINISHED")]
+    cells = cells.sort_values("start_time", ascending=False).drop_duplicates(f"tags.{K.TAG_CONFIG_HASH}")
+    cells = cells.sort_values([f"tags.{K.TAG_GATE}", "start_time"]).reset_index(drop=True)
+    benches = set()
+    for col in cells.columns:
+        parsed = K.parse_eval_key(col[len("metrics."):]) if col.startswith("metrics.") else None
+        if parsed is not None and parsed[1] == K.ACC and cells[col].notna().any():
+            benches.add(parsed[0])
+    return ExperimentData(experiment, exp.experiment_id, tracking_uri, client, runs.reset_index(drop=True), cells,
+                          group_cells(cells), sorted(benches), work)
