@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import re
 import sys
 import time
@@ -22,8 +23,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness import keys as K
 from harness.backends import StepCallback, get_backend
+from harness.config import to_plain
 
 TAU_MODES = ("tied", "separate")
+ROLES = ("cell", "baseline")
+BASELINE_GATE = "base"  # the gate tag of a baseline run: the starting checkpoint, no RL
+# What a baseline evaluation depends on: the model and how it is evaluated (not the gate, the RL recipe or the seed).
+BASELINE_KEYS = ("model", "eval")
+
+
+def is_baseline(cfg: DictConfig) -> bool:
+    return cfg.get("role", "cell") == "baseline"
 
 
 # ------------------------------------------------------------------------------------------------ identity
@@ -31,9 +41,12 @@ TAU_MODES = ("tied", "separate")
 
 def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
     """A stable 16-hex-digit hash of the resolved config without the keys in :data:`harness.keys.HASH_IGNORED`:
-    two cells with one hash compute the same thing."""
-    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    data = {k: v for k, v in data.items() if k != "hydra"}
+    two cells with one hash compute the same thing. A baseline's hash covers only :data:`BASELINE_KEYS`, so every
+    sweep of one model and evaluation shares one baseline run."""
+    if cfg.get("role", "cell") == "baseline":
+        data = {"role": "baseline", **{k: to_plain(cfg.get(k)) for k in BASELINE_KEYS}}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    data = {k: v for k, v in dict(to_plain(cfg, missing_ok=True)).items() if k != "hydra"}
     for key in K.HASH_IGNORED:
         node, *rest = key.split(".")
         if not rest:
@@ -46,6 +59,8 @@ def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
 
 def cell_name(cfg: DictConfig) -> str:
     """``erf-t4-4.2-s0`` / ``clip-e0.2-0.2-s0``: gate, its temperatures (or clip range) and the seed."""
+    if is_baseline(cfg):
+        return f"{BASELINE_GATE}-{cfg.model.name}"
     g = cfg.gate
     gate = str(g.name).split(":")[-1]
     if g.name == "clip":
@@ -63,13 +78,13 @@ def cell_tags(cfg: DictConfig, chash: str) -> dict[str, str]:
     """The tags of a cell's MLflow run (the names are :mod:`harness.keys`' ``TAG_*``)."""
     from harness.tracking import git_commit
 
-    smooth = cfg.gate.name != "clip"
+    smooth = cfg.gate.name != "clip" and not is_baseline(cfg)
     return {
-        K.TAG_GATE: str(cfg.gate.name),
+        K.TAG_GATE: BASELINE_GATE if is_baseline(cfg) else str(cfg.gate.name),
         K.TAG_TAU_POS: str(cfg.gate.tau_pos) if smooth else "",
         K.TAG_TAU_NEG: str(cfg.gate.tau_neg) if smooth else "",
-        K.TAG_EPS_LOW: "" if smooth else str(cfg.gate.eps_low),
-        K.TAG_EPS_HIGH: "" if smooth else str(cfg.gate.eps_high),
+        K.TAG_EPS_LOW: "" if smooth or is_baseline(cfg) else str(cfg.gate.eps_low),
+        K.TAG_EPS_HIGH: "" if smooth or is_baseline(cfg) else str(cfg.gate.eps_high),
         K.TAG_WIDTH: str(cfg.gate.width),
         K.TAG_SEED: str(cfg.seed),
         K.TAG_BACKEND: str(cfg.backend.name),
@@ -113,12 +128,18 @@ def gate_overrides(gate: str) -> list[str]:
 
 
 def cell_overrides(gates: Sequence[str], taus: Sequence[float], seeds: Sequence[int], *, tau_mode: str = "tied",
-                   tau_neg_scale: float = 1.05, tau_neg: Sequence[float] = ()) -> list[list[str]]:
+                   tau_neg_scale: float = 1.05, tau_neg: Sequence[float] = (),
+                   tau_pairs: Sequence[Sequence[float]] = ()) -> list[list[str]]:
     """The override list of every cell of a gate × τ × seed grid. ``clip`` ignores τ, so it gets one cell per
-    seed; ``tau_mode=tied`` pairs τ_pos with :func:`tied_tau_neg`, ``separate`` crosses τ_pos with ``tau_neg``."""
+    seed; ``tau_mode=tied`` pairs τ_pos with :func:`tied_tau_neg`, ``separate`` crosses τ_pos with ``tau_neg``;
+    explicit ``tau_pairs`` ([[τ_pos, τ_neg], ...]) replace the τ grid."""
+    pairs_given = [tuple(float(v) for v in p) for p in tau_pairs]
+    if any(len(p) != 2 or min(p) <= 0 for p in pairs_given):
+        raise ValueError(f"hydra.sweeper.tau_pairs must be [[tau_pos, tau_neg], ...] of numbers > 0, got "
+                         f"{[list(p) for p in tau_pairs]}")
     if tau_mode not in TAU_MODES:
         raise ValueError(f"hydra.sweeper.tau_mode must be one of {', '.join(TAU_MODES)}, got {tau_mode!r}")
-    if tau_mode == "separate" and not tau_neg:
+    if tau_mode == "separate" and not tau_neg and not pairs_given:
         raise ValueError("hydra.sweeper.tau_mode=separate needs a hydra.sweeper.tau_neg grid")
     if not gates or not seeds:
         raise ValueError("hydra.sweeper.gates and hydra.sweeper.seeds must not be empty")
@@ -128,9 +149,11 @@ def cell_overrides(gates: Sequence[str], taus: Sequence[float], seeds: Sequence[
         if gate == "clip":
             cells.append(base)
             continue
-        if not taus:
-            raise ValueError("hydra.sweeper.taus must not be empty when a smooth gate is swept")
-        if tau_mode == "tied":
+        if pairs_given:
+            pairs = pairs_given
+        elif not taus:
+            raise ValueError("hydra.sweeper.taus (or tau_pairs) must not be empty when a smooth gate is swept")
+        elif tau_mode == "tied":
             pairs = [(t, tied_tau_neg(t, tau_neg_scale)) for t in taus]
         else:
             pairs = list(itertools.product(taus, tau_neg))
@@ -147,6 +170,8 @@ def validate_cell(cfg: DictConfig) -> None:
     from harness.data import load_task
     from harness.models import check_model_config
 
+    if cfg.get("role", "cell") not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {cfg.get('role')!r}")
     get_backend(cfg.backend.name)
     validate_train_config(cfg)
     check_model_config(cfg.model)
@@ -186,6 +211,26 @@ def run_cell(cfg: DictConfig, on_step: StepCallback | None = None) -> dict[str, 
             summary[K.EVAL_INITIAL] = evaluate(result.initial_checkpoint, out_dir / K.EVAL_INITIAL)
             summary["gain"] = training_gain(out_dir / K.EVAL, out_dir / K.EVAL_INITIAL)
         summary[K.EVAL_TIME_S] = time.perf_counter() - t1
+    (out_dir / K.SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def run_baseline(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate the starting checkpoint (the embedded model is built if needed) with the cell's evaluation settings;
+    the summary has the shape of :func:`run_cell`'s, without training."""
+    from harness.models import resolve_model_path
+
+    evaluate = _evaluator(cfg)
+    if evaluate is None:
+        raise ValueError("role=baseline evaluates the starting checkpoint, but eval.enabled=false")
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / K.CONFIG_ARTIFACT).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    model_path = resolve_model_path(cfg.model, cache_dir=cfg.get("cache_dir"))
+    t0 = time.perf_counter()
+    summary: dict[str, Any] = {"final_checkpoint": model_path, "initial_checkpoint": model_path, K.TRAIN: {},
+                               K.EVAL: evaluate(model_path, out_dir / K.EVAL)}
+    summary[K.EVAL_TIME_S] = time.perf_counter() - t0
     (out_dir / K.SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -253,17 +298,26 @@ def run_tracked(cfg: DictConfig, store: Any, *, run_name: str | None = None, par
             if on_step is not None:
                 on_step(step_index, metrics)
 
-        summary = run_cell(cfg, on_step=step)
+        summary = run_baseline(cfg) if is_baseline(cfg) else run_cell(cfg, on_step=step)
         run.log_cell(summary, Path(cfg.output_dir))
         if after is not None:
             after(run, summary)
     return run.run_id, summary
 
 
+def process_rank() -> int:
+    """This process's rank in a multi-process launch (``accelerate launch``/``torchrun`` set ``RANK``), else 0."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
 def run_task(cfg: DictConfig) -> None:
     """``harness run``: one cell, logged to MLflow unless ``tracking.enabled=false`` (a single run is never
-    skipped), its summary printed."""
+    skipped), its summary printed. Launched on several GPUs (``accelerate launch -m harness.cli run
+    backend=trl ...``), every rank trains and only rank 0 evaluates and logs."""
     validate_cell(cfg)
+    if process_rank() != 0:
+        get_backend(cfg.backend.name)(cfg, None)
+        return
     if not cfg.tracking.get("enabled", True):
         summary = run_cell(cfg)
     else:

@@ -52,6 +52,7 @@ RATIO_STATS = ("ratio_mean", RATIO_STD, "ratio_min", "ratio_max", "ratio_p05", "
                GATE_WEIGHT, FRAC_W_LT_HALF, "frac_w_lt_0.1")
 DIAG_TOKENS = "tokens"
 CLIP_FRAC = "clip_frac"  # clip only: fraction of tokens whose gradient the clip removes
+EUR = "eur"  # Effective Update Ratio (arXiv 2602.19345 eq. 12): per-prompt-group token mean of w, mean over groups
 KL = "kl"
 SIGN_SUFFIXES = ("", "_pos", "_neg")
 PASS_LOSS = "loss"

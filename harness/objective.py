@@ -23,6 +23,15 @@ Aggregation over the (B, T) mask M:
 * ``seq-mean-token-sum-norm`` (Dr. GRPO): :math:`\sum_{it} M_{it}\ell_{it} / (B \cdot L)` with a
   constant L (``norm_length``, default T).
 
+Diagnostics include the paper's Effective Update Ratio (arXiv 2602.19345 v2, eq. 12): with prompt groups b
+(the G completions of one prompt) and the gradient weight :math:`w = f'(r)` (for ``clip`` the indicator of the
+unclipped branch),
+
+.. math::  \mathrm{EUR} = \frac{1}{B}\sum_b \frac{\sum_{j \in b}\sum_t M_{jt}\, w_{jt}}{\sum_{j \in b}\sum_t M_{jt}}
+
+a token mean within each group, then a mean over the B groups with tokens. Without ``groups`` it is the token mean
+of w over the batch. For clip, EUR = 1 − clip fraction.
+
 Because every smooth gate has :math:`f_\tau(1) = 1`, at r = 1 every gate's loss equals the GRPO
 surrogate :math:`-A`: logged losses are comparable across gates (SAPO's own
 :math:`\frac{4}{\tau}\sigma(\tau(r-1))` differs by the constant :math:`(1 - 2/\tau)A`).
@@ -38,7 +47,7 @@ import torch
 from torch import Tensor
 
 from harness.gates import ClipGate, Gate, effective_tau, get_gate
-from harness.keys import CLIP_FRAC, DIAG_TOKENS, KL, RATIO_STATS
+from harness.keys import CLIP_FRAC, DIAG_TOKENS, EUR, KL, RATIO_STATS
 
 AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 RATIO_LEVELS = ("token", "sequence")
@@ -72,6 +81,7 @@ def policy_loss(
     kl_beta: float = 0.0,
     log_ratio_clip: float = 20.0,
     norm_length: int | None = None,
+    groups: Tensor | None = None,
     diagnostics: bool = True,
 ) -> tuple[Tensor, dict[str, float]]:
     """Gated policy-gradient loss (see the module docstring for the math).
@@ -90,11 +100,13 @@ def policy_loss(
         ref_logp, kl_beta: optional k3 KL penalty to a reference policy.
         log_ratio_clip: |log r| is clamped to this before exponentiation.
         norm_length: constant L of ``seq-mean-token-sum-norm`` (default T).
+        groups: optional (B,) integer prompt index of each row (rows of one prompt share it): the EUR diagnostic
+            is then eq. 12's group mean; without it, the token mean. Does not change the loss.
         diagnostics: compute the diagnostics dict (plain floats over masked tokens).
 
     Returns:
         ``(loss, diagnostics)``; diagnostics hold ratio statistics, mean |r − 1|, mean gate weight,
-        fractions of tokens with w < 0.5 / w < 0.1 (and ``clip_frac`` for clip), each also split by
+        fractions of tokens with w < 0.5 / w < 0.1, the EUR (and ``clip_frac`` for clip), each also split by
         advantage sign with suffixes ``_pos`` / ``_neg``, plus ``kl`` when a reference is given.
     """
     g = get_gate(gate, eps_low=eps_low, eps_high=eps_high)
@@ -133,8 +145,10 @@ def policy_loss(
     loss = aggregate(per_token, mask, agg, norm_length)
     if not diagnostics:
         return loss, {}
+    if groups is not None and tuple(groups.shape) != tuple(logp.shape[:1]):
+        raise ValueError(f"groups must have shape (B,)={tuple(logp.shape[:1])}, got {tuple(groups.shape)}")
     with torch.no_grad():
-        diag = _diagnostics(g, ratio.detach(), adv, tau, mask, pos)
+        diag = _diagnostics(g, ratio.detach(), adv, tau, mask, pos, groups)
         if kl is not None:
             diag[KL] = float(aggregate(kl.detach(), mask, "token-mean"))
     return loss, diag
@@ -207,8 +221,21 @@ def _validate(logp, old_logp, advantages, mask, ref_logp, tau_pos, tau_neg, rati
     return mask, advantages
 
 
+def effective_update_ratio(weight: Tensor, sel: Tensor, groups: Tensor | None = None) -> float:
+    """EUR (module docstring) of the tokens in the bool mask ``sel``: the per-group token mean of ``weight``
+    averaged over the groups that have selected tokens; the plain token mean when ``groups`` is None."""
+    w = torch.where(sel, weight, 0.0).double()
+    if groups is None:
+        return float(w.sum() / sel.sum())
+    _, index = torch.unique(groups.to(w.device), return_inverse=True)
+    num = torch.zeros(int(index.max()) + 1, dtype=torch.float64, device=w.device).index_add_(0, index, w.sum(-1))
+    den = torch.zeros_like(num).index_add_(0, index, sel.sum(-1).double())
+    has = den > 0
+    return float((num[has] / den[has]).mean())
+
+
 def _diagnostics(g: Gate, ratio: Tensor, adv: Tensor, tau: Tensor | None, mask: Tensor,
-                 pos: Tensor) -> dict[str, float]:
+                 pos: Tensor, groups: Tensor | None = None) -> dict[str, float]:
     weight = g.weight(ratio, adv, tau)
     clipped = g.clipped(ratio, adv) if isinstance(g, ClipGate) else None
     out: dict[str, float] = {}
@@ -227,6 +254,7 @@ def _diagnostics(g: Gate, ratio: Tensor, adv: Tensor, tau: Tensor | None, mask: 
         ]).tolist()
         out.update({f"{k}{suffix}": v for k, v in zip(RATIO_STATS, stats, strict=True)})
         out[f"{DIAG_TOKENS}{suffix}"] = float(n)
+        out[f"{EUR}{suffix}"] = effective_update_ratio(weight, sel, groups)
         if clipped is not None:
             out[f"{CLIP_FRAC}{suffix}"] = float(clipped[sel].double().mean())
     return out

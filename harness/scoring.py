@@ -50,7 +50,8 @@ from fractions import Fraction
 
 from harness.verify import judge_in_pool, judge_with_deadline
 
-__all__ = ["FALLBACKS", "Score", "extract_answer", "has_format", "score", "score_batch"]
+__all__ = ["FALLBACKS", "FORMAT_REWARDS", "Score", "extract_answer", "format_reward", "format_score", "has_format",
+           "score", "score_batch"]
 
 FALLBACKS: tuple[str, ...] = ("boxed", "last_number")
 """Allowed fallback rules, in the default order of application."""
@@ -139,6 +140,35 @@ def has_format(response: str) -> bool:
     think_end = s.index(_THINK_CLOSE) + len(_THINK_CLOSE)
     answer_start = s.index(_ANSWER_OPEN)
     return think_end <= answer_start and not s[think_end:answer_start].strip()
+
+
+FORMAT_REWARDS: tuple[str, ...] = ("graded", "binary")
+"""``train.rewards.format``: the paper's graded reward (eq. 10) or 0/1 for the exact template."""
+
+
+def format_reward(response: str) -> float:
+    """The format reward of arXiv 2602.19345 v2, eq. (10):
+
+    * 1 when the whole template ``<think> … </think> <answer> … </answer>`` is satisfied (:func:`has_format`);
+    * 0.5 when the text begins with ``<think>`` AND ends with ``</answer>`` (leading/trailing whitespace aside);
+    * 0.25 when it begins with ``<think>`` OR ends with ``</answer>``;
+    * 0 otherwise.
+    """
+    if has_format(response):
+        return 1.0
+    s = response.strip()
+    begins, ends = s.startswith(_THINK_OPEN), s.endswith(_ANSWER_CLOSE)
+    return 0.5 if begins and ends else 0.25 if begins or ends else 0.0
+
+
+def format_score(response: str, mode: str = "graded") -> float:
+    """The format reward of ``response`` in ``mode`` (:data:`FORMAT_REWARDS`): :func:`format_reward` or
+    ``float(has_format(response))``."""
+    if mode == "graded":
+        return format_reward(response)
+    if mode == "binary":
+        return float(has_format(response))
+    raise ValueError(f"train.rewards.format must be one of {', '.join(FORMAT_REWARDS)}, got {mode!r}")
 
 
 def _after_thinking(response: str) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness import tracking
-from harness.cell import TAU_MODES, cell_dir, cell_name, cell_overrides, config_hash, run_tracked
+from harness.cell import BASELINE_KEYS, TAU_MODES, cell_dir, cell_name, cell_overrides, config_hash, run_tracked
 from harness.sweeper import SweeperBase, expand_arguments, job_result
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,10 @@ class GateSweeperConf:
     tau_mode: str = "tied"  # tied: τ_neg = τ·tau_neg_scale | separate: τ_pos grid × tau_neg grid
     tau_neg_scale: float = 1.05
     tau_neg: list[float] = field(default_factory=list)  # τ_neg grid for tau_mode=separate
+    tau_pairs: list[list[float]] = field(default_factory=list)  # explicit [[τ_pos, τ_neg], ...]: replaces the grid
     seeds: list[int] = field(default_factory=lambda: [0])
     max_batch_size: int | None = None  # cells handed to the launcher at once (None: all)
+    baseline: bool = True  # also evaluate the starting checkpoint once (the report's "no RL" row)
     report: bool = True  # write reports/<experiment>/ when the sweep ends
 
 
@@ -70,9 +72,12 @@ class GateSweeperImpl(SweeperBase):
         assert self.config is not None
         p = gate_sweeper_settings(self.params)
         cells = cell_overrides(p.gates, p.taus, p.seeds, tau_mode=p.tau_mode, tau_neg_scale=p.tau_neg_scale,
-                               tau_neg=p.tau_neg)
+                               tau_neg=p.tau_neg, tau_pairs=p.tau_pairs)
         jobs = [cell + extra for cell in cells for extra in expand_arguments(arguments)]
         composed = self.compose_checked(jobs)
+        if p.baseline:
+            baselines = baseline_jobs(jobs, composed)
+            jobs, composed = baselines + jobs, self.compose_checked(baselines) + composed
         first = composed[0]
         log.info("sweep of %d cells -> MLflow experiment %r at %s", len(jobs), first.tracking.experiment,
                  tracking.tracking_uri(first.tracking))
@@ -93,6 +98,21 @@ class GateSweeperImpl(SweeperBase):
         if p.report:
             self.write_report(first)
         return returns
+
+
+def baseline_jobs(jobs: Sequence[list[str]], composed: Sequence[DictConfig]) -> list[list[str]]:
+    """One ``role=baseline`` job per distinct (model, evaluation) among the cells that evaluate: the starting
+    checkpoint, evaluated once per sweep whatever the gates, temperatures and seeds."""
+    out, seen = [], set()
+    for job, cfg in zip(jobs, composed, strict=True):
+        if not cfg.eval.get("enabled", True):
+            continue
+        key = json.dumps({k: OmegaConf.to_container(cfg[k], resolve=True) for k in BASELINE_KEYS}, sort_keys=True,
+                         default=str)
+        if key not in seen:
+            seen.add(key)
+            out.append([*job, "role=baseline"])
+    return out
 
 
 def summarize(results: Sequence[dict[str, Any]], seconds: float) -> dict[str, Any]:

@@ -50,7 +50,7 @@ fallback ``VERL_USE_EXTERNAL_MODULES=harness.verl_plugin``, which verl imports l
 
 The reward: :func:`compute_score` (``reward.custom_reward_function.path=pkg://harness.verl_plugin``,
 ``name=compute_score``) is the native backend's reward,
-format_weight·[has_format] + accuracy_weight·[answer correct] (+ extra reward functions), judged by
+format_weight·format + accuracy_weight·[answer correct] (+ extra reward functions), judged by
 :mod:`harness.scoring`.
 """
 
@@ -226,22 +226,23 @@ def compute_score(
     *,
     format_weight: float = 1.0,
     accuracy_weight: float = 1.0,
+    format_mode: str = "graded",
     extra_paths: Sequence[str] = (),
     extra_weights: Sequence[float] = (),
     **_: Any,
 ) -> dict[str, float]:
     """verl custom reward: the native backend's reward for one response.
 
-    score = format_weight·[has_format(response)] + accuracy_weight·[<answer> equals the gold]
+    score = format_weight·format_score(response, format_mode) + accuracy_weight·[<answer> equals the gold]
     + Σ_k extra_weights[k]·extra_k([response], [gold], [problem])[0], with the accuracy judged by
     :func:`harness.scoring.score` without fallbacks (the answer must be in the <answer> span), as in
     training on the native backend. Returns verl's dict form: ``score`` plus ``format`` and
     ``accuracy`` (logged by verl as reward extra info).
     """
     from harness.backends.common import load_reward
-    from harness.scoring import has_format, score
+    from harness.scoring import format_score, score
 
-    fmt = float(has_format(solution_str))
+    fmt = format_score(solution_str, format_mode)
     acc = float(score(solution_str, str(ground_truth), fallbacks=()).correct)
     total = float(format_weight) * fmt + float(accuracy_weight) * acc
     if len(extra_paths) != len(extra_weights):

@@ -57,3 +57,17 @@ def STEP(x: Tensor) -> Tensor:
 def NOT_ELEMENTWISE(x: Tensor) -> Tensor:
     """Maps a tensor to a scalar: must be rejected."""
     return x.sum()
+
+
+def SLOW_TAIL(x: Tensor) -> Tensor:
+    """F' = (1+|x|)^(−0.9): continuous, max 1 at 0, decreasing, F' → 0, but F'(x)·x ~ x^0.1 → ∞: fails (iv) only
+    (the paper's (iv) asks the gradient contribution w·r to vanish, not only w)."""
+    def h(t: Tensor) -> Tensor:  # ∫_0^t (1+s)^(-0.9) ds for t >= 0
+        return ((1.0 + t) ** 0.1 - 1.0) / 0.1
+
+    # Branches rather than sign(x)·h(|x|): autograd gives sign and |x| a zero derivative at 0, so F'(0) would read 0.
+    return torch.where(x >= 0, h(x.clamp(min=0.0)), -h((-x).clamp(min=0.0)))
+
+
+def d_SLOW_TAIL(x: Tensor) -> Tensor:
+    return (1.0 + x.abs()) ** -0.9

@@ -167,16 +167,20 @@ def test_paper_preset_maps_onto_grpo_config():
     from trl import GRPOConfig
 
     cfg = compose(["backend=trl", "train=paper", "backend.device=cpu", "output_dir=/tmp/unused"])
-    kw = grpo_config_kwargs(cfg, "/tmp/unused", world_size=1)
+    # The paper's 8 GPUs (Table 2): per-device batch 1, 16 accumulation steps, 128 completions per optimizer step.
+    kw = grpo_config_kwargs(cfg, "/tmp/unused", world_size=8)
     assert kw["num_generations"] == 8 and kw["max_completion_length"] == 512
     assert kw["per_device_train_batch_size"] == 1 and kw["gradient_accumulation_steps"] == 16
     assert kw["steps_per_generation"] == 16 and kw["num_iterations"] == 2
     assert kw["loss_type"] == "grpo"  # seq-mean-token-mean, SAPO's aggregation
-    assert kw["max_steps"] == 500 * 2 and kw["use_cpu"] and not kw["bf16"] and not kw["use_vllm"]
-    args = GRPOConfig(**{**kw, "reward_weights": [1.0, 1.0]})
-    assert args.generation_batch_size == 16 and args.generation_batch_size % args.num_generations == 0
-    # two processes: accumulation halves, the rollout batch stays 16
-    assert grpo_config_kwargs(cfg, "/tmp/unused", world_size=2)["gradient_accumulation_steps"] == 8
+    assert kw["max_steps"] == 5000 and kw["use_cpu"] and not kw["bf16"] and not kw["use_vllm"]
+    assert (kw["learning_rate"], kw["warmup_steps"], kw["lr_scheduler_type"]) == (1e-6, 0, "linear")
+    assert (kw["adam_beta1"], kw["adam_beta2"], kw["adam_epsilon"], kw["epsilon"]) == (0.9, 0.999, 1e-8, 0.2)
+    # one process: the same 128-completion batch, accumulated over 128 micro-batches of 1
+    one = grpo_config_kwargs(cfg, "/tmp/unused", world_size=1)
+    assert one["gradient_accumulation_steps"] == one["steps_per_generation"] == 128 and one["max_steps"] == 5000
+    args = GRPOConfig(**{**one, "reward_weights": [1.0, 1.0]})
+    assert args.generation_batch_size == 128 and args.generation_batch_size % args.num_generations == 0
 
 
 def test_config_errors_name_the_key():
@@ -224,8 +228,9 @@ def test_trl_trains_tiny_model_on_cpu(trl_run):
     assert [h["step"] for h in result.history] == [1.0, 2.0, 3.0]
     for h in result.history:
         for key in ("reward", "reward_format", "reward_accuracy", "response_length", "entropy", "loss", "grad_norm",
-                    "lr", "it1/abs_ratio_dev", "it2/abs_ratio_dev", "it2/gate_weight", "it2/ratio_p95"):
+                    "lr", "it1/abs_ratio_dev", "it2/abs_ratio_dev", "it2/gate_weight", "it2/ratio_p95", "it2/eur"):
             assert key in h and math.isfinite(h[key]), key
+        assert h["it1/eur"] == 1.0 and 0.0 < h["it2/eur"] <= 1.0  # EUR by prompt group (eq. 12)
         # first pass on-policy (TRL passes no old log-probs: r == 1 exactly); the second is off-policy unless
         # every group had equal rewards (zero gradient, and Adam's first step with zero moments moves nothing)
         assert h["it1/abs_ratio_dev"] == 0.0

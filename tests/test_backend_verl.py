@@ -29,22 +29,28 @@ from tests.conftest import REPO, compose
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 # The built-in gates' loss names (other tests in the session may register more gates in this process).
-EXPECTED = sorted(["harness_sigmoid", "harness_erf", "harness_arctan", "harness_softsign", "harness_clip",
-                   "harness_custom"])
+EXPECTED = sorted(["harness_sigmoid", "harness_erf", "harness_arctan", "harness_softsign", "harness_softsign_abs",
+                   "harness_clip", "harness_custom"])
 VERL_PYTHON = Path(os.environ.get("HARNESS_VERL_PYTHON", REPO / ".venv-verl" / "bin" / "python"))
 UPDATE = os.environ.get("HARNESS_UPDATE_SNAPSHOTS") == "1"
 
 
 def _paper_cfg(*extra: str):
+    """The paper preset on verl, whose FSDP optimizer has no linear schedule: cosine (also decaying to 0) instead."""
     from omegaconf import open_dict
 
-    cfg = compose(["backend=verl", "train=paper", *extra])
+    cfg = compose(["backend=verl", "train=paper", "train.lr_schedule=cosine", *extra])
     with open_dict(cfg):
         cfg.output_dir = "/runs/paper"
     return cfg
 
 
 # ----------------------------------------------------------------------------- pure (main environment)
+
+
+def test_linear_schedule_is_refused_with_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"train\.lr_schedule='linear' is not supported by verl.*constant, cosine"):
+        verl_overrides(_paper_cfg("train.lr_schedule=linear"))
 
 
 def test_paper_overrides_snapshot():
@@ -77,7 +83,11 @@ def test_overrides_carry_the_recipe():
     assert ov[f"{arr}.actor.loss_agg_mode"] == "seq-mean-token-mean"
     assert ov[f"{arr}.actor.policy_loss.loss_mode"] == "harness_erf"
     assert ov[f"{arr}.actor.tau_pos"] == "2.0" and ov[f"{arr}.actor.tau_neg"] == "1.05"
-    assert ov["data.train_batch_size"] == ov[f"{arr}.actor.ppo_mini_batch_size"] == "2"  # 16 rollouts / 8
+    assert ov["data.train_batch_size"] == ov[f"{arr}.actor.ppo_mini_batch_size"] == "16"  # 128 rollouts / 8
+    assert ov[f"{arr}.actor.optim.override_optimizer_config"] == "{eps:1e-08}"
+    assert ov[f"{arr}.actor.optim.betas"] == "[0.9,0.999]" and ov[f"{arr}.actor.optim.lr_warmup_steps"] == "0"
+    assert ov["+reward.custom_reward_function.reward_kwargs.format_mode"] == "graded"
+    assert ov["trainer.total_training_steps"] == "2500"  # x ppo_epochs 2 = the paper's 5,000 optimizer steps
     assert ov[f"{arr}.actor.ppo_micro_batch_size_per_gpu"] == "1"
     assert ov["reward.custom_reward_function.path"] == "'pkg://harness.verl_plugin'"
     assert ov["+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES"] == "'harness.verl_plugin'"
@@ -318,7 +328,7 @@ def test_verl_config_accepts_the_overrides(probe: dict):
     assert c["loss_agg_mode"] == "seq-mean-token-mean" and c["response_length"] == 512
     assert (c["tau_pos"], c["tau_neg"]) == (1.0, 1.05)
     assert c["reward_fn"] == ["pkg://harness.verl_plugin", "compute_score"]
-    assert c["reward_kwargs"] == {"format_weight": 0.5, "accuracy_weight": 1.0}
+    assert c["reward_kwargs"] == {"format_weight": 0.5, "accuracy_weight": 1.0, "format_mode": "graded"}
     assert c["env_vars"]["VERL_USE_EXTERNAL_MODULES"] == "harness.verl_plugin"
     assert c["actor_dataclass"] == "FSDPActorConfig"
     assert probe["reward"] == {"score": 1.5, "format": 1.0, "accuracy": 1.0}

@@ -12,7 +12,7 @@ import pytest
 from harness.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-KNOWN = ("sigmoid", "erf", "arctan", "softsign", "clip")
+KNOWN = ("sigmoid", "erf", "arctan", "softsign", "softsign_abs", "clip")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

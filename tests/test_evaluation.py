@@ -257,3 +257,18 @@ def test_lm_eval_utils_process_results():
     assert res["format_rate"] == pytest.approx(1 / 3) and res["pass_at_k"] == 1.0
     assert mod.keep_all([["a", "b"], ["c", "d"]], [{}, {}]) == [["a", "b"], ["c", "d"]]
     assert "2+3?" in mod.doc_to_text(doc)
+
+
+def test_aime24_and_aime25_pool_into_one_aime_benchmark():
+    """The paper's AIME column: both years' records as one 60-problem benchmark; the mean accuracy of the run
+    counts each year once, not the pooled column again."""
+    settings = E.validate_eval_config({"benchmarks": ["aime24", "aime25"], "k": 2, "metrics": {"bootstrap": 200}})
+    a24 = [_record(f"2024-{i}", j, (i + j) % 3 == 0) for i in range(30) for j in range(2)]
+    a25 = [_record(f"2025-{i}", j, i < 3) for i in range(30) for j in range(2)]
+    pooled = E.pooled_benchmarks({"aime24": (2, a24), "aime25": (2, a25)}, settings)
+    metrics, records = pooled["aime"]
+    assert metrics["n_problems"] == 60 and len(records) == 120
+    hand = (sum(r["correct"] for r in a24) + sum(r["correct"] for r in a25)) / 120
+    assert metrics["acc"] == pytest.approx(hand)
+    assert metrics["acc_ci_low"] < metrics["acc"] < metrics["acc_ci_high"]
+    assert E.pooled_benchmarks({"aime24": (2, a24)}, settings) == {}  # one year alone: no pooled column

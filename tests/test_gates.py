@@ -19,17 +19,19 @@ CLOSED_DF = {
     "sigmoid": SIG,
     "erf": lambda x: torch.exp(-0.5 * x**2),
     "arctan": lambda x: 1.0 / (1.0 + x**2),
-    "softsign": lambda x: 1.0 / (1.0 + x.abs()) ** 2,
+    "softsign": lambda x: (1.0 + x**2) ** -1.5,  # the paper's eq. (8): F = x/sqrt(1+x^2)
+    "softsign_abs": lambda x: 1.0 / (1.0 + x.abs()) ** 2,
 }
-# Half-widths at half maximum of F' in x, from NOTES.md ("The science").
+# Half-widths at half maximum of F' in x (../shared/PAPER.md): solve F'(h) = 1/2 by hand.
 HWHM = {
     "sigmoid": 2.0 * math.acosh(math.sqrt(2.0)),
     "erf": math.sqrt(2.0 * math.log(2.0)),
     "arctan": 1.0,
-    "softsign": math.sqrt(2.0) - 1.0,
+    "softsign": math.sqrt(2.0 ** (2.0 / 3.0) - 1.0),  # (1+h^2)^(3/2) = 2
+    "softsign_abs": math.sqrt(2.0) - 1.0,
 }
-# Integrals of F' over x (NOTES.md): F(+inf) - F(-inf).
-INTEGRAL = {"sigmoid": 4.0, "erf": math.sqrt(2.0 * math.pi), "arctan": math.pi, "softsign": 2.0}
+# Integrals of F' over x: F(+inf) - F(-inf).
+INTEGRAL = {"sigmoid": 4.0, "erf": math.sqrt(2.0 * math.pi), "arctan": math.pi, "softsign": 2.0, "softsign_abs": 2.0}
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +44,7 @@ def xs() -> torch.Tensor:
 
 
 def test_builtin_registry_is_what_the_docs_say():
-    assert G.SMOOTH_GATES == ("sigmoid", "erf", "arctan", "softsign")
+    assert G.SMOOTH_GATES == ("sigmoid", "erf", "arctan", "softsign", "softsign_abs")
     assert G.BUILTIN_GATES == (*G.SMOOTH_GATES, "clip")
     assert G.known_gates() == G.BUILTIN_GATES
 
@@ -142,7 +144,7 @@ def test_get_gate_accepts_objects_factories_and_target_mappings():
 @pytest.mark.parametrize(
     ("spec", "match"),
     [
-        ("nope", "unknown gate 'nope': known gates are sigmoid, erf, arctan, softsign, clip"),
+        ("nope", "unknown gate 'nope': known gates are sigmoid, erf, arctan, softsign, softsign_abs, clip"),
         ("Sigmoid", "known gates are"),
         ("", "gate must be a name"),
         (3, "gate must be a name"),
@@ -273,6 +275,7 @@ def test_clip_fails_continuity_and_tail_only():
         ("HALF_SLOPE", [True, False, True, True]),  # F'(0) = 1/2
         ("BUMP", [True, True, False, True]),  # F' rises again near x = 5
         ("STEP", [False, True, True, True]),  # F' jumps from 1 to 1/2 at |x| = 1
+        ("SLOW_TAIL", [True, True, True, False]),  # F' ~ x^-0.9 -> 0, but F'(x)·x ~ x^0.1 grows
     ],
 )
 def test_bad_custom_gates_fail_the_right_property(attr, expected):
@@ -289,5 +292,10 @@ def test_bad_custom_gates_fail_the_right_property(attr, expected):
         torch.testing.assert_close(gate.weight_x(x), cgm.d_BUMP(x), rtol=1e-9, atol=1e-12)
     if attr == "STEP":
         assert abs(abs(failed.worst_x) - 1.0) < 1e-3
+    if attr == "SLOW_TAIL":
+        x = torch.linspace(-10, 10, 2001, dtype=torch.float64)
+        torch.testing.assert_close(gate.weight_x(x), cgm.d_SLOW_TAIL(x), rtol=1e-9, atol=1e-12)
+        assert float(cgm.d_SLOW_TAIL(torch.tensor(1e6, dtype=torch.float64))) < 1e-5  # F' alone does vanish
+        assert "log-log slope 0.10" in failed.detail
     if attr == "HALF_SLOPE":
         assert failed.worst_x == 0.0 and "F'(0)=0.5" in failed.detail

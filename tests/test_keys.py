@@ -58,7 +58,7 @@ def test_every_key_the_report_reads_is_produced_by_a_real_cell(tmp_path, cache_d
         logged |= set(data.client.get_run(run_id).data.metrics)
     read = data.keys_read
     # The report read the curves and the accuracy it shows ...
-    for key in (K.train_key(K.REWARD), K.train_key(K.ENTROPY), K.train_key(K.GATE_WEIGHT, 2),
+    for key in (K.train_key(K.REWARD), K.train_key(K.ENTROPY), K.train_key(K.EUR, 2),
                 K.train_key(K.FRAC_W_LT_HALF, 2), K.train_key(K.CLIP_FRAC, 2), K.eval_key("arith", K.ACC),
                 K.eval_key("arith", K.ACC_CI_LOW), K.eval_key("arith", K.ACC_CI_HIGH)):
         assert key in read, key

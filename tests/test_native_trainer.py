@@ -53,11 +53,12 @@ def test_two_step_run_end_to_end(two_step_run: TrainResult):
     h = res.history[-1]
     for key in ("reward", "reward_format", "reward_accuracy", "response_length", "truncation_rate", "entropy",
                 "grad_norm", "lr", "zero_var_groups", "it1/ratio_mean", "it2/abs_ratio_dev", "it2/gate_weight",
-                "it2/frac_w_lt_0.5", "it2/ratio_p95_pos"):
+                "it2/frac_w_lt_0.5", "it2/ratio_p95_pos", "it1/eur", "it2/eur", "it2/eur_pos"):
         assert key in h and math.isfinite(h[key]), key
     # First update is on-policy (r == 1 up to float error); the second is not: the gate matters there.
     assert h["it1/abs_ratio_dev"] < 1e-5
     assert h["it2/abs_ratio_dev"] > 1e-4
+    assert h["it1/eur"] == pytest.approx(1.0, abs=1e-6) and 0.0 < h["it2/eur"] <= 1.0
 
 
 def test_second_update_is_off_policy_by_more_than_one_percent(tmp_path, cache_dir):

@@ -28,7 +28,8 @@ CLOSED = {
     "sigmoid": (lambda x: 4.0 * torch.sigmoid(x) * (1.0 - torch.sigmoid(x)), SIGMOID_HWHM),
     "erf": (lambda x: torch.exp(-0.5 * x * x), math.sqrt(2.0 * math.log(2.0))),
     "arctan": (lambda x: 1.0 / (1.0 + x * x), 1.0),
-    "softsign": (lambda x: (1.0 + x.abs()) ** -2, math.sqrt(2.0) - 1.0),
+    "softsign": (lambda x: (1.0 + x * x) ** -1.5, math.sqrt(2.0 ** (2.0 / 3.0) - 1.0)),  # the paper's eq. (8)
+    "softsign_abs": (lambda x: (1.0 + x.abs()) ** -2, math.sqrt(2.0) - 1.0),
     CUSTOM: (lambda x: (1.0 + x * x) ** -1.5, math.sqrt(2.0 ** (2.0 / 3.0) - 1.0)),
 }
 SMOOTH = list(CLOSED)
@@ -430,7 +431,7 @@ def _bad_inputs():
     adv_nan = adv.clone()
     adv_nan[0] = float("nan")
     cases = [
-        (dict(gate="nope"), r"unknown gate 'nope': known gates are sigmoid, erf, arctan, softsign, clip"),
+        (dict(gate="nope"), r"unknown gate 'nope': known gates are sigmoid, erf, arctan, softsign, softsign_abs, clip"),
         (dict(tau_pos=0.0), "tau_pos must be a finite number > 0"),
         (dict(tau_pos=-1.0), "tau_pos must be a finite number > 0"),
         (dict(tau_neg=0), "tau_neg must be a finite number > 0"),
@@ -495,6 +496,7 @@ def test_diagnostics_by_hand():
         expected[f"frac_w_lt_0.5{suffix}"] = sum(x < 0.5 for x in w) / len(w)
         expected[f"frac_w_lt_0.1{suffix}"] = sum(x < 0.1 for x in w) / len(w)
         expected[f"clip_frac{suffix}"] = 1 - sum(w) / len(w)
+        expected[f"eur{suffix}"] = sum(w) / len(w)  # no groups: the token mean of w
     assert d.keys() == expected.keys()
     for k, v in expected.items():
         assert type(d[k]) is float, k
@@ -540,3 +542,61 @@ def test_float32_matches_float64():
         assert l32.dtype == torch.float32 and g32.dtype == torch.float32
         torch.testing.assert_close(l32.double(), l64, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g32.double(), g64, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- EUR (arXiv 2602.19345 eq. 12)
+
+
+@pytest.mark.parametrize("gate", ALL_GATES)
+def test_eur_by_hand_three_prompts_four_completions(gate):
+    """3 prompts x 4 completions, ragged lengths, both advantage signs: EUR = mean over prompts of
+    (sum of f'(r) over the group's tokens) / (the group's token count), written out loop by loop."""
+    gen = torch.Generator().manual_seed(11)
+    B, T, G = 12, 6, 4
+    logp = -2.0 * torch.rand(B, T, generator=gen, dtype=F64)
+    old = logp - 0.6 * (torch.rand(B, T, generator=gen, dtype=F64) - 0.5)
+    lengths = [6, 1, 4, 3, 2, 6, 5, 1, 3, 6, 2, 4]
+    mask = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.3, -0.3, 1.2, -0.1, 0.7, -0.9], dtype=F64)
+    groups = torch.arange(B) // G
+    _, diag = policy_loss(logp, old, adv, mask, gate=gate, tau_pos=TAU_POS, tau_neg=TAU_NEG, eps_low=EPS_LOW,
+                          eps_high=EPS_HIGH, groups=groups)
+    r = torch.exp(logp - old)
+    w = closed_weight(gate, r, adv[:, None].expand_as(r))
+    for suffix, keep in (("", lambda a: True), ("_pos", lambda a: a > 0), ("_neg", lambda a: a <= 0)):
+        per_prompt = []
+        for b in range(B // G):
+            num = den = 0.0
+            for j in range(b * G, (b + 1) * G):
+                if not keep(float(adv[j])):
+                    continue
+                for t in range(lengths[j]):
+                    num += float(w[j, t])
+                    den += 1
+            if den:
+                per_prompt.append(num / den)
+        assert diag[f"eur{suffix}"] == pytest.approx(sum(per_prompt) / len(per_prompt), abs=1e-6), suffix
+    # without groups: the token mean of w (= the gate_weight diagnostic); with groups it differs here
+    _, flat = policy_loss(logp, old, adv, mask, gate=gate, tau_pos=TAU_POS, tau_neg=TAU_NEG, eps_low=EPS_LOW,
+                          eps_high=EPS_HIGH)
+    assert flat["eur"] == pytest.approx(float(w[mask].mean()), abs=1e-9) == pytest.approx(flat["gate_weight"])
+    if gate == "clip":
+        assert flat["eur"] == pytest.approx(1.0 - flat["clip_frac"], abs=1e-12)
+    assert float(w[mask].min()) < 0.99  # the gate acts on this batch, so EUR is a real check
+
+
+def test_eur_groups_must_match_rows():
+    logp, old, adv, mask = make_batch(0)
+    with pytest.raises(ValueError, match="groups must have shape"):
+        policy_loss(logp, old, adv, mask, groups=torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 4.0, 10.0, 12.0])
+def test_paper_softsign_gradient_is_its_closed_form(tau):
+    """The paper's softsign (eq. 8): d loss / d log pi = -c (1 + y^2)^(-3/2) r A with y = tau (r - 1)."""
+    logp, old, adv, mask = make_batch(3)
+    _, g, _ = grad_of(logp, old, adv, mask, gate="softsign", tau_pos=tau, tau_neg=tau)
+    r = torch.exp(logp - old)
+    y = tau * (r - 1.0)
+    expected = -agg_coef(mask, "seq-mean-token-mean") * (1.0 + y * y) ** -1.5 * r * adv_tok(adv, r)
+    assert_close(g, expected, tol=1e-6)

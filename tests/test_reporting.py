@@ -82,11 +82,11 @@ def store(tmp_path_factory) -> dict:
     samples: dict[tuple[str, str], list[dict]] = {}  # (run_id, bench) -> records
     rng = np.random.default_rng(7)
 
-    def cell(gate, tau, seed, p, experiment, exp, parent, *, evaluate=True):
-        out = root / f"{experiment}-{gate}-{tau}-{seed}"
-        cfg = _cfg(gate, tau, seed, uri, experiment, out)
+    def cell(gate, tau, seed, p, experiment, exp, parent, *, evaluate=True, baseline=False):
+        out = root / f"{experiment}-{gate}-{tau}-{seed}{'-base' if baseline else ''}"
+        cfg = _cfg(gate, tau, seed, uri, experiment, out, extra=["role=baseline"] if baseline else ())
         with _open(cfg, exp, parent, f"{gate}-{tau}-s{seed}") as run:
-            for step in range(1, STEPS + 1):
+            for step in range(1, 0 if baseline else STEPS + 1):
                 run.log_step(step, _train_metrics(step, gate, rng))
             summary = {"train": {}}
             if evaluate:
@@ -103,7 +103,7 @@ def store(tmp_path_factory) -> dict:
 
     exp = tracking.open_store(_cfg("sigmoid", 1.0, 0, uri, "gates", root).tracking)
     parent = tracking.start_parent(exp, name="sweep-test", tags={"sweep": "gates"})
-    runs = {}
+    runs = {"base": cell("sigmoid", 1.0, 0, 0.30, "gates", exp, parent, baseline=True)}  # the starting checkpoint
     for gate, tau, seeds, p in CELLS:
         for seed in seeds:
             runs[(gate, tau, seed)] = cell(gate, tau, seed, p, "gates", exp, parent)
@@ -167,7 +167,9 @@ def test_html_is_self_contained(report):
 
 def test_accuracy_numbers_equal_mlflow(store, report):
     records = report["json"]["accuracy"]
-    assert len(records) == 5 * 2  # 5 configurations x 2 benchmarks
+    assert len(records) == (1 + 5) * 2  # the base model and 5 configurations x 2 benchmarks
+    assert [r["group"] for r in records[:2]] == ["base model (no RL)"] * 2  # the base model comes first
+    assert all(not r["best"] for r in records[:2])  # and is never the "best" configuration
     for r in records:
         metrics = [_metrics(store, rid) for rid in r["run_ids"]]
         accs = [m[f"eval/{r['benchmark']}/acc"] for m in metrics]
@@ -312,3 +314,46 @@ def test_cli(store, tmp_path, capsys):
     assert (tmp_path / "report.html").exists() and "wrote" in capsys.readouterr().out
     assert reporting.main(["nope", "--tracking-uri", store["uri"], "--out", str(tmp_path)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_against_the_paper_section_and_latex_table(store, tmp_path):
+    """A paper-sweep experiment (parent tag sweep=paper): the report lays our numbers beside Table 1 row by row
+    and writes table.tex (booktabs, best per column bold)."""
+    uri = store["uri"]
+    exp = tracking.open_store(_cfg("sigmoid", 1.0, 0, uri, "paperlike", tmp_path).tracking)
+    parent = tracking.start_parent(exp, name="sweep-paper", tags={"sweep": "paper"})
+    rng = np.random.default_rng(5)
+    sizes = {"gsm8k": (50, 1), "math500": (40, 2), "aime24": (30, 2), "aime25": (30, 2)}
+    truth = {"base": 0.3, "clip": 0.35, "sigmoid": 0.4, "erf": 0.45, "arctan": 0.38, "softsign": 0.42}
+    for gate, p in truth.items():
+        tau = None if gate in ("base", "clip") else 10.0
+        extra = ["role=baseline"] if gate == "base" else []
+        cfg = _cfg("sigmoid" if gate == "base" else gate, tau, 0, uri, "paperlike", tmp_path / gate, extra=extra)
+        if tau is not None:
+            cfg.gate.tau_neg = 12.0
+        with _open(cfg, exp, parent, gate) as run:
+            ev = {"benchmarks": {}}
+            recs = {}
+            for bench, (n, k) in sizes.items():
+                recs[bench] = [{"problem_id": f"{bench}-{i}", "correct": bool(rng.random() < p), "strict_correct": True,
+                                "format_ok": True, "num_tokens": 5, "finish_reason": "stop", "fallback": "answer"}
+                               for i in range(n) for _ in range(k)]
+                ev["benchmarks"][bench] = benchmark_metrics(recs[bench], k, n_boot=100)
+            ev["benchmarks"]["aime"] = benchmark_metrics(recs["aime24"] + recs["aime25"], 2, n_boot=100)
+            run.log_eval(ev)
+    tracking.end_parent(exp, parent, {"cells": 6, "finished": 6})
+    out = tmp_path / "r"
+    html = reporting.write_report("paperlike", tracking_uri=uri, out_dir=out, log_to_mlflow=False).read_text()
+    assert "(g) Against the paper" in html and "not the paper" in html  # the tiny model, not Qwen2.5-7B
+    rows = json.loads((out / "report.json").read_text())["against_the_paper"]
+    ref = reporting.sections.paper_reference()
+    assert [r["paper_row"] for r in rows] == [r["label"] for r in ref["rows"]]
+    erf = next(r for r in rows if r["paper_row"] == "+ erf")
+    assert erf["ours"] == "erf τ=10/12" and erf["gsm8k"]["paper"] == 82.7 and 0 <= erf["gsm8k"]["ours"] <= 1
+    assert rows[0]["ours"] == "base model (no RL)" and rows[0]["aime"]["paper"] == 3.3
+    tex = (out / "table.tex").read_text()
+    assert tex.startswith("\\begin{tabular}{lccccc}") and "\\toprule" in tex and "\\bottomrule" in tex
+    assert tex.splitlines()[2].startswith("configuration & gsm8k & math500 & aime24 & aime25 & aime")
+    assert tex.splitlines()[4].startswith("base model (no RL) &") and "\\textbf{" in tex
+    bold_rows = [line for line in tex.splitlines() if "\\textbf{" in line]
+    assert not any(line.startswith("base model") for line in bold_rows)  # the best is a trained configuration

@@ -519,6 +519,34 @@ def test_overlong_prediction_is_wrong_without_math_verify(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
+# The format reward (arXiv 2602.19345 v2, eq. 10)
+
+
+@pytest.mark.parametrize(("text", "grade"), [
+    ("<think> 2+3=5 </think> <answer> 5 </answer>", 1.0),  # the full template
+    ("  <think>a</think>\n<answer>5</answer>\n", 1.0),  # whitespace around the blocks is allowed
+    ("<think> 2+3=5 </think> so 5 <answer> 5 </answer>", 0.5),  # begins with <think>, ends with </answer>
+    ("<think> a </think> <answer> 5 </answer> <answer> 6 </answer>", 0.5),  # two answers: not the template
+    ("<think> 2+3 is 5, the answer is 5", 0.25),  # begins with <think> only
+    ("<think> a </think> <answer> 5 </answer> trailing words", 0.25),  # text after </answer>
+    ("Let me think. <think> a </think> <answer> 5 </answer>", 0.25),  # text before <think>: ends only
+    ("the answer is <answer> 5 </answer>", 0.25),
+    ("Let me think. <think> a </think> <answer> 5 </answer> done", 0.0),  # text before and after
+    ("5", 0.0),
+    ("", 0.0),
+])
+def test_graded_format_reward_eq_10(text, grade):
+    assert scoring.format_reward(text) == grade
+    assert scoring.format_score(text, "graded") == grade
+    assert scoring.format_score(text, "binary") == float(grade == 1.0) == float(has_format(text))
+
+
+def test_format_score_refuses_unknown_mode():
+    with pytest.raises(ValueError, match=r"train\.rewards\.format must be one of graded, binary"):
+        scoring.format_score("<think></think><answer>1</answer>", "soft")
+
+
+# --------------------------------------------------------------------------------------------------
 # Timeouts, the pool watchdog, threads
 
 SLOW_ANSWER = "9^{9^{9}}"  # sympy tries to evaluate a 370-million-digit integer

@@ -116,9 +116,74 @@ def test_launcher_configs_compose(launcher, target):
 
 def test_paper_sweep_composes_the_papers_recipe():
     cfg = compose_sweep("paper", [], hydra_config=True)
-    assert cfg.model.name == "qwen2.5-7b-instruct"
-    assert list(cfg.eval.benchmarks) == ["gsm8k", "math500", "aime24", "aime25"]
-    assert cfg.train.num_generations == 8 and cfg.train.max_new_tokens == 512 and cfg.train.num_iterations == 2
+    assert cfg.model.name == "qwen2.5-7b-instruct" and cfg.model.path == "Qwen/Qwen2.5-7B-Instruct"
+    assert cfg.task.name == "mixture" and [c.name for c in cfg.task.components] == ["gsm8k", "deepmath"]
+    assert list(cfg.eval.benchmarks) == ["gsm8k", "math500", "aime24", "aime25"] and cfg.eval.temperature == 0.7
+    t = cfg.train  # Table 2
+    assert (t.num_generations, t.max_new_tokens, t.max_prompt_tokens, t.num_iterations) == (8, 512, 1536, 2)
+    assert (t.rollout_batch_size, t.mini_batch_size, t.micro_batch_size) == (128, None, 1)
+    assert t.steps * t.num_iterations == 5000  # optimizer steps
+    assert (t.lr, t.warmup_steps, t.lr_schedule, list(t.betas), t.adam_eps) == (1e-6, 0, "linear", [0.9, 0.999], 1e-8)
+    assert t.rewards.format == "graded" and t.loss.kl_beta == 0.0
+    sw = cfg.hydra.sweeper
+    cells = cell_overrides(sw.gates, sw.taus, sw.seeds, tau_mode=sw.tau_mode, tau_neg_scale=sw.tau_neg_scale,
+                           tau_pairs=sw.tau_pairs)
+    assert len(cells) == 5
+    for c in cells:
+        composed = compose_sweep("paper", c)
+        assert composed.gate.eps_low == composed.gate.eps_high == 0.2
+        if composed.gate.name != "clip":
+            assert (composed.gate.tau_pos, composed.gate.tau_neg) == (10.0, 12.0)
+    assert sw.baseline  # the starting checkpoint is evaluated once
+
+
+def test_harness_run_train_paper_cfg_job_prints_table_2():
+    import yaml
+
+    exe = shutil.which("harness", path=str(Path(sys.executable).parent)) or "harness"
+    out = subprocess.run([exe, "run", "train=paper", "--cfg", "job"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    t = yaml.safe_load(out.stdout)["train"]
+    assert {k: t[k] for k in ("num_generations", "max_prompt_tokens", "max_new_tokens", "micro_batch_size",
+                              "num_iterations", "lr", "warmup_steps", "lr_schedule", "betas", "adam_eps")} == {
+        "num_generations": 8, "max_prompt_tokens": 1536, "max_new_tokens": 512, "micro_batch_size": 1,
+        "num_iterations": 2, "lr": 1e-6, "warmup_steps": 0, "lr_schedule": "linear", "betas": [0.9, 0.999],
+        "adam_eps": 1e-8}
+    assert t["steps"] * t["num_iterations"] == 5000 and t["rewards"]["format"] == "graded"
+
+
+def test_paper_temperature_sweep_composes_the_temperature_study():
+    sw = compose_sweep("paper_temperature", [], hydra_config=True).hydra.sweeper
+    cells = cell_overrides(sw.gates, sw.taus, sw.seeds, tau_mode=sw.tau_mode, tau_neg_scale=sw.tau_neg_scale,
+                           tau_pairs=sw.tau_pairs)
+    gates = [compose_sweep("paper_temperature", c).gate for c in cells]
+    pairs = sorted((g.tau_pos, g.tau_neg) for g in gates)
+    assert pairs == [(1.0, 1.05), (5.0, 6.0), (10.0, 12.0), (13.0, 15.0)]
+    assert {c[0] for c in cells} == {"gate=erf"}
+
+
+def test_tau_pairs_replace_the_grid_and_are_checked():
+    cells = cell_overrides(["erf", "clip"], [4.0], [0], tau_pairs=[[1, 1.05], [10, 12]])
+    assert ["gate=erf", "seed=0", "gate.tau_pos=10.0", "gate.tau_neg=12.0"] in cells and len(cells) == 3
+    with pytest.raises(ValueError, match="tau_pairs must be"):
+        cell_overrides(["erf"], [1.0], [0], tau_pairs=[[1.0]])
+    with pytest.raises(ValueError, match="tau_pairs must be"):
+        cell_overrides(["erf"], [1.0], [0], tau_pairs=[[1.0, -2.0]])
+
+
+def test_one_baseline_job_per_model_and_evaluation():
+    from harness.sweep import baseline_jobs
+
+    jobs = [["gate=erf", "seed=0"], ["gate=clip", "seed=1"], ["gate=erf", "seed=0", "eval.bench.arith.k=2"]]
+    composed = [compose_sweep("gates", j) for j in jobs]
+    base = baseline_jobs(jobs, composed)
+    assert base == [[*jobs[0], "role=baseline"], [*jobs[2], "role=baseline"]]  # k=2 evaluates differently
+    a, b = (compose_sweep("gates", j) for j in (base[0], [*jobs[1], "role=baseline"]))
+    assert config_hash(a) == config_hash(b)  # gate and seed do not change what the baseline computes
+    assert cell_name(a) == "base-tiny"
+    with pytest.raises(ValueError, match="role must be one of cell, baseline"):
+        validate_cell(compose_sweep("gates", ["role=both"]))
 
 
 # ----------------------------------------------------------------------------- one cell, in process
@@ -127,6 +192,18 @@ def test_paper_sweep_composes_the_papers_recipe():
 def nan_reward(texts, golds, problems):
     """An extra reward that breaks the run (NaN advantages) once rollouts exist."""
     return [float("nan")] * len(texts)
+
+
+def test_a_nonzero_rank_trains_without_evaluating_or_logging(tmp_path, cache_dir, monkeypatch):
+    """Under `accelerate launch` every rank runs `harness run`: rank 0 evaluates and logs, the others only train."""
+    from harness.cell import run_task
+
+    monkeypatch.setenv("RANK", "1")
+    cfg = compose_sweep("gates", [*TINY, f"cache_dir={cache_dir}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                                  f"output_dir={tmp_path / 'out'}"])
+    run_task(cfg)
+    assert list((tmp_path / "out" / "checkpoints").glob("step-*"))  # it trained
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "out" / "eval").exists()
 
 
 def test_failed_cell_is_recorded_and_returned(tmp_path, cache_dir):
@@ -199,15 +276,18 @@ def test_parallel_multirun_logs_every_cell_then_skips_them(tmp_path, cache_dir):
             "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]
     first = _harness(args, tmp_path, cache_dir)
     assert first.returncode == 0, first.stderr[-4000:]
-    assert "3 cells — 3 finished, 0 skipped, 0 failed" in first.stdout
+    # 3 cells and the starting checkpoint's evaluation (the report's "no RL" row)
+    assert "4 cells — 4 finished, 0 skipped, 0 failed" in first.stdout
 
     runs = _runs(tmp_path, "gates")
     parents = [r for r in runs if r.data.tags.get("sweep") == "gates"]
     cells = [r for r in runs if "config_hash" in r.data.tags]
-    assert len(parents) == 1 and len(cells) == 3
+    assert len(parents) == 1 and len(cells) == 4
     assert parents[0].info.status == "FINISHED"
     client = MlflowClient()
-    for run in cells:
+    (base,) = [r for r in cells if r.data.tags["gate"] == "base"]
+    assert "eval/arith/acc" in base.data.metrics and not [k for k in base.data.metrics if k.startswith("train/")]
+    for run in (r for r in cells if r is not base):
         tags = run.data.tags
         assert run.info.status == "FINISHED"
         assert tags["mlflow.parentRunId"] == parents[0].info.run_id
@@ -232,7 +312,7 @@ def test_parallel_multirun_logs_every_cell_then_skips_them(tmp_path, cache_dir):
 
     again = _harness(args, tmp_path, cache_dir)
     assert again.returncode == 0, again.stderr[-4000:]
-    assert "3 cells — 0 finished, 3 skipped, 0 failed" in again.stdout
+    assert "4 cells — 0 finished, 4 skipped, 0 failed" in again.stdout
     assert len(_runs(tmp_path, "gates")) == len(runs) + 1  # one more parent, no new cell run
 
 
@@ -247,7 +327,7 @@ def test_bad_sweep_input_fails_before_any_cell(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_slurm_launcher_renders_a_valid_job_script(tmp_path, cache_dir):
     overrides = ["hydra.sweeper.gates=[sigmoid,clip]", "hydra.sweeper.taus=[1.0]", *TINY, "hydra/launcher=slurm",
-                 "hydra.launcher.partition=gpu", "hydra.sweeper.report=false"]
+                 "hydra.launcher.partition=gpu", "hydra.sweeper.report=false", "hydra.sweeper.baseline=false"]
     out = _harness(overrides, tmp_path, cache_dir, path_prefix=FAKE_SLURM, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:] + str(list((tmp_path / "fake_slurm").glob("*")))
     script = (tmp_path / "fake_slurm" / "job.sh").read_text()

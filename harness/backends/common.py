@@ -11,9 +11,10 @@ import torch
 from harness.config import import_object
 from harness.gates import get_gate
 from harness.objective import loss_kwargs, policy_loss
+from harness.scoring import FORMAT_REWARDS
 
 ADVANTAGE_MODES = ("grpo", "drgrpo")
-LR_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 SAMPLERS = ("cached", "generate")  # backend.sampler of the native backend
 
 RewardFn = Callable[..., Sequence[float]]  # fn(texts, golds, problems) -> one float per text
@@ -24,7 +25,7 @@ def validate_train_config(cfg: Any) -> None:
     values (``ValueError``)."""
     t = cfg.train
     for key in ("steps", "rollout_batch_size", "num_generations", "micro_batch_size", "num_iterations",
-                "max_new_tokens"):
+                "max_new_tokens", "save_every"):
         value = t[key]
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"train.{key} must be an integer >= 1, got {value!r}")
@@ -55,6 +56,14 @@ def validate_train_config(cfg: Any) -> None:
         raise ValueError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {t.lr_schedule!r}")
     if not t.lr > 0:
         raise ValueError(f"train.lr must be > 0, got {t.lr!r}")
+    if not t.get("adam_eps", 1e-8) > 0:
+        raise ValueError(f"train.adam_eps must be > 0, got {t.adam_eps!r}")
+    max_prompt = t.get("max_prompt_tokens")
+    if max_prompt is not None and (not isinstance(max_prompt, int) or max_prompt < 1):
+        raise ValueError(f"train.max_prompt_tokens must be null or an integer >= 1, got {max_prompt!r}")
+    fmt = t.rewards.get("format", "graded")
+    if fmt not in FORMAT_REWARDS:
+        raise ValueError(f"train.rewards.format must be one of {', '.join(FORMAT_REWARDS)}, got {fmt!r}")
     # Fails on an unknown gate / bad tau / bad eps / bad agg before any model is loaded.
     g = cfg.gate
     get_gate(g.name, eps_low=g.eps_low, eps_high=g.eps_high)
@@ -86,6 +95,23 @@ def start_training(cfg: Any) -> tuple[list[dict[str, str]], str, Any]:
     if not problems:
         raise ValueError(f"task {cfg.task.name!r} has no training problems")
     return problems, resolve_model_path(cfg.model, cache_dir=cfg.get("cache_dir")), model_prompt_config(cfg.model)
+
+
+def fit_prompts(problems: list[dict[str, str]], tokenizer: Any, prompt_cfg: Any,
+                max_tokens: int | None) -> list[dict[str, str]]:
+    """The problems whose rendered prompt has at most ``max_tokens`` tokens (all of them when None); ``ValueError``
+    when none is left (``train.max_prompt_tokens`` named)."""
+    if max_tokens is None:
+        return problems
+    from harness.prompts import render_prompt
+
+    texts = [render_prompt(tokenizer, p["problem"], prompt_cfg) for p in problems]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    kept = [p for p, n in zip(problems, lengths, strict=True) if n <= max_tokens]
+    if not kept:
+        raise ValueError(f"train.max_prompt_tokens={max_tokens}: every training prompt is longer "
+                         f"(shortest {min(lengths)} tokens)")
+    return kept
 
 
 def load_reward(path: str) -> RewardFn:

@@ -5,9 +5,9 @@ One rollout batch per step, read top to bottom in :func:`train`:
 1. take ``rollout_batch_size / num_generations`` prompts from the task's train split (a seeded
    shuffle per epoch, so step s always sees the same prompts, which makes resume exact);
 2. sample ``num_generations`` completions per prompt at the rollout temperature;
-3. reward = format_weight·[follows <think>…</think> <answer>…</answer>]
-   + accuracy_weight·[the <answer> span equals the gold, by :func:`harness.scoring.score`]
-   (+ extra reward functions);
+3. reward = format_weight·format + accuracy_weight·[the <answer> span equals the gold, by
+   :func:`harness.scoring.score`] (+ extra reward functions), with the paper's graded format reward
+   (:func:`harness.scoring.format_reward`: 1 / 0.5 / 0.25 / 0) or the 0/1 exact template (``train.rewards.format``);
 4. group advantages A_i = (R_i − mean_g R) / (std_g R + eps) (``grpo``) or R_i − mean_g R
    (``drgrpo``);
 5. behaviour log-probs log π_old are taken ONCE (by the first update's own forward pass when a pass is one
@@ -40,13 +40,13 @@ from torch import Tensor
 from harness import keys as K
 from harness.backends import StepCallback, TrainResult
 from harness.backends.checkpoints import STATE_FILE, latest_checkpoint, save_checkpoint, set_rng_state
-from harness.backends.common import load_reward, mini_batch_size, start_training
+from harness.backends.common import fit_prompts, load_reward, mini_batch_size, start_training
 from harness.backends.sampling import mask_through_first_eos, rows_logprobs, sample_completions, tempered_entropy
 from harness.config import to_plain
 from harness.models import load_model_and_tokenizer
 from harness.objective import loss_kwargs, micro_batch_weight, policy_loss
 from harness.prompts import render_prompt
-from harness.scoring import has_format, score_batch
+from harness.scoring import format_score, score_batch
 
 # ----------------------------------------------------------------------------- pieces of a step
 
@@ -81,12 +81,16 @@ def group_advantages(rewards: Tensor, group_size: int, mode: str, eps: float) ->
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """LR multiplier at 0-based ``step``: linear warmup over ``warmup`` steps, then ``constant``, half a ``cosine``
+    or a ``linear`` decay, the decays reaching 0 after the last step."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -109,12 +113,14 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
     model, tokenizer = load_model_and_tokenizer(
         {**to_plain(cfg.model), "path": str(resume_from or model_path)}, device=device, cache_dir=cfg.get("cache_dir"))
     tokenizer.padding_side = "left"
+    problems = fit_prompts(problems, tokenizer, prompt_cfg, t.get("max_prompt_tokens"))
     ref_model = None
     if t.loss.kl_beta > 0:
         ref_model, _ = load_model_and_tokenizer({**to_plain(cfg.model), "path": model_path}, device=device)
         ref_model.eval().requires_grad_(False)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=float(t.get("adam_eps", 1e-8)),
+                                  weight_decay=t.weight_decay)
     if resume_from is not None:
         state = torch.load(resume_from / STATE_FILE, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
@@ -168,7 +174,7 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         golds = [p["answer"] for p in batch for _ in range(G)]
 
         # 3. rewards ------------------------------------------------------------------------------
-        fmt = torch.tensor([float(has_format(x)) for x in texts])
+        fmt = torch.tensor([format_score(x, t.rewards.get("format", "graded")) for x in texts])
         acc = torch.tensor([float(s.correct) for s in score_batch(texts, golds, fallbacks=())])
         rewards = t.rewards.format_weight * fmt + t.rewards.accuracy_weight * acc
         for fn, weight in extra_rewards:
@@ -244,7 +250,7 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
                 old_logp = torch.cat(logps)
             # Diagnostics of this pass over the rows that trained: each token's ratio as its update saw it.
             _, diag = policy_loss(torch.cat(logps), old_logp, advantages[rows], completion_mask[rows],
-                                  ref_logp=ref_logp, **loss_kw)
+                                  ref_logp=ref_logp, groups=rows // G, **loss_kw)
             metrics.update({K.pass_key(it + 1, k): v for k, v in diag.items()})
             metrics[K.pass_key(it + 1, K.PASS_LOSS)] = loss_total
             metrics[K.pass_key(it + 1, K.PASS_GRAD_NORM)] = sum(grad_norms) / len(grad_norms)

@@ -34,12 +34,14 @@ train.num_generations           num_generations
 train.num_iterations            num_iterations (2: the second pass has r ≠ 1, where gates differ)
 train.max_new_tokens            max_completion_length
 train.rollout_temperature/top_p temperature / top_p (top_k=0: off, as native)
-train.lr, betas, weight_decay   learning_rate, adam_beta1/2, weight_decay; max_grad_norm
-train.warmup_steps, lr_schedule warmup_steps × optimizer steps per batch; constant_with_warmup | cosine
+train.lr, betas, adam_eps       learning_rate, adam_beta1/2, adam_epsilon; weight_decay; max_grad_norm
+train.warmup_steps, lr_schedule warmup_steps × optimizer steps per batch; constant_with_warmup | cosine |
+                                linear
+train.max_prompt_tokens         longer training prompts are left out before TRL sees the dataset
 train.advantage                 scale_rewards = group (grpo) | none (drgrpo)
 train.loss.agg                  loss_type grpo | bnpo | dr_grpo (same aggregation; for TRL's logs)
 train.loss.kl_beta              beta (TRL then computes reference log-probs)
-train.rewards.*                 reward_funcs [format, accuracy, extras...] + reward_weights
+train.rewards.*                 reward_funcs [format (graded | binary), accuracy, extras...] + reward_weights
 train.save_every                save_steps = save_every × optimizer steps per batch (HF-format checkpoints)
 gate.*                          the harness loss (and epsilon / sapo temperatures, for TRL's logs)
 ==============================  =====================================================================
@@ -65,6 +67,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,16 +79,16 @@ from trl import GRPOConfig, GRPOTrainer
 
 from harness import keys as K
 from harness.backends import StepCallback, TrainResult
-from harness.backends.common import load_reward, mini_batch_size, start_training
+from harness.backends.common import fit_prompts, load_reward, mini_batch_size, start_training
 from harness.config import to_plain
 from harness.models import load_model_and_tokenizer
 from harness.objective import loss_kwargs, micro_batch_weight, policy_loss
 from harness.prompts import render_prompt
-from harness.scoring import has_format, score_batch
+from harness.scoring import format_score, score_batch
 
 HISTORY_FILE = "harness_history.json"
 TRL_LOSS_TYPE = {"seq-mean-token-mean": "grpo", "token-mean": "bnpo", "seq-mean-token-sum-norm": "dr_grpo"}
-LR_SCHEDULER = {"constant": "constant_with_warmup", "cosine": "cosine"}
+LR_SCHEDULER = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 VLLM_KEYS = ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
              "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
              "vllm_max_model_length", "vllm_enable_sleep_mode", "vllm_importance_sampling_correction")
@@ -155,6 +158,16 @@ class HarnessGRPOTrainer(GRPOTrainer):
             return self.processing_class(text=prompts, add_special_tokens=False)["input_ids"], None, {}
         return super()._tokenize_prompts(prompts)
 
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        """TRL's rollouts, plus each row's prompt index (``harness_group``) for the EUR diagnostic: TRL samples
+        the G completions of a prompt as consecutive rows of the global batch and gives each process a contiguous
+        slice, and its later shuffle permutes this tensor with the rest of the batch."""
+        out = super()._generate_and_score_completions(inputs)
+        n = out["completion_ids"].shape[0]
+        first = self.accelerator.process_index * n
+        out["harness_group"] = (torch.arange(first, first + n) // self.num_generations).to(out["completion_ids"].device)
+        return out
+
     def _harness_scale(self, mask: Tensor, train: bool) -> float:
         """Gradient-accumulation factor c of this micro-batch (module docstring)."""
         if not train:
@@ -213,7 +226,7 @@ class HarnessGRPOTrainer(GRPOTrainer):
             self._harness_window.append((
                 per_token_logps.detach(),
                 per_token_logps.detach() if old is None else old.detach(),
-                adv, mask.detach(), None if ref is None else ref.detach(),
+                adv, mask.detach(), None if ref is None else ref.detach(), inputs.get("harness_group"),
             ))
             self._harness_window_loss += float(loss.detach())
         return loss
@@ -247,7 +260,8 @@ class HarnessGRPOTrainer(GRPOTrainer):
             return torch.cat([torch.nn.functional.pad(r[i], (0, width - r[i].shape[1])) for r in rows])
 
         logp, old, adv, mask, ref = (cat(i) for i in range(5))
-        _, diag = policy_loss(logp, old, adv, mask.bool(), ref_logp=ref, **self.harness_loss_kwargs)
+        groups = None if rows[0][5] is None else torch.cat([r[5] for r in rows])
+        _, diag = policy_loss(logp, old, adv, mask.bool(), ref_logp=ref, groups=groups, **self.harness_loss_kwargs)
         self._harness_pending.update({f"harness/{k}": float(v) for k, v in diag.items()})
         self._harness_pending["harness/loss"] = self._harness_window_loss / minis  # mean over mini-batches
         self._harness_window, self._harness_window_loss = [], 0.0
@@ -272,9 +286,10 @@ def _text(completion: Any) -> str:
     raise TypeError(f"unexpected completion type {type(completion).__name__}")
 
 
-def format_reward(completions: Sequence[Any], **_: Any) -> list[float]:
-    """1.0 when the completion is exactly ``<think> … </think> <answer> … </answer>`` (harness.scoring)."""
-    return [float(has_format(_text(c))) for c in completions]
+def format_reward(completions: Sequence[Any], *, mode: str = "graded", **_: Any) -> list[float]:
+    """The format reward of each completion (:func:`harness.scoring.format_score`: the paper's graded eq. 10, or
+    0/1 for the exact ``<think> … </think> <answer> … </answer>`` template)."""
+    return [format_score(_text(c), mode) for c in completions]
 
 
 def accuracy_reward(completions: Sequence[Any], answer: Sequence[str], **_: Any) -> list[float]:
@@ -287,7 +302,9 @@ def reward_functions(cfg: Any) -> tuple[list[Callable[..., list[float]]], list[f
     """TRL reward functions and their weights: format, accuracy, then ``train.rewards.extra``
     (``fn(texts, golds, problems)``, wrapped to TRL's keyword signature)."""
     r = cfg.train.rewards
-    funcs: list[Callable[..., list[float]]] = [format_reward, accuracy_reward]
+    fmt = partial(format_reward, mode=str(r.get("format", "graded")))
+    fmt.__name__ = "format_reward"  # type: ignore[attr-defined]  # TRL logs rewards/<__name__>/mean
+    funcs: list[Callable[..., list[float]]] = [fmt, accuracy_reward]
     weights = [float(r.format_weight), float(r.accuracy_weight)]
     for extra in r.extra or []:
         fn = load_reward(extra.path)
@@ -358,6 +375,7 @@ def grpo_config_kwargs(cfg: Any, output_dir: str | Path, *, world_size: int | No
         learning_rate=float(t.lr),
         adam_beta1=float(t.betas[0]),
         adam_beta2=float(t.betas[1]),
+        adam_epsilon=float(t.get("adam_eps", 1e-8)),
         weight_decay=float(t.weight_decay),
         max_grad_norm=float(t.max_grad_norm),
         lr_scheduler_type=LR_SCHEDULER[t.lr_schedule],
@@ -521,6 +539,7 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
 
     model, tokenizer = load_model_and_tokenizer({**to_plain(cfg.model), "path": model_path}, device="cpu",
                                                 cache_dir=cfg.get("cache_dir"))
+    problems = fit_prompts(problems, tokenizer, prompt_cfg, t.get("max_prompt_tokens"))
     dataset = Dataset.from_list([
         {"prompt": render_prompt(tokenizer, p["problem"], prompt_cfg), "answer": str(p["answer"]),
          "problem": str(p["problem"]), "id": str(p["id"])}

@@ -33,7 +33,9 @@ train.num_iterations             actor.ppo_epochs
 train.max_new_tokens             data.max_response_length
 train.rollout_temperature/top_p  rollout.temperature / top_p (top_k = -1: off)
 train.lr, betas, weight_decay    actor.optim.*; max_grad_norm → optim.clip_grad (and actor.grad_clip)
-train.warmup_steps, lr_schedule  actor.optim.lr_warmup_steps, lr_scheduler_type
+train.adam_eps                   actor.optim.override_optimizer_config.eps
+train.warmup_steps, lr_schedule  actor.optim.lr_warmup_steps, lr_scheduler_type (constant | cosine only)
+train.max_prompt_tokens          data.max_prompt_length (when backend.max_prompt_length is null)
 train.advantage                  algorithm.adv_estimator=grpo, norm_adv_by_std_in_grpo (grpo: true)
 train.loss.agg                   actor.loss_agg_mode (seq-mean-token-mean for GRPO/SAPO)
 train.loss.norm_length           actor.loss_scale_factor
@@ -44,7 +46,7 @@ gate.name                        actor.policy_loss.loss_mode = harness_<gate>
 gate.tau_pos / tau_neg           actor.tau_pos / tau_neg
 gate.eps_low / eps_high          actor.clip_ratio_low / clip_ratio_high
 train.save_every                 trainer.save_freq
-train.rewards.*                  reward.custom_reward_function.reward_kwargs
+train.rewards.*                  reward.custom_reward_function.reward_kwargs (format mode too)
 ===============================  ==================================================================
 
 Known differences from the native backend: verl's GRPO std is unbiased with ε = 1e-6; its KL term
@@ -75,6 +77,7 @@ PLUGIN_MODULE = "harness.verl_plugin"
 METRICS_FILE = "verl_metrics.jsonl"
 LOG_FILE = "verl.log"
 DATA_SOURCE_PREFIX = "harness/"
+VERL_LR_SCHEDULES = ("constant", "cosine")  # verl 0.9's FSDPOptimizerConfig asserts one of these
 _HISTORY_KEYS = {  # history key <- verl metric
     K.REWARD: "critic/score/mean",
     K.RESPONSE_LENGTH: "response_length/mean",
@@ -106,6 +109,8 @@ def _hydra_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list | tuple):
         return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
     text = str(value)
     if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", text) and text not in ("null", "true", "false"):
         return text
@@ -154,10 +159,13 @@ def verl_overrides(
                          f"train.num_generations={t.num_generations}")
     if t.loss.agg not in ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"):
         raise ValueError(f"train.loss.agg={t.loss.agg!r} is not supported by the verl backend")
+    if t.lr_schedule not in VERL_LR_SCHEDULES:
+        raise ValueError(f"train.lr_schedule={t.lr_schedule!r} is not supported by verl's FSDP optimizer (allowed: "
+                         f"{', '.join(VERL_LR_SCHEDULES)}); the paper's linear decay runs on backend=trl or native")
     out = Path(str(cfg.output_dir))
     model_path = model_path or str(cfg.model.get("path") or cfg.model.name)
     train_file = train_file or str(out / "verl_data" / "train.parquet")
-    prompt_len = int(max_prompt_length or bk.get("max_prompt_length") or 512)
+    prompt_len = int(max_prompt_length or bk.get("max_prompt_length") or t.get("max_prompt_tokens") or 512)
     prompts_per_step = t.rollout_batch_size // t.num_generations
     mini = mini_batch_size(t)
     if mini % t.num_generations:
@@ -210,6 +218,7 @@ def verl_overrides(
         (f"{arr}.actor.optim.lr", float(t.lr)),
         (f"{arr}.actor.optim.betas", [float(b) for b in t.betas]),
         (f"{arr}.actor.optim.weight_decay", float(t.weight_decay)),
+        (f"{arr}.actor.optim.override_optimizer_config", {"eps": float(t.get("adam_eps", 1e-8))}),
         (f"{arr}.actor.optim.clip_grad", float(t.max_grad_norm)),
         (f"{arr}.actor.optim.lr_warmup_steps", int(t.warmup_steps)),
         (f"{arr}.actor.optim.lr_scheduler_type", str(t.lr_schedule)),
@@ -232,6 +241,7 @@ def verl_overrides(
         ("reward.custom_reward_function.name", "compute_score"),
         ("+reward.custom_reward_function.reward_kwargs.format_weight", float(r.format_weight)),
         ("+reward.custom_reward_function.reward_kwargs.accuracy_weight", float(r.accuracy_weight)),
+        ("+reward.custom_reward_function.reward_kwargs.format_mode", str(r.get("format", "graded"))),
     ]
     extras = list(to_plain(r.extra) or [])
     if extras:
@@ -381,7 +391,7 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
     out_dir = Path(str(cfg.output_dir))
     out_dir.mkdir(parents=True, exist_ok=True)
     problems, model_path, prompt_cfg = start_training(cfg)
-    prompt_len = bk.get("max_prompt_length")
+    prompt_len = bk.get("max_prompt_length") or cfg.train.get("max_prompt_tokens")
     if not prompt_len:
         from transformers import AutoTokenizer
 

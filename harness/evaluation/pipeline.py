@@ -32,7 +32,7 @@ from typing import Any
 
 from harness.data import load_task
 from harness.evaluation.engines import Completion, GenJob, LmEvalEngine, Sampling, VllmEngine, make_engine
-from harness.evaluation.settings import BenchSpec, EvalSettings, validate_eval_config
+from harness.evaluation.settings import POOLED_BENCHMARKS, BenchSpec, EvalSettings, validate_eval_config
 from harness.prompts import PromptConfig, prompt_config, render_prompt
 from harness.scoring import has_format, score_batch
 from harness.stats import bootstrap_ci, pass_at_k
@@ -271,19 +271,42 @@ def evaluate(
     }
     if isinstance(engine, VllmEngine):
         summary["vllm"] = engine.last_run
+    scored: dict[str, tuple[int, list[dict[str, Any]]]] = {}
     for prep, comps in zip(prepared, completions, strict=True):
         metrics, records = score_benchmark(prep, comps, settings, seed=seed)
         if isinstance(engine, LmEvalEngine):
             metrics.update(_lm_eval_crosscheck(engine, prep.spec.name, records))
         summary["benchmarks"][prep.spec.name] = metrics
+        scored[prep.spec.name] = (prep.spec.k, records)
         if settings.save_samples:
             write_jsonl(out / "samples" / f"{prep.spec.name}.jsonl", records)
+    # The mean over the benchmarks asked for, before pooled ones are added (they would count problems twice).
     summary["mean_accuracy"] = _mean([m["acc"] for m in summary["benchmarks"].values()])
-    summary["generated_tokens"] = sum(m["generated_tokens"] for m in summary["benchmarks"].values())
+    for name, (metrics, records) in pooled_benchmarks(scored, settings, seed=seed).items():
+        summary["benchmarks"][name] = metrics
+        summary.setdefault("pooled", {})[name] = list(POOLED_BENCHMARKS[name])
+        if settings.save_samples:
+            write_jsonl(out / "samples" / f"{name}.jsonl", records)
+    summary["generated_tokens"] = sum(summary["benchmarks"][p.spec.name]["generated_tokens"] for p in prepared)
     summary["tokens_per_s"] = summary["generated_tokens"] / max(gen_seconds, 1e-9)
     summary["total_seconds"] = time.perf_counter() - t_start
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def pooled_benchmarks(scored: Mapping[str, tuple[int, list[dict[str, Any]]]], settings: EvalSettings, *,
+                      seed: int = 0) -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Metrics and records of each :data:`POOLED_BENCHMARKS` entry whose parts were all evaluated (``scored``:
+    benchmark -> (k, per-sample records)): the parts' records as one benchmark (AIME24 + AIME25: 60 problems),
+    pass@k at the smallest k of the parts."""
+    out = {}
+    for name, parts in POOLED_BENCHMARKS.items():
+        if all(p in scored for p in parts):
+            records = [r for p in parts for r in scored[p][1]]
+            metrics = benchmark_metrics(records, min(scored[p][0] for p in parts), pass_k=settings.pass_k,
+                                        n_boot=settings.bootstrap, level=settings.ci, seed=seed)
+            out[name] = (metrics, records)
+    return out
 
 
 def write_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> None:

@@ -23,6 +23,9 @@ DEFAULT_VLLM_VENV = REPO_ROOT / ".venv-vllm"
 BENCHMARKS: tuple[str, ...] = ("arith", "gsm8k", "math500", "aime24", "aime25")
 ENGINES: tuple[str, ...] = ("hf", "vllm", "lm_eval")
 FINISH_REASONS: tuple[str, ...] = ("stop", "length")
+# Reported next to their parts whenever all parts are evaluated (not selectable on their own): AIME 2024 and 2025
+# pooled, 60 problems, as the paper's single AIME column.
+POOLED_BENCHMARKS: dict[str, tuple[str, ...]] = {"aime": ("aime24", "aime25")}
 
 # Per-benchmark defaults (conf/eval/default.yaml repeats them so `--cfg job` shows them). k follows common
 # practice for T = 0.7: one sample is enough on GSM8K's 1319 problems, AIME's 30 problems need many.

@@ -49,6 +49,9 @@ def build_sections(data: ExperimentData, record: dict[str, Any], optuna_storage:
     builders: list[Callable[[ExperimentData, dict[str, Any]], Section]] = [
         *SECTIONS, lambda d, r: optuna_section(d, r, optuna_storage)]
     names = [*(b.__name__ for b in SECTIONS), "optuna_section"]
+    if S.is_paper_experiment(data):
+        builders.append(S.against_the_paper)
+        names.append("against_the_paper")
     out = []
     for build, name in zip(builders, names, strict=True):
         try:
@@ -62,8 +65,9 @@ def build_sections(data: ExperimentData, record: dict[str, Any], optuna_storage:
 
 def write_report(experiment: str, *, tracking_uri: str | None = None, out_dir: str | Path | None = None,
                  optuna_storage: str | None = None, log_to_mlflow: bool = True) -> Path:
-    """Write ``report.html`` (self-contained), ``report.md`` with its PNG figures, and ``report.json`` (every number
-    at full precision) for an MLflow experiment to ``out_dir`` (default ``reports/<experiment>/`` under the working
+    """Write ``report.html`` (self-contained), ``report.md`` with its PNG figures, ``report.json`` (every number
+    at full precision) and ``table.tex`` (the accuracy table, booktabs, when there is evaluation) for an MLflow
+    experiment to ``out_dir`` (default ``reports/<experiment>/`` under the working
     directory), log them to the experiment's newest parent run (or a new run named ``report``), and return the
     HTML path. Missing pieces (no evaluation, one seed, no Optuna study) become notes, never errors."""
     uri = report_tracking_uri(tracking_uri)
@@ -87,6 +91,8 @@ def write_report(experiment: str, *, tracking_uri: str | None = None, out_dir: s
     html_path.write_text(render_html(title, sections, meta), encoding="utf-8")
     (out / "report.md").write_text(render_markdown(title, sections, meta), encoding="utf-8")
     (out / "report.json").write_text(json.dumps(record, indent=2, default=_json_default), encoding="utf-8")
+    if data.acc:
+        (out / "table.tex").write_text(S.latex_table(data), encoding="utf-8")
     if log_to_mlflow:
         _log_report(data, out)
     return html_path
@@ -107,7 +113,7 @@ def _log_report(data: ExperimentData, out: Path) -> str:
     else:
         run_id = client.create_run(data.experiment_id, run_name="report", tags={K.TAG_REPORT: "true"}).info.run_id
         client.set_terminated(run_id, "FINISHED")
-    for p in (p for p in out.iterdir() if p.suffix in (".html", ".md", ".json", ".png")):
+    for p in (p for p in out.iterdir() if p.suffix in (".html", ".md", ".json", ".png", ".tex")):
         client.log_artifact(run_id, str(p), artifact_path=K.REPORT_ARTIFACT_DIR)
     return run_id
 

@@ -22,7 +22,10 @@ import pandas as pd
 from harness import keys as K
 from harness.stats import per_problem_correct, seed_interval
 
-GATE_ORDER = ("sigmoid", "erf", "arctan", "softsign", "clip")
+BASELINE = "base"  # harness.cell.BASELINE_GATE: the starting checkpoint's evaluation, no RL
+GATE_ORDER = (BASELINE, "sigmoid", "erf", "arctan", "softsign", "softsign_abs", "clip")
+# Column order of benchmarks (others follow alphabetically); "aime" is AIME24 + AIME25 pooled.
+BENCH_ORDER = ("arith", "gsm8k", "math500", "aime24", "aime25", "aime")
 
 
 def float_or_none(value: Any) -> float | None:
@@ -55,7 +58,11 @@ class Group:
 
     @property
     def smooth(self) -> bool:
-        return self.gate != "clip"
+        return self.gate not in ("clip", BASELINE)
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.gate == BASELINE
 
 
 def runs_frame(runs: Sequence[Any]) -> pd.DataFrame:
@@ -97,7 +104,9 @@ def group_cells(cells: pd.DataFrame) -> list[Group]:
         tp, tn = float_or_none(first.get(f"tags.{K.TAG_TAU_POS}")), float_or_none(first.get(f"tags.{K.TAG_TAU_NEG}"))
         el, eh = float_or_none(first.get(f"tags.{K.TAG_EPS_LOW}")), float_or_none(first.get(f"tags.{K.TAG_EPS_HIGH}"))
         eps = (el, eh) if el is not None and eh is not None else None
-        if gate == "clip":
+        if gate == BASELINE:
+            label = "base model (no RL)"
+        elif gate == "clip":
             label = f"clip ε={el:g}/{eh:g}" if eps else "clip"
         else:
             label = f"{gate.split(':')[-1]} τ={tp:.3g}/{tn:.3g}" if tp is not None and tn is not None else gate
@@ -218,8 +227,18 @@ class ExperimentData:
         out.update(seed_interval(column(K.ACC), column(K.ACC_CI_LOW), column(K.ACC_CI_HIGH), level=level))
         return out
 
+    @property
+    def trained(self) -> list[Group]:
+        """The groups that trained (every group but the starting checkpoint's)."""
+        return [g for g in self.groups if not g.is_baseline]
+
+    @property
+    def baseline(self) -> Group | None:
+        return next((g for g in self.groups if g.is_baseline), None)
+
     def best(self, bench: str, groups: Sequence[Group] | None = None) -> Group | None:
-        cands = [g for g in (groups if groups is not None else self.groups) if (g.key, bench) in self.acc]
+        """The trained group with the highest accuracy on ``bench`` (among ``groups`` when given)."""
+        cands = [g for g in (groups if groups is not None else self.trained) if (g.key, bench) in self.acc]
         return max(cands, key=lambda g: self.acc[(g.key, bench)]["acc"]) if cands else None
 
     def score(self, g: Group) -> float:
@@ -263,5 +282,6 @@ def load_experiment(experiment: str, tracking_uri: str, work: Path) -> Experimen
         parsed = K.parse_eval_key(col[len("metrics."):]) if col.startswith("metrics.") else None
         if parsed is not None and parsed[1] == K.ACC and cells[col].notna().any():
             benches.add(parsed[0])
+    order = {b: i for i, b in enumerate(BENCH_ORDER)}
     return ExperimentData(experiment, exp.experiment_id, tracking_uri, client, runs.reset_index(drop=True), cells,
-                          group_cells(cells), sorted(benches), work)
+                          group_cells(cells), sorted(benches, key=lambda b: (order.get(b, len(order)), b)), work)

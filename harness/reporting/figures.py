@@ -14,7 +14,8 @@ import torch
 from harness.gates import SIGMOID_HWHM, ClipGate, effective_tau, get_gate
 
 # Okabe-Ito colour-blind-safe palette; clip in black so it never competes with a smooth gate.
-GATE_COLORS = {"sigmoid": "#0072B2", "erf": "#E69F00", "arctan": "#009E73", "softsign": "#CC79A7", "clip": "#000000"}
+GATE_COLORS = {"sigmoid": "#0072B2", "erf": "#E69F00", "arctan": "#009E73", "softsign": "#CC79A7",
+               "softsign_abs": "#D55E00", "clip": "#000000"}
 
 
 def gate_color(name: str, i: int = 0) -> str:

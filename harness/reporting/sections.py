@@ -4,8 +4,10 @@ numbers to at full precision."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,7 +62,7 @@ def verdict(data: ExperimentData, record: dict[str, Any]) -> Section:
     sec = Section("Verdict")
     out = []
     if not data.benchmarks:
-        ranked = sorted(data.groups, key=data.score, reverse=True)
+        ranked = sorted(data.trained, key=data.score, reverse=True)
         if ranked and math.isfinite(data.score(ranked[0])):
             top = ranked[0]
             sec.paragraphs.append(
@@ -75,7 +77,7 @@ def verdict(data: ExperimentData, record: dict[str, Any]) -> Section:
         if win is None:
             continue
         wa = data.acc[(win.key, b)]
-        others = [g for g in data.groups if g.gate != win.gate]
+        others = [g for g in data.trained if g.gate != win.gate]
         run = data.best(b, others)
         entry: dict[str, Any] = {"benchmark": b, "winner": win.label, "winner_gate": win.gate, **_ci(wa)}
         text = f"**{b}**: **{win.gate}** wins ({win.label}: {_fmt_ci(wa)})"
@@ -111,14 +113,14 @@ def verdict(data: ExperimentData, record: dict[str, Any]) -> Section:
 def gate_shapes(data: ExperimentData, record: dict[str, Any]) -> Section:
     """f(r) and w(r) of the swept gates at the swept temperatures."""
     sec = Section("(a) Gate shapes at the swept temperatures")
-    gates = list(dict.fromkeys(g.gate for g in data.groups))
+    gates = list(dict.fromkeys(g.gate for g in data.trained))
     if not gates:
         sec.notes.append("No cells: no gates to draw.")
         return sec
-    taus = sorted({g.tau_pos for g in data.groups if g.smooth and g.tau_pos is not None})
+    taus = sorted({g.tau_pos for g in data.trained if g.smooth and g.tau_pos is not None})
     if len(taus) > 4:
         # A tuning study has many τ: draw the range ends, the best cell's τ and the median.
-        best = max((g for g in data.groups if g.smooth and g.tau_pos is not None), key=data.score)
+        best = max((g for g in data.trained if g.smooth and g.tau_pos is not None), key=data.score)
         picks = []
         for t in sorted({taus[0], float(np.median(taus)), best.tau_pos or taus[0], taus[-1]}):
             if not picks or t / picks[-1] > 1.15:  # nearly equal τ draw nearly equal shapes: one is enough
@@ -136,7 +138,7 @@ def gate_shapes(data: ExperimentData, record: dict[str, Any]) -> Section:
             drawable.append(spec)
         except Exception as exc:  # a custom gate whose module is not importable here
             sec.notes.append(f"gate {spec} not drawn: {exc}")
-    clip = next((g for g in data.groups if g.gate == "clip" and g.eps), None)
+    clip = next((g for g in data.trained if g.gate == "clip" and g.eps), None)
     widths = {str(w) for w in data.cells.get(f"tags.{K.TAG_WIDTH}", pd.Series(dtype=str)).dropna()}
     width = widths.pop() if len(widths) == 1 else "raw"
     if not drawable:
@@ -155,10 +157,11 @@ def training_curves(data: ExperimentData, record: dict[str, Any]) -> Section:
     if not groups:
         sec.notes.append("No finished cells with training metrics.")
         return sec
-    keys = ["reward", "reward_accuracy", "entropy", "ratio_std", "gate_weight", "gated"]
+    # EUR and entropy side by side (the paper's figures 4-5): higher entropy goes with lower EUR.
+    keys = ["reward", "reward_accuracy", "ratio_std", "eur", "entropy", "gated"]
     titles = {"reward": "reward (format + accuracy)", "reward_accuracy": "reward accuracy",
               "entropy": "token entropy", "ratio_std": "std of ratio r (last update)",
-              "gate_weight": "mean gate weight w(r) (last update)",
+              "eur": "effective update ratio, EUR (last update)",
               "gated": "gated fraction (last update)\nsmooth: w < 0.5; clip: clipped"}
     histories: dict[str, dict[str, pd.Series]] = {}
     last_k: dict[str, int] = {}
@@ -168,7 +171,7 @@ def training_curves(data: ExperimentData, record: dict[str, Any]) -> Section:
             last_k[row["run_id"]] = k
             names = {"reward": K.train_key(K.REWARD), "reward_accuracy": K.train_key(K.REWARD_ACCURACY),
                      "entropy": K.train_key(K.ENTROPY), "ratio_std": K.train_key(K.RATIO_STD, k),
-                     "gate_weight": K.train_key(K.GATE_WEIGHT, k),
+                     "eur": K.train_key(K.EUR, k),
                      "gated": K.train_key(K.CLIP_FRAC if g.gate == "clip" else K.FRAC_W_LT_HALF, k)}
             histories[row["run_id"]] = {key: data.history(row["run_id"], name) for key, name in names.items()}
     n_steps = max((len(s) for h in histories.values() for s in h.values()), default=0)
@@ -210,7 +213,9 @@ def training_curves(data: ExperimentData, record: dict[str, Any]) -> Section:
     sec.figures.append(Figure("fig_training.png", png(fig),
                               f"Per-step training metrics, moving average over {window} step(s); line: mean over "
                               f"seeds, {band}. Ratio statistics are from the last optimizer update of each "
-                              f"rollout batch (it{max(last_k.values(), default=1)}), where r ≠ 1."))
+                              f"rollout batch (it{max(last_k.values(), default=1)}), where r ≠ 1. EUR: the mean "
+                              "share of a token's full update it contributes (arXiv 2602.19345 eq. 12: f'(r) "
+                              "averaged over each prompt's tokens, then over prompts; clip: 1 − clip fraction)."))
     if not multi_seed:
         sec.notes.append("One seed per configuration: no seed bands.")
     return sec
@@ -218,7 +223,7 @@ def training_curves(data: ExperimentData, record: dict[str, Any]) -> Section:
 
 def _curve_groups(data: ExperimentData, sec: Section) -> list[Group]:
     by_gate: dict[str, list[Group]] = {}
-    for g in data.groups:
+    for g in data.trained:
         by_gate.setdefault(g.gate, []).append(g)
     out = []
     for gate, gs in by_gate.items():
@@ -272,8 +277,8 @@ def paired(data: ExperimentData, record: dict[str, Any]) -> Section:
     """Each configuration against a sigmoid one, paired by problem (bootstrap over problems)."""
     sec = Section("(d) Each gate against the sigmoid baseline, paired by problem")
     record["paired"] = []
-    sig = [g for g in data.groups if g.gate == "sigmoid"]
-    others = [g for g in data.groups if g.gate != "sigmoid"]
+    sig = [g for g in data.trained if g.gate == "sigmoid"]
+    others = [g for g in data.trained if g.gate != "sigmoid"]
     if not data.benchmarks:
         sec.notes.append("No evaluation: no paired comparison.")
         return sec
@@ -382,11 +387,12 @@ def tau_sensitivity(data: ExperimentData, record: dict[str, Any]) -> Section:
                         lw=1.5, ms=5, label=gate)
             records += [{"benchmark": b, "gate": gate, "tau_pos": p[0], "tau_neg": p[4].tau_neg, "y": p[1],
                          "low": p[2], "high": p[3]} for p in pts]
-        for g in (x for x in data.groups if x.gate == "clip"):
+        for g in (x for x in data.groups if x.gate == "clip" or x.is_baseline):
             y = _y(data, g, b, use_eval)
             if y is not None:
                 ax.axhspan(y[1], y[2], color="0.2", alpha=0.07, lw=0)
-                ax.axhline(y[0], color="black", lw=1.3, ls="--", label=f"{g.label} (no τ)")
+                ax.axhline(y[0], color="black" if g.gate == "clip" else "0.45", lw=1.3,
+                           ls="--" if g.gate == "clip" else ":", label=f"{g.label} (no τ)")
         log_x(ax, [g.tau_pos for g in smooth])
         ax.set_xlabel("τ_pos (log scale)" + ("; τ_neg varies at equal τ_pos" if taus_neg_vary else ""))
         ax.set_ylabel("accuracy (95% CI)" if use_eval else "final train reward")
@@ -431,3 +437,100 @@ def _ci(a: Mapping[str, Any]) -> dict[str, float]:
 
 def _fmt_ci(a: Mapping[str, Any]) -> str:
     return f"{a['acc']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]"
+
+
+# ------------------------------------------------------------------------------------------- against the paper
+
+PAPER_TABLE = Path(__file__).resolve().parent / "reference" / "paper_table1.json"
+PAPER_MODEL = "Qwen/Qwen2.5-7B-Instruct"
+PAPER_TAUS = (10.0, 12.0)
+
+
+def paper_reference() -> dict[str, Any]:
+    """Table 1 of arXiv 2602.19345 v2 as kept in the repository (with its source)."""
+    return json.loads(PAPER_TABLE.read_text(encoding="utf-8"))
+
+
+def is_paper_experiment(data: ExperimentData) -> bool:
+    """The paper's sweep: a parent run of sweep ``paper`` / ``paper_temperature``, or cells of the paper's model."""
+    sweeps = {str(v) for v in data.runs.get(f"tags.{K.TAG_SWEEP}", pd.Series(dtype=str)).dropna()}
+    models = {str(v) for v in data.cells.get(f"tags.{K.TAG_MODEL}", pd.Series(dtype=str)).dropna()}
+    return bool(sweeps & {"paper", "paper_temperature"}) or PAPER_MODEL in models
+
+
+def against_the_paper(data: ExperimentData, record: dict[str, Any]) -> Section:
+    """Our accuracy beside Table 1 of the paper, row by row (the paper's gates at (10, 12), clip at ε = 0.2)."""
+    sec = Section("(g) Against the paper (arXiv 2602.19345 v2, Table 1)")
+    ref = paper_reference()
+    record["against_the_paper"] = []
+    cols = [c for c in ref["columns"] if c in data.benchmarks]
+    if not cols:
+        sec.notes.append("None of the paper's benchmarks (GSM8K, MATH500, pooled AIME24 + AIME25) was evaluated here.")
+        return sec
+    models = sorted({str(v) for v in data.cells.get(f"tags.{K.TAG_MODEL}", pd.Series(dtype=str)).dropna()})
+    if PAPER_MODEL not in models:
+        sec.notes.append(f"This experiment trained {', '.join(models) or 'an unknown model'}, not the paper's "
+                         f"{PAPER_MODEL}: the rows below are not comparable numbers, only the same layout.")
+    rows, out = [], []
+    for r in ref["rows"]:
+        ours = _paper_partner(data, r["gate"])
+        row = [r["label"], "—" if ours is None else ours.label]
+        entry: dict[str, Any] = {"paper_row": r["label"], "ours": None if ours is None else ours.label}
+        for c in cols:
+            a = None if ours is None else data.acc.get((ours.key, c))
+            row += [f"{100 * a['acc']:.1f} [{100 * a['ci_low']:.1f}, {100 * a['ci_high']:.1f}]" if a else "—",
+                    f"{r[c]:.1f}"]
+            entry[c] = {"paper": r[c], **({} if a is None else {"ours": a["acc"], "ci_low": a["ci_low"],
+                                                              "ci_high": a["ci_high"], "n_seeds": a["n_seeds"]})}
+            if a is not None:
+                entry[c]["paper_inside_ci"] = a["ci_low"] <= r[c] / 100 <= a["ci_high"]
+        rows.append(row)
+        out.append(entry)
+    header = ["paper row", "our configuration"] + [h for c in cols for h in (f"{c} ours (95% CI)", f"{c} paper")]
+    sec.tables.append(Table(header, rows, caption="Accuracy in %. Ours: mean over seeds with the 95% interval of "
+                                                  "table (c); paper: one seed, no interval. " + ref["notes"]))
+    sec.paragraphs.append(f"Source of the paper's numbers: {ref['source']}. Our partner of a paper row is the "
+                          "configuration of the same gate at (τ_pos, τ_neg) = (10, 12) (clip at ε = 0.2), else that "
+                          "gate's best configuration; the base model is the sweep's starting checkpoint.")
+    record["against_the_paper"] = out
+    return sec
+
+
+def _paper_partner(data: ExperimentData, gate: str) -> Group | None:
+    if gate == "base":
+        return data.baseline
+    same = [g for g in data.trained if g.gate == gate]
+    at_paper = [g for g in same if (g.tau_pos, g.tau_neg) == PAPER_TAUS or (gate == "clip" and g.eps == (0.2, 0.2))]
+    pool = at_paper or same
+    return max(pool, key=data.score) if pool else None
+
+
+def latex_table(data: ExperimentData) -> str:
+    """The accuracy table as LaTeX (booktabs): one row per configuration (the base model first), one column per
+    benchmark, "acc ± half-width of the 95% CI" in %, the best trained configuration per column in bold."""
+    benches = data.benchmarks
+    lines = [r"\begin{tabular}{l" + "c" * len(benches) + "}", r"\toprule",
+             "configuration & " + " & ".join(_tex(b) for b in benches) + r" \\", r"\midrule"]
+    best = {b: data.best(b) for b in benches}
+    for g in data.groups:
+        cells = []
+        for b in benches:
+            a = data.acc.get((g.key, b))
+            if a is None:
+                cells.append("--")
+                continue
+            text = f"{100 * a['acc']:.1f} $\\pm$ {100 * (a['ci_high'] - a['ci_low']) / 2:.1f}"
+            cells.append(f"\\textbf{{{text}}}" if best[b] is g else text)
+        lines.append(_tex(g.label) + " & " + " & ".join(cells) + r" \\")
+        if g.is_baseline:
+            lines.append(r"\midrule")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def _tex(text: str) -> str:
+    """Plain text in LaTeX: escape the specials, spell the Greek letters the labels use."""
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#"),
+                 ("τ", r"$\tau$"), ("ε", r"$\varepsilon$")):
+        text = text.replace(a, b)
+    return text
