@@ -4,7 +4,8 @@ Usage::
 
     python benchmarks/bench_objective.py [--batch 64] [--seq 1024] [--reps 60] [--warmup 5]
                                          [--gates sigmoid erf arctan softsign clip] [--threads N]
-                                         [--clock wall|cpu]
+                                         [--clock wall|cpu] [--device cpu|cuda] [--dtype float32|bfloat16]
+                                         [--json PATH]
 
 All gates are timed side by side in one process on identical inputs (float32, CPU): each repetition
 runs every (gate, diagnostics) case once in a freshly shuffled order, so drift in machine load hits all
@@ -15,11 +16,16 @@ cases alike, and the table reports medians and the ratio of each median to clip'
 ``--clock cpu`` times with ``time.thread_time`` (CPU time of the calling thread) instead of wall time;
 use it with ``--threads 1`` on a shared, loaded machine, where wall time mostly measures waiting for a
 core. Custom gates (``--gates tests.custom_gate_module:F``) resolve from the repository root.
+
+``--device cuda`` times on the GPU (the device is synchronized before and after each case, so a time is the
+kernels' time, not the launch's); ``--dtype bfloat16`` casts the log-probs to bf16, as TRL hands them over under bf16
+autocast (the native trainer's are float32 either way). ``--json PATH`` also writes the medians and ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import random
 import statistics
@@ -35,32 +41,41 @@ from harness.objective import policy_loss
 TARGET = 1.25
 ROOT = Path(__file__).resolve().parents[1]
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def make_inputs(batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Realistic inputs: log r ~ N(0, 0.1), ~80% of tokens unmasked, advantages of both signs."""
+def make_inputs(batch: int, seq: int, seed: int = 0, device: str = "cpu",
+                dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Realistic inputs: log r ~ N(0, 0.1), ~80% of tokens unmasked, advantages of both signs. Drawn on the CPU
+    (the same numbers on every device), then moved; ``dtype`` applies to the log-probs."""
     gen = torch.Generator().manual_seed(seed)
     logp = -torch.rand(batch, seq, generator=gen) * 5.0
     old_logp = logp + 0.1 * torch.randn(batch, seq, generator=gen)
     lengths = (seq * (0.6 + 0.4 * torch.rand(batch, generator=gen))).long()  # ragged, mean 0.8·T
     mask = torch.arange(seq)[None, :] < lengths[:, None]
     advantages = torch.randn(batch, generator=gen)
-    return {"logp": logp, "old_logp": old_logp, "advantages": advantages, "mask": mask}
+    return {"logp": logp.to(device, dtype), "old_logp": old_logp.to(device, dtype),
+            "advantages": advantages.to(device), "mask": mask.to(device)}
 
 
 def step(inputs: dict[str, torch.Tensor], gate: str, diagnostics: bool, clock=time.perf_counter) -> float:
     """One forward + backward, as the trainer calls it; returns the time in seconds."""
     logp = inputs["logp"].detach().requires_grad_(True)
+    cuda = logp.is_cuda
+    if cuda:  # kernels still queued from the previous case must not count here
+        torch.cuda.synchronize(logp.device)
     t0 = clock()
     loss, _ = policy_loss(logp, inputs["old_logp"], inputs["advantages"], inputs["mask"], gate=gate,
                           diagnostics=diagnostics)
     loss.backward()
+    if cuda:  # the backward returns once its kernels are queued
+        torch.cuda.synchronize(logp.device)
     return clock() - t0
 
 
 def run(gates: list[str], batch: int, seq: int, reps: int, warmup: int, seed: int = 0,
-        clock=time.perf_counter) -> dict:
-    inputs = make_inputs(batch, seq, seed)
+        clock=time.perf_counter, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    inputs = make_inputs(batch, seq, seed, device, dtype)
     cases = [(g, d) for d in (True, False) for g in gates]
     times: dict[tuple[str, bool], list[float]] = {c: [] for c in cases}
     rng = random.Random(seed)
@@ -83,14 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gates", nargs="+", default=list(BUILTIN_GATES))
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--clock", choices=list(CLOCKS), default="wall", help="wall time, or CPU time of this thread")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the log-probs")
+    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    if args.device != "cpu" and args.clock == "cpu":
+        p.error("--clock cpu measures this thread's CPU time, not the GPU's; use --clock wall with --device cuda")
     sys.path.insert(0, str(ROOT))  # custom gates such as tests.custom_gate_module:F
     if args.threads:
         torch.set_num_threads(args.threads)
     gates = list(dict.fromkeys([*args.gates, "clip"]))
 
-    med = run(gates, args.batch, args.seq, args.reps, args.warmup, clock=CLOCKS[args.clock])
-    print(f"policy_loss forward+backward, {args.batch}x{args.seq} float32 CPU, torch {torch.__version__}, "
+    med = run(gates, args.batch, args.seq, args.reps, args.warmup, clock=CLOCKS[args.clock], device=args.device,
+              dtype=DTYPES[args.dtype])
+    where = "CPU" if args.device == "cpu" else torch.cuda.get_device_name(torch.device(args.device))
+    print(f"policy_loss forward+backward, {args.batch}x{args.seq} {args.dtype} {where}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; {args.clock} clock, "
           f"median of {args.reps} interleaved reps after {args.warmup} warmup")
     wn = max(10, *map(len, gates))
@@ -105,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
                 missed.append(f"{g} (diagnostics={diag}: {ratio:.2f}x)")
         print(" ".join(row) + ("" if g in SMOOTH_GATES or g == "clip" else "  (custom)"))
     print("all smooth gates within target" if not missed else "MISSED target: " + ", ".join(missed))
+    if args.json is not None:
+        rows = {g: {f"diag={d}": {"ms": med[(g, d)] * 1e3, "x_clip": med[(g, d)] / med[("clip", d)]}
+                    for d in (True, False)} for g in gates}
+        args.json.write_text(json.dumps({
+            "batch": args.batch, "seq": args.seq, "reps": args.reps, "warmup": args.warmup, "device": where,
+            "dtype": args.dtype, "clock": args.clock, "torch": torch.__version__, "target": TARGET, "gates": rows,
+            "missed": missed}, indent=2))
     return 0
 
 

@@ -18,12 +18,34 @@ Each row also prints the fraction of groups with zero reward variance, which dec
     python benchmarks/bench_trainer.py [--steps 8] [--threads 2]
 
 Target (issue "Built-in RL trainer"): native >= 3x TRL on CPU.
+
+Then the default cell (``harness run``'s own train config: 256 rollouts, 4 mini-batches of 64, 2 passes) through the
+harness's ``native`` and ``trl`` backends side by side, seconds per rollout batch, and the TRL backend without its
+cached sampler and zero-advantage skip (target: trl within 3x of native). ``--default-cell only`` runs just these.
+
+GPU runs and other models (``benchmarks/gpu_check.py`` uses these; the defaults above are unchanged):
+
+    python benchmarks/bench_trainer.py --device cuda [--no-bf16] [--model-shape qwen2.5-0.5b] [--max-new 128]
+        [--prompts 16] [--micro 64] [--trainers native trl trl-no-ckpt] [--json results.json]
+
+``--device cuda`` runs both trainers on the GPU with bf16 autocast (``--no-bf16``: fp32) and adds each row's peak
+GPU memory (``torch.cuda.max_memory_allocated``). ``--model-shape qwen2.5-0.5b`` trains a model with
+Qwen2.5-0.5B's architecture (24 layers, hidden 896, vocab 151,936: 494M parameters) and random weights, built here
+(no download) with the tiny model's tokenizer: its completions are noise that runs to ``--max-new`` tokens and earns
+(almost) no reward, so the native rows train on every row (``backend.skip_zero_advantage=false``), as TRL does; it
+measures speed and memory, not learning. ``mini`` is the same at a few MB, for CPU dry runs. Stock TRL turns
+gradient checkpointing on (``GRPOConfig.gradient_checkpointing=True``), the native trainer has none: the
+``trl-no-ckpt`` row is TRL with it off.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,11 +53,66 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 PROMPTS, G, MAX_NEW, MICRO, TEMPERATURE, LR, SEED = 16, 8, 24, 64, 0.7, 3e-5, 0
+DEVICE, BF16 = "cpu", True  # --device / --no-bf16 (bf16 autocast applies on CUDA only)
+ROWS = {  # --trainers name -> printed label
+    "native": "native", "native-generate": "native, generate", "native-all-rows": "native, all rows", "trl": "trl",
+    "trl-no-ckpt": "trl, no grad ckpt",
+}
+NATIVE_EXTRA = {"native": (), "native-generate": ("backend.sampler=generate",),
+                "native-all-rows": ("backend.skip_zero_advantage=false",)}
+DEFAULT_ROWS = ("native", "native-generate", "native-all-rows", "trl")
+# Qwen2.5-0.5B(-Instruct)'s config.json, and a few-MB model of the same family for CPU dry runs.
+SHAPES = {
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+                         rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "mini": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=4096, max_position_embeddings=1024, rope_theta=1e6,
+                 rms_norm_eps=1e-6, tie_word_embeddings=True),
+}
+
+
+def build_shaped_model(shape: str, out_dir: str | Path, cache_dir: str) -> str:
+    """A Qwen2 model of ``SHAPES[shape]`` with random weights (seeded), saved in float32 with the tiny model's
+    tokenizer and chat template, so both trainers see the tiny model's prompts. Initialised on ``--device``: on a GPU
+    the 494M random draws do not wait for the CPU."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from harness.models import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny", cache_dir=cache_dir))
+    config = Qwen2Config(**SHAPES[shape], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(SEED)
+    with torch.device(DEVICE):
+        model = Qwen2ForCausalLM(config)
+    model.to(torch.float32).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    del model
+    return str(out_dir)
+
+
+def _free_device_memory() -> None:
+    """Release what the previous row left, and restart the peak-memory counter."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _gib(peak: bool) -> float | None:
+    """GPU memory allocated now / at its peak since the last reset, in GiB (None on CPU)."""
+    import torch
+
+    if DEVICE == "cpu":
+        return None
+    return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**30
 
 
 def _native_cfg(steps: int, threads: int, cache_dir: str, *extra: str):
-    import tempfile
-
     from omegaconf import open_dict
 
     from tests.conftest import compose
@@ -45,7 +122,8 @@ def _native_cfg(steps: int, threads: int, cache_dir: str, *extra: str):
                    f"train.max_new_tokens={MAX_NEW}", "train.num_iterations=2",
                    f"train.rollout_temperature={TEMPERATURE}", f"train.lr={LR}", "gate=sigmoid", f"seed={SEED}",
                    f"train.save_every={10**6}", "backend.progress=false", f"backend.threads={threads}",
-                   "backend.device=cpu", "eval.enabled=false", f"cache_dir={cache_dir}", *extra])
+                   f"backend.device={DEVICE}", f"backend.bf16={str(BF16).lower()}", "eval.enabled=false",
+                   f"cache_dir={cache_dir}", *extra])
     with open_dict(cfg):
         cfg.output_dir = tempfile.mkdtemp(prefix="bench-native-")
     return cfg
@@ -54,7 +132,9 @@ def _native_cfg(steps: int, threads: int, cache_dir: str, *extra: str):
 def native_throughput(steps: int, threads: int, cache_dir: str, *extra: str) -> dict[str, float]:
     from harness.backends.native import train
 
-    history = train(_native_cfg(steps, threads, cache_dir, *extra)).history[1:]  # drop the warm-up step
+    cfg = _native_cfg(steps, threads, cache_dir, *extra)
+    history = train(cfg).history[1:]  # drop the warm-up step
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)  # its final checkpoint: 6 GB with optimizer state at 0.5B
     seconds = sum(h["step_time_s"] for h in history)
     return {"tps": sum(h["tokens"] for h in history) / seconds, "step": seconds / len(history),
             "zero_var": sum(h["zero_var_frac"] for h in history) / len(history)}
@@ -70,9 +150,10 @@ def native_prompt_order(steps: int) -> list[dict[str, str]]:
     return [problems[i] for step in range(steps + 1) for i in prompts_for_step(len(problems), step, PROMPTS, SEED)]
 
 
-def trl_throughput(steps: int, threads: int, cache_dir: str) -> dict[str, float]:
-    import tempfile
-
+def trl_throughput(steps: int, threads: int, cache_dir: str, model_path: str | None = None,
+                   gradient_checkpointing: bool | None = None) -> dict[str, float]:
+    """Stock ``GRPOTrainer`` with ``loss_type="sapo"`` on the same prompts; ``model_path`` defaults to the tiny model,
+    ``gradient_checkpointing=None`` keeps TRL's default (on)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -83,7 +164,7 @@ def trl_throughput(steps: int, threads: int, cache_dir: str) -> dict[str, float]
     from harness.scoring import has_format, score_batch
 
     torch.set_num_threads(threads)
-    path = resolve_model_path("tiny", cache_dir=cache_dir)
+    path = model_path or resolve_model_path("tiny", cache_dir=cache_dir)
     tok = AutoTokenizer.from_pretrained(path)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -95,12 +176,14 @@ def trl_throughput(steps: int, threads: int, cache_dir: str) -> dict[str, float]
         acc = [float(s.correct) for s in score_batch(completions, answer, fallbacks=())]
         return [float(has_format(c)) + a for c, a in zip(completions, acc, strict=True)]
 
+    extra = {} if gradient_checkpointing is None else {"gradient_checkpointing": gradient_checkpointing}
+    out_dir = tempfile.mkdtemp(prefix="bench-trl-")
     args = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench-trl-"), use_cpu=True, bf16=False, loss_type="sapo",
+        output_dir=out_dir, use_cpu=DEVICE == "cpu", bf16=DEVICE != "cpu" and BF16, loss_type="sapo",
         num_generations=G, generation_batch_size=PROMPTS * G, per_device_train_batch_size=MICRO,
         gradient_accumulation_steps=PROMPTS * G // MICRO, num_iterations=2, max_completion_length=MAX_NEW,
         learning_rate=LR, max_steps=2 * (steps + 1), logging_steps=1, report_to="none", save_strategy="no",
-        temperature=TEMPERATURE, top_k=0, seed=SEED, shuffle_dataset=False,
+        temperature=TEMPERATURE, top_k=0, seed=SEED, shuffle_dataset=False, **extra,
     )
     times: list[float] = []
     tokens: list[float] = []
@@ -122,36 +205,140 @@ def trl_throughput(steps: int, threads: int, cache_dir: str) -> dict[str, float]
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
                           callbacks=[Timer()])
     trainer.train()
+    del trainer, model
+    shutil.rmtree(out_dir, ignore_errors=True)
     # Two optimizer steps per rollout batch; drop the first batch (warm-up) for both trainers.
     seconds = sum(times[2:])
-    batch_tokens = tokens[-1] - tokens[1]  # cumulative prompt+completion tokens after the warm-up batch
+    # TRL logs the cumulative prompt+completion tokens once per rollout batch, after generating it: tokens[0] is the
+    # count after the warm-up batch, so the timed batches' tokens are tokens[-1] - tokens[0].
+    batch_tokens = tokens[-1] - tokens[0]
     return {"tps": batch_tokens / seconds, "step": seconds / (len(times[2:]) / 2),
             "zero_var": sum(zero_var[1:]) / max(1, len(zero_var[1:]))}
 
 
-def main() -> None:
+# The default cell (`harness run`'s conf/train/default.yaml: 256 rollouts of 32 prompts, 4 mini-batches of 64, 2 passes)
+# through the harness's own backends, side by side; the last row is the TRL backend as it was before its cached
+# sampler and zero-advantage skip (TRL's model.generate, every row through the passes).
+DEFAULT_CELL_ROWS = {"native": ("backend=native",), "trl": ("backend=trl",),
+                     "trl, generate, all rows": ("backend=trl", "backend.sampler=generate",
+                                                 "backend.skip_zero_advantage=false")}
+
+
+def default_cell_row(steps: int, threads: int, cache_dir: str, *overrides: str) -> dict[str, float]:
+    """Mean wall seconds per rollout batch of one harness backend at the default cell's train config, after one
+    warm-up batch (its step_time_s: rollouts, rewards, both passes, optimizer steps)."""
+    from omegaconf import open_dict
+
+    from harness.backends import get_backend
+    from tests.conftest import compose
+
+    cfg = compose([*overrides, f"train.steps={steps + 1}", f"train.save_every={10**6}", "backend.progress=false",
+                   f"backend.threads={threads}", f"backend.device={DEVICE}", "eval.enabled=false",
+                   f"cache_dir={cache_dir}", f"seed={SEED}"])
+    with open_dict(cfg):
+        cfg.output_dir = tempfile.mkdtemp(prefix="bench-cell-")
+    history = get_backend(cfg.backend.name)(cfg).history[1:]
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    return {"step": sum(h["step_time_s"] for h in history) / len(history),
+            "zero_var": sum(h["zero_var_frac"] for h in history) / len(history)}
+
+
+def print_default_cell(steps: int, threads: int, cache_dir: str) -> dict[str, dict[str, float]]:
+    """The default cell's rows, printed with their ratio to native; returns them."""
+    from tests.conftest import compose
+
+    t = compose([]).train
+    rows = {label: default_cell_row(steps, threads, cache_dir, *ov) for label, ov in DEFAULT_CELL_ROWS.items()}
+    print(f"default cell ({t.rollout_batch_size} rollouts = {t.rollout_batch_size // t.num_generations} prompts x "
+          f"{t.num_generations}, mini-batches of {t.mini_batch_size}, micro-batch {t.micro_batch_size}, "
+          f"{t.num_iterations} passes, <= {t.max_new_tokens} new tokens), {threads} threads, {steps} timed batches "
+          "each, harness backends:")
+    print(f"{'backend':24s} {'s/batch':>9s} {'zero-var groups':>16s} {'vs native':>10s}")
+    for label, r in rows.items():
+        print(f"{label:24s} {r['step']:9.2f} {r['zero_var']:16.2f} {r['step'] / rows['native']['step']:9.2f}x")
+    ratio = rows["trl"]["step"] / rows["native"]["step"]
+    print(f"trl / native wall per batch at the default cell: {ratio:.2f}x (target <= 3x): "
+          f"{'met' if ratio <= 3 else 'NOT met'}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    global PROMPTS, MAX_NEW, MICRO, DEVICE, BF16
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="timed rollout batches per trainer")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-dir", default=str(REPO / ".cache" / "test"))
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--no-bf16", action="store_true", help="fp32 on CUDA too (default: bf16 autocast)")
+    parser.add_argument("--model-shape", default="tiny", choices=["tiny", *SHAPES],
+                        help="tiny: the warm-started tiny model; else that architecture with random weights")
+    parser.add_argument("--prompts", type=int, default=PROMPTS, help=f"prompts per rollout batch (x {G} rollouts)")
+    parser.add_argument("--max-new", type=int, default=MAX_NEW, help="max new tokens per rollout")
+    parser.add_argument("--micro", type=int, default=MICRO, help="micro-batch (rollouts per forward/backward)")
+    parser.add_argument("--trainers", nargs="+", choices=list(ROWS), default=list(DEFAULT_ROWS))
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--default-cell", choices=["after", "only", "skip"], default="after",
+                        help="the default cell's rows (native and TRL backends, 256 rollouts): after the rows above, "
+                             "only them, or not (tiny model only)")
+    args = parser.parse_args(argv)
+    PROMPTS, MAX_NEW, MICRO, DEVICE, BF16 = args.prompts, args.max_new, args.micro, args.device, not args.no_bf16
     import torch
 
-    rows = {
-        "native": native_throughput(args.steps, args.threads, args.cache_dir),
-        "native, generate": native_throughput(args.steps, args.threads, args.cache_dir, "backend.sampler=generate"),
-        "native, all rows": native_throughput(args.steps, args.threads, args.cache_dir,
-                                              "backend.skip_zero_advantage=false"),
-        "trl": trl_throughput(args.steps, args.threads, args.cache_dir),
-    }
-    print(f"tiny model, {PROMPTS}x{G} rollouts, <= {MAX_NEW} new tokens, 2 updates/batch, micro-batch {MICRO}, "
-          f"{args.threads} threads, torch {torch.__version__}, {args.steps} timed batches each")
-    print(f"{'trainer':18s} {'tokens/s':>10s} {'s/batch':>9s} {'zero-var groups':>16s} {'vs trl':>7s}")
-    trl_tps = rows["trl"]["tps"]
-    for name, r in rows.items():
-        print(f"{name:18s} {r['tps']:10.0f} {r['step']:9.2f} {r['zero_var']:16.2f} {r['tps'] / trl_tps:6.2f}x")
-    ratio = rows["native"]["tps"] / trl_tps
-    print(f"native / trl throughput: {ratio:.2f}x (target >= 3x): {'met' if ratio >= 3 else 'NOT met'}")
+    if args.default_cell == "only":
+        print_default_cell(args.steps, args.threads, args.cache_dir)
+        return
+
+    model_dir = None
+    extra: tuple[str, ...] = ()
+    if args.model_shape != "tiny":
+        model_dir = build_shaped_model(args.model_shape, tempfile.mkdtemp(prefix=f"bench-{args.model_shape}-"),
+                                       args.cache_dir)
+        # A rare rewarded noise completion would otherwise decide how many rows the native passes skip.
+        extra = (f"model.path={model_dir}", "backend.skip_zero_advantage=false")
+    precision = "fp32" if DEVICE == "cpu" or not BF16 else "bf16 autocast"
+    settings = {"model": args.model_shape, "prompts": PROMPTS, "generations": G, "max_new_tokens": MAX_NEW,
+                "micro_batch": MICRO, "steps": args.steps, "threads": args.threads, "device": DEVICE,
+                "precision": precision, "torch": torch.__version__,
+                "gpu": torch.cuda.get_device_name() if DEVICE != "cpu" else None}
+    rows: dict[str, dict[str, float | None]] = {}
+
+    def write_json(ratio: float | None = None) -> None:
+        if args.json is not None:  # after every row: a run stopped half-way keeps the rows it finished
+            args.json.write_text(json.dumps({"settings": settings, "rows": rows, "native_over_trl": ratio}, indent=2))
+
+    try:
+        for name in args.trainers:
+            _free_device_memory()
+            start = _gib(peak=False)  # what earlier rows left allocated (counted in this row's peak too)
+            if name in NATIVE_EXTRA:
+                r = native_throughput(args.steps, args.threads, args.cache_dir, *extra, *NATIVE_EXTRA[name])
+            else:
+                r = trl_throughput(args.steps, args.threads, args.cache_dir, model_dir,
+                                   gradient_checkpointing=False if name == "trl-no-ckpt" else None)
+            rows[ROWS[name]] = {**r, "peak_gib": _gib(peak=True), "start_gib": start}
+            write_json()
+    finally:
+        if model_dir is not None:
+            shutil.rmtree(model_dir, ignore_errors=True)
+    where = "" if DEVICE == "cpu" else f", {torch.cuda.get_device_name()} {precision}"
+    print(f"{args.model_shape} model, {PROMPTS}x{G} rollouts, <= {MAX_NEW} new tokens, 2 updates/batch, "
+          f"micro-batch {MICRO}, {args.threads} threads, torch {torch.__version__}, {args.steps} timed batches each"
+          f"{where}")
+    memory = DEVICE != "cpu"
+    print(f"{'trainer':18s} {'tokens/s':>10s} {'s/batch':>9s} {'zero-var groups':>16s} {'vs trl':>7s}"
+          + (f" {'peak GiB':>9s}" if memory else ""))
+    trl_tps = rows["trl"]["tps"] if "trl" in rows else None
+    for label, r in rows.items():
+        vs = f"{r['tps'] / trl_tps:6.2f}x" if trl_tps else f"{'-':>7s}"
+        print(f"{label:18s} {r['tps']:10.0f} {r['step']:9.2f} {r['zero_var']:16.2f} {vs}"
+              + (f" {r['peak_gib']:9.2f}" if memory else ""))
+    ratio = rows["native"]["tps"] / trl_tps if trl_tps and "native" in rows else None
+    if ratio is not None:
+        print(f"native / trl throughput: {ratio:.2f}x (target >= 3x): {'met' if ratio >= 3 else 'NOT met'}")
+    write_json(ratio)
+    if args.default_cell == "after" and args.model_shape == "tiny":
+        print()
+        print_default_cell(args.steps, args.threads, args.cache_dir)
 
 
 if __name__ == "__main__":

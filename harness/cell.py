@@ -23,10 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness import keys as K
 from harness.backends import StepCallback, get_backend
-from harness.config import to_plain
+from harness.config import RunIncomplete, config_errors, to_plain
 
 TAU_MODES = ("tied", "separate")
 ROLES = ("cell", "baseline")
+EVAL_SEED_STRIDE = 1_000_003  # more samples than any benchmark has (1319 problems x k)
 BASELINE_GATE = "base"  # the gate tag of a baseline run: the starting checkpoint, no RL
 # What a baseline evaluation depends on: the model and how it is evaluated (not the gate, the RL recipe or the seed).
 BASELINE_KEYS = ("model", "eval")
@@ -65,7 +66,14 @@ def cell_name(cfg: DictConfig) -> str:
     gate = str(g.name).split(":")[-1]
     if g.name == "clip":
         return f"clip-e{g.eps_low:g}-{g.eps_high:g}-s{cfg.seed}"
-    return f"{gate}-t{g.tau_pos:g}-{g.tau_neg:g}-s{cfg.seed}"
+    nu = f"-nu{g.nu:g}" if g.get("nu") is not None else ""
+    sched = str(g.get("tau_schedule", "constant") or "constant")
+    if sched == "eur_target":
+        return f"{gate}{nu}-eur{g.eur_target:g}-s{cfg.seed}"
+    if sched != "constant":
+        start, end = g.get("tau_start") or g.tau_pos, g.get("tau_end") or g.tau_pos
+        return f"{gate}{nu}-{sched}{start:g}to{end:g}-s{cfg.seed}"
+    return f"{gate}{nu}-t{g.tau_pos:g}-{g.tau_neg:g}-s{cfg.seed}"
 
 
 def cell_dir(cfg: DictConfig, chash: str | None = None) -> Path:
@@ -75,8 +83,8 @@ def cell_dir(cfg: DictConfig, chash: str | None = None) -> Path:
 
 
 def cell_tags(cfg: DictConfig, chash: str) -> dict[str, str]:
-    """The tags of a cell's MLflow run (the names are :mod:`harness.keys`' ``TAG_*``)."""
-    from harness.tracking import git_commit
+    """The tags of a cell's MLflow run (the names are :mod:`harness.keys`' ``TAG_*``), provenance included."""
+    from harness.provenance import provenance_tags
 
     smooth = cfg.gate.name != "clip" and not is_baseline(cfg)
     return {
@@ -86,13 +94,27 @@ def cell_tags(cfg: DictConfig, chash: str) -> dict[str, str]:
         K.TAG_EPS_LOW: "" if smooth or is_baseline(cfg) else str(cfg.gate.eps_low),
         K.TAG_EPS_HIGH: "" if smooth or is_baseline(cfg) else str(cfg.gate.eps_high),
         K.TAG_WIDTH: str(cfg.gate.width),
+        K.TAG_NU: "" if cfg.gate.get("nu") is None or is_baseline(cfg) else str(cfg.gate.nu),
+        K.TAG_TAU_SCHEDULE: "" if is_baseline(cfg) else str(cfg.gate.get("tau_schedule", "constant") or "constant"),
+        K.TAG_EUR_TARGET: "" if cfg.gate.get("eur_target") is None else str(cfg.gate.eur_target),
         K.TAG_SEED: str(cfg.seed),
         K.TAG_BACKEND: str(cfg.backend.name),
         K.TAG_MODEL: str(cfg.model.get("path") or cfg.model.name),
         K.TAG_TASK: str(cfg.task.name),
-        K.TAG_GIT_COMMIT: git_commit(),
         K.TAG_CONFIG_HASH: chash,
+        **inadmissible_tag(cfg),
+        **provenance_tags(),
     }
+
+
+def inadmissible_tag(cfg: DictConfig) -> dict[str, str]:
+    """``{inadmissible: <failed properties>}`` for a gate trained with ``gate.allow_inadmissible=true``, else {}."""
+    if is_baseline(cfg) or not cfg.gate.get("allow_inadmissible", False):
+        return {}
+    from harness.backends.common import inadmissible_properties
+
+    failed = inadmissible_properties(cfg.gate)
+    return {K.TAG_INADMISSIBLE: "; ".join(failed)[:5000]} if failed else {}
 
 
 def cell_params(cfg: DictConfig) -> dict[str, str]:
@@ -165,15 +187,32 @@ def cell_overrides(gates: Sequence[str], taus: Sequence[float], seeds: Sequence[
 
 
 def validate_cell(cfg: DictConfig) -> None:
-    """Every check of a cell's config that needs no model and no data download (``ValueError`` naming the key)."""
+    """Every check of a cell's config (train, gate, backend, model, task, eval, tracking) that needs no model and no
+    data download: :class:`harness.config.ConfigError` (a ``ValueError``) naming the key, its value and what is
+    allowed."""
+    with config_errors():
+        _check_cell(cfg)
+
+
+def _check_cell(cfg: DictConfig) -> None:
+    from harness.backends import validate_backend
     from harness.backends.common import validate_train_config
     from harness.data import load_task
     from harness.models import check_model_config
+    from harness.schedule import schedule_from_config
+    from harness.tracking import validate_tracking_config
 
     if cfg.get("role", "cell") not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {cfg.get('role')!r}")
-    get_backend(cfg.backend.name)
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
+    validate_backend(cfg)
     validate_train_config(cfg)
+    schedule = schedule_from_config(cfg)
+    if schedule.kind != "constant" and cfg.backend.name == "verl":
+        raise ValueError(f"gate.tau_schedule={schedule.kind} is not supported on backend=verl: verl's actor config "
+                         "fixes tau_pos/tau_neg for the whole run (use backend=native or backend=trl)")
+    validate_tracking_config(cfg.tracking)
     check_model_config(cfg.model)
     if cfg.get("data_dir") is not None or cfg.task.name == "arith":
         load_task(cfg.task, "train", data_dir=cfg.get("data_dir"), limit=1, seed=cfg.seed)
@@ -254,6 +293,13 @@ def training_gain(after_dir: Path, before_dir: Path) -> dict[str, dict[str, floa
     return out
 
 
+def eval_seed(seed: int) -> int:
+    """The sampling seed of a cell's evaluation: ``seed`` × :data:`EVAL_SEED_STRIDE`. Engines give sample j of
+    prompt i the seed ``eval seed + i·k + j`` (vLLM) or seed each batch with ``eval seed + batch`` (hf), so
+    evaluations of seeds s and s + 1 would share all but a few sample streams; the stride keeps them apart."""
+    return int(seed) * EVAL_SEED_STRIDE
+
+
 def _evaluator(cfg: DictConfig) -> Callable[[str, Path], dict[str, Any]] | None:
     """A closure ``(model_path, out_dir) -> metrics`` over the evaluator, validated up front, or None when
     ``eval.enabled`` is false."""
@@ -266,7 +312,7 @@ def _evaluator(cfg: DictConfig) -> Callable[[str, Path], dict[str, Any]] | None:
 
     def run(model_path: str, out: Path) -> dict[str, Any]:
         return evaluate(model_path, cfg.eval, prompt_cfg=model_prompt_config(cfg.model),
-                        data_dir=cfg.get("data_dir"), out_dir=out, seed=cfg.seed)
+                        data_dir=cfg.get("data_dir"), out_dir=out, seed=eval_seed(cfg.seed))
 
     return run
 
@@ -275,23 +321,27 @@ def run_tracked(cfg: DictConfig, store: Any, *, run_name: str | None = None, par
                 extra_tags: Mapping[str, str] | None = None, on_step: StepCallback | None = None,
                 supersede_stale: bool = False, stop_exceptions: tuple[type[BaseException], ...] = (),
                 on_start: Callable[[Any], None] | None = None,
-                after: Callable[[Any, dict[str, Any]], None] | None = None) -> tuple[str, dict[str, Any]]:
+                after: Callable[[Any, dict[str, Any]], None] | None = None,
+                supersede_dead: bool = False) -> tuple[str | None, dict[str, Any]]:
     """:func:`run_cell` inside one MLflow run of ``store``: params, tags and config first (then ``on_start(run)``),
     every training step as it happens (then ``on_step``, e.g. a pruner), the evaluation and the cell's files at the
     end, then ``after(run, summary)``. Returns ``(run id, summary)``. ``supersede_stale`` marks RUNNING runs a kill
-    left of this config hash KILLED (a resumed sweep cell). See :func:`harness.tracking.cell_run` for the run's end
-    state."""
+    left of this config hash KILLED (a resumed sweep cell); ``supersede_dead`` only those whose process is gone
+    (``harness run``). See :func:`harness.tracking.cell_run` for the run's end state; when the store stopped
+    answering, the summary's ``pending_upload`` says why (the run is then uploaded later by :func:`upload_cell`)."""
     from harness import tracking
 
     chash = config_hash(cfg)
     with tracking.cell_run(store, run_name=run_name or cell_name(cfg), tags={**cell_tags(cfg, chash),
                                                                             **(extra_tags or {})},
                            params=cell_params(cfg), config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-                           parent_run_id=parent_run_id, stop_exceptions=stop_exceptions) as run:
+                           parent_run_id=parent_run_id, stop_exceptions=stop_exceptions,
+                           out_dir=cfg.output_dir) as run:
         if on_start is not None:
             on_start(run)
-        if supersede_stale:
-            tracking.supersede_stale_runs(store, chash, run.run_id)
+        if (supersede_stale or supersede_dead) and run.online:
+            run.call(tracking.supersede_stale_runs, store, chash, run.run_id, only_dead=not supersede_stale,
+                     output_dir=str(cfg.output_dir) if cfg.get("resume") else None)
 
         def step(step_index: int, metrics: dict[str, float]) -> None:
             run.log_step(step_index, metrics)  # first: a stopped run keeps its curve up to the stop
@@ -300,9 +350,53 @@ def run_tracked(cfg: DictConfig, store: Any, *, run_name: str | None = None, par
 
         summary = run_baseline(cfg) if is_baseline(cfg) else run_cell(cfg, on_step=step)
         run.log_cell(summary, Path(cfg.output_dir))
+        run.set_tags(summary_tags(summary))
         if after is not None:
             after(run, summary)
+    if not run.online:
+        summary["pending_upload"] = run.error
     return run.run_id, summary
+
+
+def summary_tags(summary: Mapping[str, Any]) -> dict[str, str]:
+    """Tags a cell run gets from its summary: the evaluator's vLLM version (it runs in its own environment)."""
+    workers = ((summary.get(K.EVAL) or {}).get("vllm") or {}).get("workers") or []
+    return {K.TAG_VLLM_VERSION: str(workers[0]["vllm_version"])} if workers and workers[0].get("vllm_version") else {}
+
+
+def local_result(out_dir: str | Path) -> bool:
+    """Whether the cell in ``out_dir`` finished on its own (trained and evaluated: its summary file exists)."""
+    return (Path(out_dir) / K.SUMMARY_FILE).is_file()
+
+
+def upload_cell(cfg: DictConfig, store: Any, *, run_name: str | None = None, parent_run_id: str | None = None,
+                extra_tags: Mapping[str, str] | None = None) -> tuple[str | None, bool]:
+    """Upload a cell that finished locally but whose MLflow run is missing or incomplete (the store was away: see
+    :mod:`harness.tracking`) from its own files, without retraining: ``train_history.json``, ``cell_summary.json``,
+    ``eval/`` and what its pending-upload marker kept. The run the marker names is completed (else a new one is
+    made), logging only what it lacks; RUNNING runs of its config hash are then superseded by it. Returns ``(run id,
+    whether the store now holds everything)``."""
+    from harness import tracking
+
+    out = Path(cfg.output_dir)
+    summary = json.loads((out / K.SUMMARY_FILE).read_text())
+    pending = tracking.read_pending(out) or {}
+    chash = config_hash(cfg)
+    run_id = pending.get("run_id")
+    if tracking.run_status(store, run_id) in (None, "FINISHED"):
+        run_id = None  # gone, or closed by hand: a new run
+    saved_config = out / K.CONFIG_ARTIFACT
+    config_yaml = saved_config.read_text() if saved_config.exists() else OmegaConf.to_yaml(cfg, resolve=True)
+    with tracking.cell_run(store, run_name=run_name or cell_name(cfg), tags={**cell_tags(cfg, chash),
+                                                                            **(extra_tags or {})},
+                           params=cell_params(cfg), config_yaml=config_yaml, parent_run_id=parent_run_id,
+                           out_dir=out, run_id=run_id) as run:
+        run.log_cell(summary, out)
+        run.set_tags(summary_tags(summary))
+        run.replay(pending)
+    if run.online:
+        run.call(tracking.supersede_stale_runs, store, chash, run.run_id)
+    return run.run_id, run.online
 
 
 def process_rank() -> int:
@@ -323,6 +417,17 @@ def run_task(cfg: DictConfig) -> None:
     else:
         from harness import tracking
 
-        run_id, summary = run_tracked(cfg, tracking.open_store(cfg.tracking))
+        store = tracking.check_store(cfg.tracking)  # before any compute: fails in seconds, naming tracking.uri
+        if cfg.get("resume") and tracking.read_pending(cfg.output_dir) is not None and local_result(cfg.output_dir):
+            run_id, uploaded = upload_cell(cfg, store)  # finished while the store was away: upload, no retraining
+            summary = json.loads((Path(cfg.output_dir) / K.SUMMARY_FILE).read_text())
+            if not uploaded:
+                summary["pending_upload"] = store.error
+        else:
+            run_id, summary = run_tracked(cfg, store, supersede_dead=True)
         summary["mlflow_run_id"] = run_id
     print(json.dumps({k: v for k, v in summary.items() if k != K.TRAIN}, indent=2, default=str))
+    if summary.get("pending_upload"):
+        raise RunIncomplete(f"the run awaits upload to tracking.uri ({summary['pending_upload']}); its results are "
+                            f"in {cfg.output_dir}: once the store answers, run the same command with resume=true "
+                            f"output_dir={cfg.output_dir} to upload them without retraining", exit_code=3)

@@ -7,13 +7,19 @@ does not pay for importing MLflow or transformers.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from harness.config import CONF_DIR, SWEEPS_DIR
+from harness.config import CONF_DIR, SWEEPS_DIR, ConfigError, RunIncomplete
 
 # subcommand -> ("module:function", one-line help). The function takes the remaining argv.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -28,20 +34,125 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 _INSPECT_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--shell-completion", "-sc"}
 
 
+def one_line(exc: BaseException) -> str:
+    """An error message on one line: Hydra's lists ("Available options in 'gate':" then one option per line) become
+    comma-separated, its config search path is left out."""
+    parts: list[str] = []
+    items: list[str] = []
+    for raw in str(exc).splitlines():
+        line = raw.strip()
+        if line.startswith("Config search path"):
+            break
+        if not line:
+            continue
+        if raw[:1].isspace() and parts:
+            items.append(line)
+            continue
+        if items:
+            parts[-1] += " " + ", ".join(items)
+            items = []
+        parts.append(line)
+    if items:
+        parts[-1] += " " + ", ".join(items)
+    text = " ".join(parts) or type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None and type(cause).__module__.startswith("omegaconf") and str(cause) not in str(exc):
+        text += f" ({one_line(cause)})"  # Hydra's "Error merging override" says why only in its cause
+    return text
+
+
+def is_config_error(exc: BaseException) -> bool:
+    """A bad config: the harness's checks, Hydra's composition errors (unknown group option, bad override) and
+    OmegaConf's (unknown or missing key)."""
+    from hydra.errors import HydraException, InstantiationException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return isinstance(exc, ConfigError | OmegaConfBaseException) or (
+        isinstance(exc, HydraException) and not isinstance(exc, InstantiationException))
+
+
+@contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM (``kill PID``, a scheduler's stop) raises ``SystemExit(143)`` in the main thread, so the run being
+    logged ends KILLED, as Ctrl-C does, instead of staying RUNNING forever."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _dirs(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_dir()} | {root} if root.is_dir() else set()
+
+
+def _remove_new_empty_dirs(before: set[Path], root: Path) -> None:
+    """Directories under ``root`` (Hydra's multirun folder) that this failed command created and left empty."""
+    for path in sorted(_dirs(root) - before, key=lambda p: len(p.parts), reverse=True):
+        if not any(path.iterdir()):
+            path.rmdir()
+
+
 def hydra_app(config_dir: Path, config_name: str, task: Callable[[Any], Any], argv: list[str], prog: str) -> int:
     """Run ``task`` as a Hydra app on ``argv`` (so --cfg, --help, -m and overrides all work). Primary configs
-    outside conf/ (sweeps/) see conf/ through Hydra's search path."""
+    outside conf/ (sweeps/) see conf/ through Hydra's search path.
+
+    Exit codes: 0 done; 2 a bad config (one line naming the key, no traceback unless ``HYDRA_FULL_ERROR=1``; nothing
+    left behind in ``multirun/``); 1 a failure (the traceback) or failed sweep cells, 3 results that await upload
+    to the tracking store (both after the summary). SIGTERM ends the command as Ctrl-C does, closing its runs."""
     import hydra
 
     if Path(config_dir) != CONF_DIR:
         argv = [*argv, f"hydra.searchpath=[file://{CONF_DIR}]"]
+    caught: list[BaseException] = []
+    if "-m" not in argv and "--multirun" not in argv:
+        # One job in this process: its own verdicts are taken out of Hydra's hands (which would add a line of its own)
+        inner = task
+
+        @functools.wraps(inner)
+        def job(cfg: Any) -> Any:
+            try:
+                return inner(cfg)
+            except (ConfigError, RunIncomplete) as exc:
+                caught.append(exc)
+                return None
+
+        task = job
     wrapped = hydra.main(config_path=str(config_dir), config_name=config_name, version_base="1.3")(task)
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     saved = sys.argv
     sys.argv = [prog, *argv]
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing: what the user sees is decided here
+    multirun = Path("multirun")
+    before = _dirs(multirun)
     try:
-        wrapped()
+        with sigterm_as_exit():
+            wrapped()
+        if caught:
+            raise caught[0]
+    except RunIncomplete as exc:
+        print(f"{prog}: {one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:
+        if full_error:
+            raise
+        if is_config_error(exc):
+            _remove_new_empty_dirs(before, multirun)
+            print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        return 1
     finally:
         sys.argv = saved
+        if not full_error:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
     return 0
 
 
@@ -61,7 +172,8 @@ def sweep_main(argv: list[str]) -> int:
         name, argv = argv[0], argv[1:]
     available = sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
     if name not in available:
-        print(f"harness sweep: unknown sweep {name!r}; available in {SWEEPS_DIR}: {', '.join(available)}")
+        print(f"harness sweep: unknown sweep {name!r}; available in {SWEEPS_DIR}: {', '.join(available)}",
+              file=sys.stderr)
         return 2
     mode = [] if _INSPECT_FLAGS & set(argv) else ["-m"]
     return hydra_app(SWEEPS_DIR, name, cell_task, [*mode, *argv], f"harness sweep {name}")
@@ -88,30 +200,43 @@ def gates_main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="harness gates", description="Inspect gate functions.")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="list the built-in gates with their half-widths")
+    p_list = sub.add_parser("list", help="list the built-in gates with their half-widths")
     p_check = sub.add_parser("check", help="numerically check the four admissibility properties")
     p_check.add_argument("gates", nargs="+", metavar="NAME|PATH", help="gate name or 'pkg.module:F'")
+    nu_help = f"tail indices of the {G.STUDENT} gate family (one gate per value)"
+    for p in (p_list, p_check):
+        p.add_argument("--nu", type=float, nargs="+", default=[1.0, 2.0, 4.0, 1000.0], help=nu_help)
     p_plot = sub.add_parser("plot", help="plot f(r) and w(r) of every gate")
     p_plot.add_argument("--tau", type=float, nargs="+", default=[1.0], help="temperatures to draw")
     p_plot.add_argument("--gates", nargs="+", default=list(G.BUILTIN_GATES), metavar="NAME|PATH")
     p_plot.add_argument("--width", choices=G.WIDTH_MODES, default="raw")
     p_plot.add_argument("--out", type=Path, required=True, help="output image (.png, .pdf, .svg)")
+    p_plot.add_argument("--nu", type=float, nargs="+", default=[1.0, 2.0, 4.0, 1000.0], help=nu_help)
     args = parser.parse_args(argv)
 
+    def expand(specs: list[str]) -> list[tuple[str, Any]]:
+        """(label, gate) per spec; the student family once per --nu."""
+        out: list[tuple[str, Any]] = []
+        for spec in specs:
+            if spec == G.STUDENT:
+                out += [(f"{spec} nu={nu:g}", G.student_gate(nu)) for nu in args.nu]
+            else:
+                out.append((spec, G.get_gate(spec)))
+        return out
+
+    try:
+        named = expand(list(G.known_gates()) if args.cmd == "list" else args.gates)
+    except ValueError as exc:  # a bad name or ν, before anything is computed or drawn
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.cmd == "list":
-        for name in G.known_gates():
-            g = G.get_gate(name)
+        for label, g in named:
             hw = "-" if g.hwhm is None else f"{g.hwhm:.5f}"
-            print(f"{name:10s} HWHM of w in x = {hw}")
+            print(f"{label:16s} HWHM of w in x = {hw}")
         return 0
     if args.cmd == "check":
         failed = 0
-        for spec in args.gates:
-            try:
-                gate = G.get_gate(spec)
-            except ValueError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 2
+        for spec, gate in named:
             results = G.check_admissible(gate)
             ok = all(r.passed for r in results)
             failed += not ok
@@ -122,13 +247,7 @@ def gates_main(argv: list[str]) -> int:
         return 1 if failed else 0
     from harness.reporting.figures import plot_gate_shapes
 
-    for spec in args.gates:
-        try:
-            G.get_gate(spec)  # fail on a bad name before drawing anything
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    plot_gate_shapes(args.gates, args.tau, args.out, width=args.width)
+    plot_gate_shapes([g for _, g in named], args.tau, args.out, width=args.width)
     print(f"wrote {args.out}")
     return 0
 

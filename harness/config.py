@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,36 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"  # Hydra config groups (gate, train, backend, model, task, eval, tracking)
 SWEEPS_DIR = REPO_ROOT / "sweeps"  # primary configs of `harness sweep NAME` and `harness tune`
 EVAL_TASK_DIR = REPO_ROOT / "eval"  # lm-eval task files
+
+
+class ConfigError(ValueError):
+    """A run config that fails a check before any compute starts (a bad key, value or path): the ``harness`` command
+    prints its message as one line and exits 2. A ``ValueError``, so callers that catch those still do."""
+
+
+class RunIncomplete(RuntimeError):
+    """Raised after a run or sweep has printed its summary when not everything is done: the ``harness`` command
+    prints the message as one line and exits ``exit_code`` (1: cells failed, 3: results await upload)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextmanager
+def config_errors() -> Iterator[None]:
+    """Checks before any compute: a ``ValueError`` (or an OmegaConf error: a missing or mistyped key) inside becomes
+    a :class:`ConfigError` with the same message."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    except Exception as exc:
+        if type(exc).__module__.startswith("omegaconf"):
+            raise ConfigError(" ".join(str(exc).split())) from exc
+        raise
 
 
 def to_plain(node: Any, *, missing_ok: bool = False) -> Any:

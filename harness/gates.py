@@ -64,6 +64,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -218,15 +219,85 @@ def softsign_abs_F(x: Tensor) -> Tensor:
 SMOOTH_GATES: tuple[str, ...] = tuple(_BUILTIN)
 BUILTIN_GATES: tuple[str, ...] = (*SMOOTH_GATES, "clip")
 SIGMOID_HWHM: float = _BUILTIN["sigmoid"].hwhm  # type: ignore[assignment]
+STUDENT = "student"  # the Student-t family, one gate per tail index gate.nu
+NU_MIN, NU_MAX = 1.0, 1e6
 
 
 def known_gates() -> tuple[str, ...]:
-    return (*_BUILTIN, "clip")
+    return (*_BUILTIN, STUDENT, "clip")
 
 
-def get_gate(spec: str | Mapping[str, Any] | Gate, *, eps_low: float = 0.2, eps_high: float = 0.2) -> Gate:
+# ----------------------------------------------------------------------------- the Student-t family
+
+# Gauss-Legendre nodes and weights on (0, 1) for the integrals that give F (float64, 64 nodes)
+_GL_X, _GL_W = np.polynomial.legendre.leggauss(64)
+_GL_NODES, _GL_WEIGHTS = 0.5 * (_GL_X + 1.0), 0.5 * _GL_W
+_GL_POWER = 4  # u = v^4 in the tail integral smooths its u^(nu - 1) behaviour at u = 0
+
+
+def student_weight(x: Tensor, nu: float) -> Tensor:
+    """w_ν(x) = (1 + x²/ν)^(−(ν+1)/2), the Student-t density's shape with w(0) = 1."""
+    return torch.exp(-0.5 * (nu + 1.0) * torch.log1p(x * x / nu))
+
+
+def _student_integral(x: Tensor, nu: float) -> Tensor:
+    r"""F_ν(x) = ∫_0^x w_ν(s) ds in float64 by Gauss-Legendre quadrature: for :math:`|x| \le 1` as
+    :math:`x\int_0^1 w_ν(xt)\,dt`; beyond, as :math:`F_ν(\infty) - \int_{|x|}^\infty w_ν`, the tail written as
+    :math:`\int_0^1 w_ν(|x|/u)\,|x|/u^2\,du` with :math:`u = v^4` (smooth integrand for ν ≥ 1), where
+    :math:`F_ν(\infty) = \sqrt{\nu\pi}\,\Gamma(\nu/2) / (2\Gamma((\nu+1)/2))` is half the inverse of the t density's
+    normaliser."""
+    t = torch.as_tensor(_GL_NODES, dtype=torch.float64, device=x.device)
+    wts = torch.as_tensor(_GL_WEIGHTS, dtype=torch.float64, device=x.device)
+    xd = x.detach().to(torch.float64)
+    ax = xd.abs().unsqueeze(-1)
+    inner = (ax * student_weight(ax * t, nu)) @ wts
+    f_inf = math.exp(0.5 * math.log(nu * math.pi) + math.lgamma(nu / 2) - math.lgamma((nu + 1) / 2)) / 2.0
+    u = t**_GL_POWER
+    du = _GL_POWER * t ** (_GL_POWER - 1)
+    big = ax.clamp(min=1.0)
+    log_tail = -0.5 * (nu + 1.0) * torch.log1p((big / u) ** 2 / nu) + torch.log(big) - 2.0 * torch.log(u)
+    tail = f_inf - torch.exp(log_tail) @ (wts * du)
+    return (torch.sign(xd) * torch.where(xd.abs() <= 1.0, inner, tail)).to(x.dtype)
+
+
+class _StudentF(torch.autograd.Function):
+    """F_ν with its exact derivative w_ν in the backward pass (quadrature is for the value only)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, nu: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.nu = nu
+        return _student_integral(x, nu)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (x,) = ctx.saved_tensors
+        return grad * student_weight(x, ctx.nu), None
+
+
+@functools.lru_cache(maxsize=64)
+def student_gate(nu: float) -> SmoothGate:
+    r"""The Student-t gate with tail index ν: :math:`F' = w_\nu(x) = (1 + x^2/\nu)^{-(\nu+1)/2}`, F its integral
+    from 0 (numerically exact, :func:`_student_integral`), HWHM :math:`\sqrt{\nu(2^{2/(\nu+1)} - 1)}`.
+    ν = 1 is ``arctan``; ν = 2 at τ·√2 is the paper's ``softsign`` at τ; ν → ∞ is ``erf`` (a Gaussian weight).
+    The tail of w falls like x^(−(ν+1)), so ν is a continuous tail axis between the polynomial and Gaussian
+    gates; every ν ≥ 1 is admissible (w·r ~ r^(−ν) → 0)."""
+    if not (isinstance(nu, int | float) and math.isfinite(nu) and NU_MIN <= nu <= NU_MAX):
+        raise ValueError(f"gate.nu must be a number in [{NU_MIN:g}, {NU_MAX:g}] for gate {STUDENT!r}, got {nu!r}")
+    nu = float(nu)
+    return SmoothGate(name=f"{STUDENT}(nu={nu:g})", F=lambda x: _StudentF.apply(x, nu),
+                      dF=lambda x: student_weight(x, nu), hwhm=math.sqrt(nu * (2.0 ** (2.0 / (nu + 1.0)) - 1.0)))
+
+
+def get_gate(spec: str | Mapping[str, Any] | Gate, *, eps_low: float = 0.2, eps_high: float = 0.2,
+             nu: float | None = None) -> Gate:
     """Resolve a gate from a name, an import path ``"pkg.mod:attr"``, a Hydra ``_target_`` mapping
-    or a gate object. Raises ``ValueError`` naming the known gates for anything else."""
+    or a gate object. ``nu`` is the tail index of the ``student`` family. Raises ``ValueError`` naming the known
+    gates for anything else."""
+    if spec == STUDENT:
+        if nu is None:
+            raise ValueError(f"gate {STUDENT!r} needs its tail index gate.nu (a number >= {NU_MIN:g})")
+        return student_gate(float(nu) if isinstance(nu, int | float) and not isinstance(nu, bool) else nu)
     if isinstance(spec, SmoothGate | ClipGate):
         return spec
     if isinstance(spec, Mapping):
@@ -322,7 +393,7 @@ def check_admissible(gate: Gate, *, x_max: float = 60.0, n: int = 240_001) -> li
     (i) f is continuously differentiable: F' is continuous;
     (ii) f' attains its global maximum, equal to 1, at r = 1: F'(0) = 1 = max F';
     (iii) f' decreases monotonically as r moves away from 1: F' non-increasing in |x| on each side of 0;
-    (iv) :math:`f'(r)\,r 	o 0` as :math:`r 	o \infty`: the gradient contribution w·r vanishes, not only w.
+    (iv) :math:`f'(r)\,r \to 0` as :math:`r \to \infty`: the gradient contribution w·r vanishes, not only w.
     Checked on g(r) = w(r)·r at r = 10³ … 10⁶: it holds when g(10⁶) is zero to double precision or g falls
     with r there (log-log slope below −0.01), so w ~ r^(−1.1) passes and w ~ r^(−0.9) or w ~ 1/r fail.
 

@@ -37,6 +37,8 @@ TRAINED_FRAC = "trained_frac"
 ZERO_VAR_GROUPS = "zero_var_groups"
 ZERO_VAR_FRAC = "zero_var_frac"
 LR = "lr"
+TAU_POS = "tau_pos"  # the temperatures a step ran at (they move with gate.tau_schedule)
+TAU_NEG = "tau_neg"
 LOSS = "loss"
 GRAD_NORM = "grad_norm"
 STEP_TIME_S = "step_time_s"
@@ -46,10 +48,12 @@ TOKENS = "tokens"
 # SIGN_SUFFIXES (tokens with A > 0 / A <= 0).
 RATIO_STD = "ratio_std"
 ABS_RATIO_DEV = "abs_ratio_dev"  # mean |r - 1|
+ABS_RATIO_DEV_P95 = "abs_ratio_dev_p95"  # 95th percentile of |r - 1|
 GATE_WEIGHT = "gate_weight"  # mean gradient weight w(r)
 FRAC_W_LT_HALF = "frac_w_lt_0.5"
-RATIO_STATS = ("ratio_mean", RATIO_STD, "ratio_min", "ratio_max", "ratio_p05", "ratio_p95", ABS_RATIO_DEV,
-               GATE_WEIGHT, FRAC_W_LT_HALF, "frac_w_lt_0.1")
+RATIO_MAX = "ratio_max"
+RATIO_STATS = ("ratio_mean", RATIO_STD, "ratio_min", RATIO_MAX, "ratio_p05", "ratio_p95", ABS_RATIO_DEV,
+               ABS_RATIO_DEV_P95, GATE_WEIGHT, FRAC_W_LT_HALF, "frac_w_lt_0.1")
 DIAG_TOKENS = "tokens"
 CLIP_FRAC = "clip_frac"  # clip only: fraction of tokens whose gradient the clip removes
 EUR = "eur"  # Effective Update Ratio (arXiv 2602.19345 eq. 12): per-prompt-group token mean of w, mean over groups
@@ -129,14 +133,23 @@ TAG_TAU_NEG = "tau_neg"
 TAG_EPS_LOW = "eps_low"
 TAG_EPS_HIGH = "eps_high"
 TAG_WIDTH = "width"
+TAG_NU = "nu"  # tail index of the student gate family
+TAG_TAU_SCHEDULE = "tau_schedule"  # constant | linear | cosine | eur_target
+TAG_EUR_TARGET = "eur_target"
 TAG_SEED = "seed"
 TAG_BACKEND = "backend"
 TAG_MODEL = "model"
 TAG_TASK = "task"
 TAG_GIT_COMMIT = "git_commit"
+TAG_GIT_DIRTY = "git_dirty"  # true: the run's code had uncommitted changes to tracked files
+TAG_VERSIONS = "versions"  # JSON {distribution: version} of the packages that change results
+TAG_HOST = "host"  # CPU model and cores, GPU model(s)
+TAG_VLLM_VERSION = "vllm_version"  # the evaluator's vLLM (its own environment), when the vllm engine ran
 TAG_CONFIG_HASH = "config_hash"  # cells with one hash compute the same thing; a FINISHED one is never rerun
 TAG_FAILURE_REASON = "failure_reason"
 TAG_SUPERSEDED_BY = "superseded_by"  # a RUNNING run a kill left behind, continued by this run id
+TAG_PROCESS = "harness.process"  # host:pid:start of the process that logs the run (tells a killed run from a live one)
+TAG_INADMISSIBLE = "inadmissible"  # gate.allow_inadmissible=true: the admissibility properties the gate fails
 TAG_RUN_NAME = "mlflow.runName"
 # Tags of tuning trials and parent runs.
 TAG_STUDY = "study"
@@ -152,6 +165,7 @@ TAG_REPORT = "harness.report"  # the run that holds a report when the experiment
 CONFIG_ARTIFACT = "config.yaml"
 HISTORY_FILE = "train_history.json"
 SUMMARY_FILE = "cell_summary.json"
+PENDING_UPLOAD_FILE = "pending_upload.json"  # in a cell's output dir: its MLflow run lacks what its files hold
 REPORT_ARTIFACT_DIR = "report"
 
 
@@ -165,7 +179,8 @@ def samples_artifact(bench: str, prefix: str = EVAL) -> str:
 # Config keys that say where things are or how they are shown, not what is computed: left out of the config hash
 # (so moving a store or a cache reruns nothing) and out of the parameters that tell two configurations apart.
 HASH_IGNORED = ("output_dir", "cells_dir", "resume", "cache_dir", "data_dir", "tracking", "backend.progress",
-                "backend.threads", "sweep_name", "sweep", "tune")
+                "backend.threads", "sweep_name", "sweep", "tune", "gate.allow_inadmissible")
 # Flattened config parameters (MLflow params) a group of seeds pools over: HASH_IGNORED plus the seed.
 GROUP_IGNORED_PREFIXES = ("output_dir", "resume", "cache_dir", "data_dir", "tracking.", "backend.progress",
-                          "backend.threads", "sweep", "sweep_name", "tune.", "cells_dir", "seed")
+                          "backend.threads", "sweep", "sweep_name", "tune.", "cells_dir", "seed",
+                          "gate.allow_inadmissible")

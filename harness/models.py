@@ -11,6 +11,12 @@ Presets (``PRESETS``; the matching Hydra nodes are ``conf/model/<name>.yaml``):
 
 Any other hub id or local directory goes through the ``hf`` node (``model.path=...``).
 
+``model.context_len`` (optional) is the context the evaluator loads a model with (``eval.context_len`` reads it):
+the tiny model's recipe builds a 256-position config, and ``conf/model/tiny.yaml`` raises it to 8192 at load time
+only. Qwen2 has no learned position table (positions enter as rotary cos/sin computed from each position index), so
+the weights and the recipe hash stay as they are and every computed value below position 256 is unchanged; see
+:func:`harness.evaluation.pipeline.context_overrides`.
+
 The tiny model is cached under ``<cache_dir>/tiny-<hash of the recipe>`` (``cache_dir``: argument, else
 ``$HARNESS_CACHE_DIR``, else ``~/.cache/harness``) and built atomically (file lock + build in a temporary directory +
 rename), so every cell of a sweep starts from the same weights and the warm start runs once.
@@ -203,8 +209,14 @@ def _check_path(cfg: Mapping[str, Any]) -> str | None:
 
 def check_model_config(model_cfg: Mapping[str, Any] | str) -> None:
     """Validate a model spec without building, converting or downloading anything (``ValueError`` on problems):
-    the path or preset, the tiny recipe's keys, the wheel needed by ``smollm2-135m``, and the prompt settings."""
+    ``context_len``, the path or preset, the tiny recipe's keys, the wheel needed by ``smollm2-135m``, and the prompt
+    settings."""
     cfg = _model_dict(model_cfg)
+    context_len = cfg.get("context_len")
+    if context_len is not None and (isinstance(context_len, bool) or not isinstance(context_len, int)
+                                    or context_len < 1):
+        raise ValueError(f"model.context_len must be an integer >= 1 or null (the checkpoint's own context), "
+                         f"got {context_len!r}")
     if _check_path(cfg) is None:
         source = PRESETS[cfg["name"]].source
         if source == "tiny":

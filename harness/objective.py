@@ -60,7 +60,7 @@ def loss_kwargs(cfg: Any) -> dict[str, Any]:
     g, loss = cfg.gate, cfg.train.loss
     return dict(gate=g.name, tau_pos=g.tau_pos, tau_neg=g.tau_neg, width=g.width, eps_low=g.eps_low,
                 eps_high=g.eps_high, ratio_level=loss.ratio_level, agg=loss.agg, kl_beta=loss.kl_beta,
-                log_ratio_clip=loss.log_ratio_clip, norm_length=loss.norm_length)
+                log_ratio_clip=loss.log_ratio_clip, norm_length=loss.norm_length, nu=g.get("nu"))
 
 
 def policy_loss(
@@ -81,6 +81,7 @@ def policy_loss(
     kl_beta: float = 0.0,
     log_ratio_clip: float = 20.0,
     norm_length: int | None = None,
+    nu: float | None = None,
     groups: Tensor | None = None,
     diagnostics: bool = True,
 ) -> tuple[Tensor, dict[str, float]]:
@@ -100,16 +101,17 @@ def policy_loss(
         ref_logp, kl_beta: optional k3 KL penalty to a reference policy.
         log_ratio_clip: |log r| is clamped to this before exponentiation.
         norm_length: constant L of ``seq-mean-token-sum-norm`` (default T).
+        nu: tail index of the ``student`` gate family (ignored by the other gates).
         groups: optional (B,) integer prompt index of each row (rows of one prompt share it): the EUR diagnostic
             is then eq. 12's group mean; without it, the token mean. Does not change the loss.
         diagnostics: compute the diagnostics dict (plain floats over masked tokens).
 
     Returns:
-        ``(loss, diagnostics)``; diagnostics hold ratio statistics, mean |r − 1|, mean gate weight,
-        fractions of tokens with w < 0.5 / w < 0.1, the EUR (and ``clip_frac`` for clip), each also split by
+        ``(loss, diagnostics)``; diagnostics hold ratio statistics, mean and 95th percentile of |r − 1|, mean gate
+        weight, fractions of tokens with w < 0.5 / w < 0.1, the EUR (and ``clip_frac`` for clip), each also split by
         advantage sign with suffixes ``_pos`` / ``_neg``, plus ``kl`` when a reference is given.
     """
-    g = get_gate(gate, eps_low=eps_low, eps_high=eps_high)
+    g = get_gate(gate, eps_low=eps_low, eps_high=eps_high, nu=nu)
     mask, advantages = _validate(logp, old_logp, advantages, mask, ref_logp, tau_pos, tau_neg,
                                  ratio_level, agg, log_ratio_clip, kl_beta, norm_length)
     tp, tn = effective_tau(g, tau_pos, width), effective_tau(g, tau_neg, width)
@@ -245,12 +247,17 @@ def _diagnostics(g: Gate, ratio: Tensor, adv: Tensor, tau: Tensor | None, mask: 
             continue
         r = ratio[sel].double()
         w = weight[sel].double()
-        q = torch.quantile(r, torch.tensor([0.05, 0.95], dtype=r.dtype)) if r.numel() <= 16_000_000 else None
+        dev = (r - 1.0).abs()
+        small = r.numel() <= 16_000_000  # torch.quantile's input limit
+        nan = r.new_tensor(float("nan"))
+        # q on r's device: torch.quantile refuses a CPU q for a CUDA input
+        q = torch.quantile(r, torch.tensor([0.05, 0.95], dtype=r.dtype, device=r.device)) if small else None
         stats = torch.stack([
             r.mean(), r.std(unbiased=False), r.min(), r.max(),
-            q[0] if q is not None else r.new_tensor(float("nan")),
-            q[1] if q is not None else r.new_tensor(float("nan")),
-            (r - 1.0).abs().mean(), w.mean(), (w < 0.5).double().mean(), (w < 0.1).double().mean(),
+            q[0] if q is not None else nan,
+            q[1] if q is not None else nan,
+            dev.mean(), torch.quantile(dev, 0.95) if small else nan,
+            w.mean(), (w < 0.5).double().mean(), (w < 0.1).double().mean(),
         ]).tolist()
         out.update({f"{k}{suffix}": v for k, v in zip(RATIO_STATS, stats, strict=True)})
         out[f"{DIAG_TOKENS}{suffix}"] = float(n)

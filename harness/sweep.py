@@ -18,6 +18,7 @@ is missing.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -28,7 +29,19 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness import tracking
-from harness.cell import BASELINE_KEYS, TAU_MODES, cell_dir, cell_name, cell_overrides, config_hash, run_tracked
+from harness.cell import (
+    BASELINE_KEYS,
+    TAU_MODES,
+    cell_dir,
+    cell_name,
+    cell_overrides,
+    config_hash,
+    gate_overrides,
+    local_result,
+    run_tracked,
+    upload_cell,
+)
+from harness.config import config_errors
 from harness.sweeper import SweeperBase, expand_arguments, job_result
 
 log = logging.getLogger(__name__)
@@ -44,8 +57,13 @@ class GateSweeperConf:
     tau_mode: str = "tied"  # tied: τ_neg = τ·tau_neg_scale | separate: τ_pos grid × tau_neg grid
     tau_neg_scale: float = 1.05
     tau_neg: list[float] = field(default_factory=list)  # τ_neg grid for tau_mode=separate
-    tau_pairs: list[list[float]] = field(default_factory=list)  # explicit [[τ_pos, τ_neg], ...]: replaces the grid
+    # explicit [[τ_pos, τ_neg], ...]: replaces the grid (typed loosely: OmegaConf refuses ints in nested float lists)
+    tau_pairs: list[Any] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
+    axes: dict[str, list[Any]] = field(default_factory=dict)  # more axes: {config key: [values]}, e.g. gate.nu
+    # Adaptive cells besides the grid: per smooth gate, target, seed, τ controlled toward the EUR target (starting at
+    # the first τ of the grid / tau_pairs).
+    eur_targets: list[float] = field(default_factory=list)
     max_batch_size: int | None = None  # cells handed to the launcher at once (None: all)
     baseline: bool = True  # also evaluate the starting checkpoint once (the report's "no RL" row)
     report: bool = True  # write reports/<experiment>/ when the sweep ends
@@ -70,14 +88,18 @@ class GateSweeperImpl(SweeperBase):
 
     def sweep(self, arguments: list[str]) -> list[Any]:
         assert self.config is not None
-        p = gate_sweeper_settings(self.params)
-        cells = cell_overrides(p.gates, p.taus, p.seeds, tau_mode=p.tau_mode, tau_neg_scale=p.tau_neg_scale,
-                               tau_neg=p.tau_neg, tau_pairs=p.tau_pairs)
-        jobs = [cell + extra for cell in cells for extra in expand_arguments(arguments)]
-        composed = self.compose_checked(jobs)
-        if p.baseline:
-            baselines = baseline_jobs(jobs, composed)
-            jobs, composed = baselines + jobs, self.compose_checked(baselines) + composed
+        with config_errors():  # every check before any compute: a bad value exits 2 with one line
+            p = gate_sweeper_settings(self.params)
+            cells = cell_overrides(p.gates, p.taus, p.seeds, tau_mode=p.tau_mode, tau_neg_scale=p.tau_neg_scale,
+                                   tau_neg=p.tau_neg, tau_pairs=p.tau_pairs)
+            cells += adaptive_overrides(p)
+            axes = [[f"{key}={v}" for v in values] for key, values in p.axes.items()]
+            jobs = [cell + list(axis) + extra for cell in cells for axis in itertools.product(*axes)
+                    for extra in expand_arguments(arguments)]
+            composed = self.compose_checked(jobs)
+            if p.baseline:
+                baselines = baseline_jobs(jobs, composed)
+                jobs, composed = baselines + jobs, self.compose_checked(baselines) + composed
         first = composed[0]
         log.info("sweep of %d cells -> MLflow experiment %r at %s", len(jobs), first.tracking.experiment,
                  tracking.tracking_uri(first.tracking))
@@ -87,17 +109,36 @@ class GateSweeperImpl(SweeperBase):
         returns = []
         batch = p.max_batch_size or len(jobs)
         t0 = time.perf_counter()
-        for start in range(0, len(jobs), batch):
-            returns += self.launch(jobs[start:start + batch])
+        with self.killed_closes_parent(store, parent):  # SIGTERM/Ctrl-C: the parent and its running cells -> KILLED
+            for start in range(0, len(jobs), batch):
+                returns += self.launch(jobs[start:start + batch])
         results = [job_result(r, job) for r, job in zip(returns, jobs, strict=True)]
         summary = summarize(results, time.perf_counter() - t0)
         (self.sweep_dir / "sweep_summary.json").write_text(json.dumps({"summary": summary, "cells": results},
                                                                       indent=2))
         tracking.end_parent(store, parent, summary)
-        print(format_summary(summary, results))
+        print(format_summary(summary, results, tracking.mask_url(store.uri)))
         if p.report:
-            self.write_report(first)
+            self.write_report(first, store)
+        self.raise_if_incomplete(summary)  # after the summary: failed cells exit 1, results awaiting upload exit 3
         return returns
+
+
+def adaptive_overrides(p: GateSweeperConf) -> list[list[str]]:
+    """The ``eur_targets`` cells: every smooth gate × target × seed with ``gate.tau_schedule=eur_target``, τ
+    starting at the grid's first pair."""
+    if not p.eur_targets:
+        return []
+    smooth = [g for g in p.gates if g != "clip"]
+    if not smooth:
+        raise ValueError("hydra.sweeper.eur_targets needs a smooth gate in hydra.sweeper.gates (clip has no τ)")
+    bad = [t for t in p.eur_targets if not 0 < float(t) < 1]
+    if bad:
+        raise ValueError(f"hydra.sweeper.eur_targets must lie in (0, 1), got {bad}")
+    start = cell_overrides(smooth[:1], p.taus[:1], p.seeds[:1], tau_mode=p.tau_mode, tau_neg_scale=p.tau_neg_scale,
+                           tau_neg=p.tau_neg[:1], tau_pairs=p.tau_pairs[:1])[0][-2:]  # the first gate.tau_pos/neg
+    return [[*gate_overrides(g), f"seed={s}", *start, "gate.tau_schedule=eur_target", f"gate.eur_target={float(t)}"]
+            for g in smooth for t in p.eur_targets for s in p.seeds]
 
 
 def baseline_jobs(jobs: Sequence[list[str]], composed: Sequence[DictConfig]) -> list[list[str]]:
@@ -115,36 +156,63 @@ def baseline_jobs(jobs: Sequence[list[str]], composed: Sequence[DictConfig]) -> 
     return out
 
 
+STATUSES = ("finished", "skipped", "uploaded", "pending", "failed")  # pending: done before, still awaiting upload
+
+
 def summarize(results: Sequence[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    counts = {s: sum(r["status"] == s for r in results) for s in ("finished", "skipped", "failed")}
-    return {**counts, "cells": len(results), "seconds": round(seconds, 1)}
+    counts = {s: sum(r["status"] == s for r in results) for s in STATUSES}
+    awaiting = sum(bool(r.get("pending_upload")) for r in results)
+    return {**counts, "awaiting_upload": awaiting, "cells": len(results), "seconds": round(seconds, 1)}
 
 
-def format_summary(summary: dict[str, Any], results: Sequence[dict[str, Any]]) -> str:
+def format_summary(summary: dict[str, Any], results: Sequence[dict[str, Any]], uri: str = "") -> str:
+    more = "".join(f", {summary[k]} {k.replace('_', ' ')}" for k in ("uploaded", "pending", "awaiting_upload")
+                   if summary.get(k))
     lines = [f"sweep: {summary['cells']} cells — {summary['finished']} finished, {summary['skipped']} skipped, "
-             f"{summary['failed']} failed ({summary['seconds']} s)"]
+             f"{summary['failed']} failed{more} ({summary['seconds']} s)"]
     for r in results:
         extra = f" — {r.get('reason')}" if r["status"] == "failed" else ""
+        if r.get("pending_upload"):
+            extra += f" — awaits upload ({r['pending_upload']})"
         lines.append(f"  {r['status']:8s} {r['overrides']}{extra}")
+    if summary.get("awaiting_upload"):
+        lines.append(f"{summary['awaiting_upload']} cell(s) await upload to tracking.uri={uri}: their results are in "
+                     "their cell directories; once the store answers, run the same command again to upload them "
+                     "without retraining")
     return "\n".join(lines)
 
 
 def cell_task(cfg: DictConfig) -> dict[str, Any]:
-    """One sweep job: skip if finished, else train → evaluate → log, recording failures."""
+    """One sweep job: skip if finished; upload if it finished locally while the store was away; else train →
+    evaluate → log, recording failures. A store that does not answer never stops the cell (it then awaits upload)."""
     from hydra.core.hydra_config import HydraConfig
 
     t0 = time.perf_counter()
     chash = config_hash(cfg)
     name = cell_name(cfg)
-    store = tracking.open_store(cfg.tracking)
-    done = tracking.finished_run(store, chash)
-    if done is not None:
-        log.info("skip %s: FINISHED run %s has config hash %s", name, done, chash)
-        return {"status": "skipped", "run_id": done, "config_hash": chash, "seconds": time.perf_counter() - t0}
-    sweep_dir = HydraConfig.get().sweep.dir if HydraConfig.initialized() else None
     with open_dict(cfg):
         cfg.output_dir = str(cell_dir(cfg, chash))
         cfg.resume = True
+    store = tracking.open_store_or_offline(cfg.tracking)
+    done = None
+    if store.online:
+        try:
+            done = tracking.finished_run(store, chash)
+        except Exception as exc:  # it stopped answering: train (or keep) the cell without it
+            store.error = tracking.describe(exc)
+    if done is not None:
+        log.info("skip %s: FINISHED run %s has config hash %s", name, done, chash)
+        tracking.clear_pending(cfg.output_dir)
+        return {"status": "skipped", "run_id": done, "config_hash": chash, "seconds": time.perf_counter() - t0}
+    sweep_dir = HydraConfig.get().sweep.dir if HydraConfig.initialized() else None
+    if local_result(cfg.output_dir):  # trained and evaluated before, but its run is missing or incomplete
+        if store.online:
+            run_id, uploaded = upload_cell(cfg, store, run_name=name, parent_run_id=tracking.read_parent(sweep_dir))
+        else:
+            run_id, uploaded = (tracking.read_pending(cfg.output_dir) or {}).get("run_id"), False
+        log.info("%s %s from %s", "uploaded" if uploaded else "still awaiting upload:", name, cfg.output_dir)
+        return {"status": "uploaded" if uploaded else "pending", "run_id": run_id, "config_hash": chash,
+                "seconds": time.perf_counter() - t0, **({} if uploaded else {"pending_upload": store.error})}
     run_id = None
 
     def remember(run: Any) -> None:
@@ -152,10 +220,12 @@ def cell_task(cfg: DictConfig) -> dict[str, Any]:
         run_id = run.run_id
 
     try:
-        run_id, _ = run_tracked(cfg, store, run_name=name, parent_run_id=tracking.read_parent(sweep_dir),
-                                supersede_stale=True, on_start=remember)
+        run_id, summary = run_tracked(cfg, store, run_name=name, parent_run_id=tracking.read_parent(sweep_dir),
+                                      supersede_stale=True, on_start=remember)
     except Exception as exc:  # recorded FAILED (tag failure_reason); the sweep goes on
         log.exception("cell %s failed", name)
         return {"status": "failed", "run_id": run_id, "config_hash": chash, "reason": f"{type(exc).__name__}: {exc}",
                 "seconds": time.perf_counter() - t0}
-    return {"status": "finished", "run_id": run_id, "config_hash": chash, "seconds": time.perf_counter() - t0}
+    pending = {"pending_upload": summary["pending_upload"]} if summary.get("pending_upload") else {}
+    return {"status": "finished", "run_id": run_id, "config_hash": chash, "seconds": time.perf_counter() - t0,
+            **pending}

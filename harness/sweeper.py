@@ -9,7 +9,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness import tracking
 from harness.cell import validate_cell
+from harness.config import RunIncomplete
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +82,44 @@ class SweeperBase:
         return composed
 
     def open(self, composed: Sequence[DictConfig], *, name: str, tags: dict[str, str]) -> tuple[tracking.Store, str]:
-        """Open the store and experiment (in the driver, before any worker: a fresh SQLite store migrated by
-        several processes at once crashes), build the embedded model once, and start the parent run; returns
-        ``(store, parent run id)``."""
+        """Check and open the store and experiment (in seconds, before any compute: an unreachable or read-only
+        store fails here with one line naming ``tracking.uri``), build the embedded model once, and start the parent
+        run, superseding the RUNNING parents of killed drivers; returns ``(store, parent run id)``."""
         first = composed[0]
-        store = tracking.open_store(first.tracking)
+        store = tracking.check_store(first.tracking)
         prebuild_models(composed)
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         parent = tracking.start_parent(store, name=name, tags=tags)
         tracking.write_parent(self.sweep_dir, parent)
+        stale = tracking.supersede_stale_parents(store, parent)
+        if stale:
+            log.info("marked the parent run(s) %s of killed drivers KILLED (superseded by %s)", stale, parent)
         return store, parent
+
+    @staticmethod
+    @contextmanager
+    def killed_closes_parent(store: tracking.Store, parent: str) -> Iterator[None]:
+        """A driver stopped by SIGTERM (turned into ``SystemExit`` by the ``harness`` command) or Ctrl-C closes its
+        parent run and the child runs still RUNNING as KILLED before it exits: no orphan RUNNING runs."""
+        try:
+            yield
+        except (KeyboardInterrupt, SystemExit):
+            try:
+                tracking.kill_children(store, parent)
+            except Exception as exc:  # the store may be what is gone; a re-run supersedes them
+                log.warning("could not close the running cells of %s: %s", parent, exc)
+            tracking.end_parent(store, parent, {}, status="KILLED")
+            raise
+
+    @staticmethod
+    def raise_if_incomplete(summary: Mapping[str, Any], what: str = "cells") -> None:
+        """After the summary is printed: :class:`harness.config.RunIncomplete` (exit 1) when something failed,
+        (exit 3) when results await upload to the tracking store."""
+        if summary.get("failed"):
+            raise RunIncomplete(f"{summary['failed']} of {summary['cells']} {what} failed (see the summary above)")
+        if summary.get("awaiting_upload"):
+            raise RunIncomplete(f"{summary['awaiting_upload']} of {summary['cells']} {what} await upload to the "
+                                "tracking store: run the same command again once it answers", exit_code=3)
 
     def launch(self, jobs: Sequence[Sequence[str]]) -> list[Any]:
         """Hand ``jobs`` to the launcher as one batch; returns the launcher's job returns."""
@@ -98,10 +128,16 @@ class SweeperBase:
         return returns
 
     @staticmethod
-    def write_report(cfg: DictConfig) -> None:
-        """The experiment's report; a report failure must not lose the sweep's results, so it is only logged."""
+    def write_report(cfg: DictConfig, store: tracking.Store | None = None) -> None:
+        """The experiment's report; a report failure must not lose the sweep's results, so it is only logged. The
+        report reads MLflow: with a ``store`` that stopped answering it is left for the re-run that uploads."""
         from harness.reporting import write_report
 
+        if store is not None and not store.online:
+            print(f"report: not written: tracking.uri={tracking.mask_url(store.uri)} does not answer ({store.error}); "
+                  "the sweep summary is in the sweep directory, and the same command run again uploads the cells "
+                  "and writes the report")
+            return
         try:
             print(f"report: {write_report(cfg.tracking.experiment, tracking_uri=tracking.tracking_uri(cfg.tracking))}")
         except Exception as exc:

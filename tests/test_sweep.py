@@ -40,16 +40,17 @@ def compose_sweep(name: str, overrides: list[str], hydra_config: bool = False):
 # ----------------------------------------------------------------------------- config logic (compose API)
 
 
-def test_default_sweep_covers_five_gates_and_two_taus():
+def test_default_sweep_is_five_gates_at_the_papers_tau_with_three_seeds():
     cfg = compose_sweep("gates", [], hydra_config=True)
     sw = cfg.hydra.sweeper
     assert sw._target_ == "hydra_plugins.harness_sweepers.GateSweeper"
     cells = cell_overrides(sw.gates, sw.taus, sw.seeds, tau_mode=sw.tau_mode, tau_neg_scale=sw.tau_neg_scale)
-    assert len(cells) == 4 * 2 + 1  # four smooth gates x two taus, clip once
+    assert len(cells) == 5 * 3  # four smooth gates at (10, 12) and clip, three seeds each
     gates = {c[0] for c in cells}
     assert gates == {f"gate={g}" for g in ("sigmoid", "erf", "arctan", "softsign", "clip")}
-    assert ["gate=clip", "seed=0"] in cells
-    assert ["gate=erf", "seed=0", "gate.tau_pos=4.0", "gate.tau_neg=4.2"] in cells
+    assert {c[1] for c in cells} == {"seed=0", "seed=1", "seed=2"}
+    assert ["gate=clip", "seed=2"] in cells
+    assert ["gate=erf", "seed=0", "gate.tau_pos=10.0", "gate.tau_neg=12.0"] in cells
     assert cfg.tracking.experiment == "gates" and cfg.model.name == "tiny" and cfg.task.name == "arith"
 
 
@@ -62,7 +63,7 @@ def test_every_cell_composes_and_validates():
         validate_cell(cfg)
         names.add(cell_name(cfg))
     assert len(names) == len(cells)
-    assert "softsign-t4-4.2-s0" in names and "clip-e0.2-0.2-s0" in names
+    assert "softsign-t10-12-s2" in names and "clip-e0.2-0.2-s0" in names
 
 
 def test_tau_modes_and_seed_axis():
@@ -161,6 +162,15 @@ def test_paper_temperature_sweep_composes_the_temperature_study():
     pairs = sorted((g.tau_pos, g.tau_neg) for g in gates)
     assert pairs == [(1.0, 1.05), (5.0, 6.0), (10.0, 12.0), (13.0, 15.0)]
     assert {c[0] for c in cells} == {"gate=erf"}
+
+
+def test_tau_pairs_accept_ints_from_the_command_line():
+    from harness.sweep import gate_sweeper_settings
+
+    assert gate_sweeper_settings({"tau_pairs": [[10, 12]]}).tau_pairs == [[10, 12]]
+    sw = compose_sweep("gates", ["hydra.sweeper.tau_pairs=[[10,12]]"], hydra_config=True).hydra.sweeper
+    cells = cell_overrides(["erf"], [], [0], tau_pairs=sw.tau_pairs)
+    assert cells[0][-2:] == ["gate.tau_pos=10.0", "gate.tau_neg=12.0"]
 
 
 def test_tau_pairs_replace_the_grid_and_are_checked():

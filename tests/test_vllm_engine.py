@@ -116,6 +116,19 @@ def test_sampled_accuracies_inside_each_others_ci(runs):
     assert sum(len({c.text for c in comps}) > 1 for comps in runs["vllm"][1]) > N_PROBLEMS // 2
 
 
+def test_context_override_reaches_vllm_as_hf_overrides(tiny):
+    """eval.context_len reaches the vLLM child as hf_overrides (merged with any in eval.vllm.extra), and the
+    automatic max_model_len is the longest prompt plus max new tokens, capped by that context."""
+    job = E.GenJob(["Q: 1+1?\nA:"], 2, E.Sampling(0.7, max_new_tokens=4096), max_prompt_tokens=1700)
+    wide = {"max_position_embeddings": 8192}
+    kwargs = E.VllmEngine(tiny, {"extra": {"hf_overrides": {"sliding_window": None}}}, context_len=8192,
+                          config_overrides=wide).llm_kwargs([job])
+    assert kwargs["hf_overrides"] == {"max_position_embeddings": 8192, "sliding_window": None}
+    assert kwargs["max_model_len"] == 1700 + 4096
+    assert E.VllmEngine(tiny, {}, context_len=4096, config_overrides=wide).llm_kwargs([job])["max_model_len"] == 4096
+    assert "hf_overrides" not in E.VllmEngine(tiny, {}, context_len=256).llm_kwargs([job])
+
+
 def test_data_parallel_env_partition(tiny, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     engine = E.VllmEngine(tiny, {"data_parallel_size": 2, "tensor_parallel_size": 2, "env": {"OMP_NUM_THREADS": 3}})

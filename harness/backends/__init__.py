@@ -38,6 +38,20 @@ BACKENDS: dict[str, str] = {
 }
 
 
+# Checks a backend adds to the shared ones (harness.backends.common), run by harness.cell.validate_cell before any
+# model or data is loaded.
+VALIDATORS: dict[str, str] = {"trl": "harness.backends.trl:validate_trl_config"}
+
+
+def validate_backend(cfg: Any) -> None:
+    """The backend-specific checks of ``cfg`` (``ValueError`` naming the key), after the backend is importable."""
+    name = cfg.backend.name
+    get_backend(name)
+    if name in VALIDATORS:
+        module, _, attr = VALIDATORS[name].partition(":")
+        getattr(importlib.import_module(module), attr)(cfg)
+
+
 def get_backend(name: str) -> Backend:
     """The ``train`` function of a backend; ValueError listing the known ones otherwise."""
     if name not in BACKENDS:

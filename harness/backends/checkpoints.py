@@ -1,17 +1,37 @@
-"""Checkpoints of the native trainer: Hugging Face weights and tokenizer plus the optimizer, RNG and history
-state that lets ``resume=true`` continue a run exactly."""
+"""Checkpoints you can trust: the native trainer's (Hugging Face weights and tokenizer plus the optimizer, RNG and
+history state that lets ``resume=true`` continue a run exactly), and the verification both the native and the TRL
+backend resume through.
+
+Every checkpoint gets a manifest (:data:`MANIFEST_FILE`: each file's size and SHA-256), written last: a checkpoint
+whose files do not match it (truncated, emptied, rewritten) or that has none and whose files do not even parse is
+invalid. :func:`resume_checkpoint` takes the newest valid checkpoint, says which ones it skipped and why (naming the
+path) and renames them ``<name>.invalid`` (kept for a post-mortem, out of the way of the checkpoint that replaces
+them), and starts over only when none is valid, saying so.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import random
+import re
 import shutil
+import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "trainer_state.pt"
+MANIFEST_FILE = "manifest.json"
+NATIVE_PATTERN = r"step-\d+"  # checkpoint directory names of the native trainer
+NATIVE_REQUIRED = ("model.safetensors", STATE_FILE)
 
 
 def rng_state() -> dict[str, Any]:
@@ -29,9 +49,133 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(path: Path) -> Path:
+    """Record every file of the checkpoint ``path`` (size, SHA-256) in its manifest; written last, through a rename,
+    so a manifest exists only for a checkpoint whose files were all complete."""
+    files = {str(f.relative_to(path)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(path.rglob("*")) if f.is_file() and not f.name.startswith(MANIFEST_FILE)}
+    tmp = path / f"{MANIFEST_FILE}.tmp"
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    os.replace(tmp, path / MANIFEST_FILE)
+    return path / MANIFEST_FILE
+
+
+def verify_checkpoint(path: Path, required: Sequence[str] = ()) -> str | None:
+    """Why the checkpoint ``path`` cannot be resumed from (naming the offending file), or None when it is valid.
+
+    With a manifest: every listed file exists with its size and hash, and ``required`` files are listed. Without one
+    (a checkpoint written before manifests): the ``required`` files exist and every file parses (safetensors header
+    and size, torch zip archives by CRC, JSON)."""
+    path = Path(path)
+    if not path.is_dir():
+        return f"{path} is not a directory"
+    manifest = path / MANIFEST_FILE
+    if manifest.exists():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"{manifest} is unreadable ({exc})"
+        for name in required:
+            if name not in files:
+                return f"{path / name} is not in {manifest}"
+        for name, meta in files.items():
+            f = path / name
+            if not f.is_file():
+                return f"{f} is missing"
+            size = f.stat().st_size
+            if size != meta.get("size"):
+                return f"{f} has {size} bytes, its manifest says {meta.get('size')}"
+            if _sha256(f) != meta.get("sha256"):
+                return f"{f} does not match its SHA-256 in {manifest}"
+        return None
+    for name in required:
+        if not (path / name).is_file():
+            return f"{path / name} is missing"
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        reason = _parse_check(f)
+        if reason is not None:
+            return f"{f} {reason} (and the checkpoint has no {MANIFEST_FILE})"
+    return None
+
+
+def _parse_check(f: Path) -> str | None:
+    """Why a checkpoint file without a manifest looks broken, or None."""
+    if f.stat().st_size == 0 and f.suffix in (".safetensors", ".pt", ".pth", ".bin", ".json"):
+        return "is empty"
+    try:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(f), "pt") as st:
+                st.keys()
+        elif f.suffix in (".pt", ".pth", ".bin") and zipfile.is_zipfile(f):
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+            if bad is not None:
+                return f"has a corrupt member {bad}"
+        elif f.suffix in (".pt", ".pth", ".bin"):
+            return "is not a complete torch archive"
+        elif f.suffix == ".json":
+            json.loads(f.read_text())
+    except Exception as exc:  # any parse error means the file is unusable
+        return f"does not parse ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+    return None
+
+
+def list_checkpoints(ckpt_dir: Path, pattern: str = NATIVE_PATTERN) -> list[Path]:
+    """Checkpoint directories named ``pattern`` (``step-000015``, ``checkpoint-60``), oldest first by the number in
+    the name; ``.tmp``/``.invalid`` leftovers are not checkpoints."""
+    found = [p for p in Path(ckpt_dir).glob("*") if p.is_dir() and re.fullmatch(pattern, p.name)]
+    return sorted(found, key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
+
+
+def _set_aside(path: Path, suffix: str) -> Path:
+    target = path.with_name(path.name + suffix)
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}{suffix}{n}")
+    path.rename(target)
+    return target
+
+
+def resume_checkpoint(ckpt_dir: Path, pattern: str = NATIVE_PATTERN,
+                      required: Sequence[str] = NATIVE_REQUIRED) -> Path | None:
+    """The newest valid checkpoint under ``ckpt_dir`` to resume from; each newer invalid one is logged with its
+    reason and renamed ``<name>.invalid``. None (logged when there were checkpoints) means: start over."""
+    found = list_checkpoints(ckpt_dir, pattern)
+    for path in reversed(found):
+        reason = verify_checkpoint(path, required)
+        if reason is None:
+            if path != found[-1]:
+                log.warning("resume: continuing from the older checkpoint %s", path)
+            return path
+        moved = _set_aside(path, ".invalid")
+        log.warning("resume: skipping checkpoint %s: %s (moved to %s)", path, reason, moved.name)
+    if found:
+        log.warning("resume: no valid checkpoint in %s: starting over from the initial model", ckpt_dir)
+    return None
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """The trainer state of a verified native checkpoint (``ValueError`` naming the file if it still fails)."""
+    try:
+        return torch.load(path / STATE_FILE, weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"cannot load {path / STATE_FILE}: {type(exc).__name__}: {exc}") from exc
+
+
 def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int, history: list[dict[str, float]]) -> Path:
-    """HF-format weights + tokenizer, plus optimizer/RNG/history so training can resume exactly.
-    Written to a temporary directory and renamed, so a kill never leaves a half-written checkpoint."""
+    """HF-format weights + tokenizer, plus optimizer/RNG/history so training can resume exactly, plus the manifest.
+    Written to a temporary directory and renamed, so a kill never leaves a half-written checkpoint under its name."""
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -39,10 +183,15 @@ def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int, history:
     tokenizer.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "history": history},
                tmp / STATE_FILE)
+    write_manifest(tmp)
+    old = _set_aside(path, ".old") if path.exists() else None  # one replaced after an invalid one was skipped
     tmp.rename(path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return path
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    done = sorted(p for p in ckpt_dir.glob("step-*") if (p / STATE_FILE).exists() and not p.name.endswith(".tmp"))
-    return done[-1] if done else None
+    """The newest native checkpoint (by step), or None."""
+    found = list_checkpoints(ckpt_dir)
+    return found[-1] if found else None

@@ -3,32 +3,142 @@ extra reward functions named by import path."""
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from harness.config import import_object
-from harness.gates import get_gate
-from harness.objective import loss_kwargs, policy_loss
+from harness.config import ConfigError, import_object
+from harness.gates import WIDTH_MODES, ClipGate, check_admissible, get_gate
+from harness.objective import AGG_MODES, RATIO_LEVELS, loss_kwargs, policy_loss
 from harness.scoring import FORMAT_REWARDS
+
+log = logging.getLogger(__name__)
 
 ADVANTAGE_MODES = ("grpo", "drgrpo")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 SAMPLERS = ("cached", "generate")  # backend.sampler of the native backend
+DEVICES = ("auto", "cpu", "cuda")  # backend.device (native also takes cuda:N)
+BACKEND_FLAGS = ("bf16", "share_prompt", "skip_zero_advantage", "progress", "disable_dropout",
+                 "gradient_checkpointing", "use_vllm", "vllm_enable_sleep_mode", "vllm_importance_sampling_correction")
+# Values of the gate nodes in conf/gate/: a smooth gate given another ε (or clip another τ) is warned about.
+DEFAULT_EPS, DEFAULT_TAUS = (0.2, 0.2), (1.0, 1.05)
+_admissibility: dict[tuple[str, Any], list[str]] = {}  # (gate name, nu) -> failed properties (checks take ~0.1 s)
+_warned: set[str] = set()
 
 RewardFn = Callable[..., Sequence[float]]  # fn(texts, golds, problems) -> one float per text
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
+
+
+def inadmissible_properties(g: Any) -> list[str]:
+    """The admissibility properties (arXiv 2602.19345, section 4; :func:`harness.gates.check_admissible`) that the
+    gate node ``g`` fails, with their details; empty for an admissible gate and for ``clip``, the baseline that is
+    known not to be one."""
+    key = (str(g.name), g.get("nu"))
+    if key not in _admissibility:
+        gate = get_gate(g.name, eps_low=g.eps_low, eps_high=g.eps_high, nu=g.get("nu"))
+        failed = [] if isinstance(gate, ClipGate) else [f"{r.name} ({r.detail})" for r in check_admissible(gate)
+                                                      if not r.passed]
+        _admissibility[key] = failed
+    return _admissibility[key]
+
+
+def validate_gate_config(g: Any) -> None:
+    """The ``gate`` node: τ, ε, width, the gate itself and its admissibility (``ConfigError`` naming the key; an
+    inadmissible gate only with ``gate.allow_inadmissible=true``, then warned about). A smooth gate given another ε,
+    or clip another τ, is warned about: those keys do nothing there."""
+    for key in ("tau_pos", "tau_neg"):
+        if not (_number(g[key]) and g[key] > 0):
+            raise ConfigError(f"gate.{key} must be a finite number > 0, got {g[key]!r}")
+    for key in ("eps_low", "eps_high"):
+        if not (_number(g[key]) and g[key] >= 0):
+            raise ConfigError(f"gate.{key} must be a finite number >= 0, got {g[key]!r}")
+    if not g.eps_low < 1:
+        raise ConfigError(f"gate.eps_low must be < 1 (the clip range starts at 1 - eps_low > 0), got {g.eps_low!r}")
+    if g.width not in WIDTH_MODES:
+        raise ConfigError(f"gate.width must be one of {', '.join(WIDTH_MODES)}, got {g.width!r}")
+    allow = g.get("allow_inadmissible", False)
+    if not isinstance(allow, bool):
+        raise ConfigError(f"gate.allow_inadmissible must be true or false, got {allow!r}")
+    get_gate(g.name, eps_low=g.eps_low, eps_high=g.eps_high, nu=g.get("nu"))
+    if g.name == "clip" and (g.tau_pos, g.tau_neg) != DEFAULT_TAUS:
+        _warn_once(f"gate.tau_pos={g.tau_pos}, gate.tau_neg={g.tau_neg} are unused by gate=clip (τ applies to "
+                   "smooth gates; clip's range is gate.eps_low / gate.eps_high)")
+    if g.name != "clip" and (g.eps_low, g.eps_high) != DEFAULT_EPS:
+        _warn_once(f"gate.eps_low={g.eps_low}, gate.eps_high={g.eps_high} are unused by the smooth gate "
+                   f"{g.name!r} (ε applies to gate=clip only)")
+    failed = inadmissible_properties(g)
+    if failed and not allow:
+        raise ConfigError(f"gate.name={g.name} is not admissible: it fails {'; '.join(failed)}. Use an admissible "
+                          "gate (harness gates check NAME), or gate.allow_inadmissible=true to train it anyway")
+    if failed:
+        _warn_once(f"gate.name={g.name} is not admissible (fails {'; '.join(failed)}); training it anyway "
+                   "(gate.allow_inadmissible=true; the run is tagged inadmissible)")
+
+
+def validate_backend_keys(bk: Any) -> None:
+    """The keys every backend node may have: flags are booleans, ``threads`` a positive integer or null, ``device``
+    a known device (``ConfigError``); backend-specific checks live with each backend."""
+    for key in BACKEND_FLAGS:
+        if key in bk and bk[key] is not None and not isinstance(bk[key], bool):
+            raise ConfigError(f"backend.{key} must be true or false, got {bk[key]!r}")
+    threads = bk.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ConfigError(f"backend.threads must be null or an integer >= 1, got {threads!r}")
+    device = bk.get("device")
+    if bk.name in ("native", "trl") and device is not None:
+        ok = device in DEVICES or (bk.name == "native" and str(device).startswith("cuda:")
+                                   and str(device)[5:].isdigit())
+        if not ok:
+            raise ConfigError(f"backend.device must be one of {', '.join(DEVICES)}"
+                              f"{' or cuda:N' if bk.name == 'native' else ''}, got {device!r}")
+
+
 def validate_train_config(cfg: Any) -> None:
-    """Every check of ``train`` / ``gate`` that can fail before compute starts, with the key and the allowed
-    values (``ValueError``)."""
+    """Every check of ``train`` / ``gate`` / ``backend`` that can fail before compute starts, with the key and the
+    allowed values (``ValueError``; :class:`harness.config.ConfigError` for most)."""
     t = cfg.train
     for key in ("steps", "rollout_batch_size", "num_generations", "micro_batch_size", "num_iterations",
                 "max_new_tokens", "save_every"):
         value = t[key]
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"train.{key} must be an integer >= 1, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"train.{key} must be an integer >= 1, got {value!r}")
+    if not isinstance(t.warmup_steps, int) or isinstance(t.warmup_steps, bool) or t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps must be an integer >= 0, got {t.warmup_steps!r}")
+    for key, low in (("max_grad_norm", 0.0), ("adv_eps", 0.0)):
+        if not (_number(t[key]) and t[key] > low):
+            raise ConfigError(f"train.{key} must be a finite number > {low:g}, got {t[key]!r}")
+    if not (_number(t.weight_decay) and t.weight_decay >= 0):
+        raise ConfigError(f"train.weight_decay must be a finite number >= 0, got {t.weight_decay!r}")
+    betas = list(t.betas) if not isinstance(t.betas, str | int | float) else None
+    if betas is None or len(betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas!r}")
+    for key in ("format_weight", "accuracy_weight"):
+        if not _number(t.rewards[key]):
+            raise ConfigError(f"train.rewards.{key} must be a finite number, got {t.rewards[key]!r}")
+    loss = t.loss
+    if loss.ratio_level not in RATIO_LEVELS:
+        raise ConfigError(f"train.loss.ratio_level must be one of {', '.join(RATIO_LEVELS)}, got {loss.ratio_level!r}")
+    if loss.agg not in AGG_MODES:
+        raise ConfigError(f"train.loss.agg must be one of {', '.join(AGG_MODES)}, got {loss.agg!r}")
+    if not (_number(loss.kl_beta) and loss.kl_beta >= 0):
+        raise ConfigError(f"train.loss.kl_beta must be a finite number >= 0, got {loss.kl_beta!r}")
+    if not (_number(loss.log_ratio_clip) and loss.log_ratio_clip > 0):
+        raise ConfigError(f"train.loss.log_ratio_clip must be a finite number > 0, got {loss.log_ratio_clip!r}")
+    if loss.get("norm_length") is not None and not (_number(loss.norm_length) and loss.norm_length > 0):
+        raise ConfigError(f"train.loss.norm_length must be null or a number > 0, got {loss.norm_length!r}")
+    validate_backend_keys(cfg.backend)
     if t.rollout_batch_size % t.num_generations:
         raise ValueError(
             f"train.rollout_batch_size={t.rollout_batch_size} must be divisible by train.num_generations="
@@ -50,7 +160,7 @@ def validate_train_config(cfg: Any) -> None:
     if t.advantage not in ADVANTAGE_MODES:
         raise ValueError(f"train.advantage must be one of {', '.join(ADVANTAGE_MODES)}, got {t.advantage!r}")
     sampler = cfg.backend.get("sampler", "cached")
-    if cfg.backend.name == "native" and sampler not in SAMPLERS:
+    if cfg.backend.name in ("native", "trl") and sampler not in SAMPLERS:
         raise ValueError(f"backend.sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if t.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {t.lr_schedule!r}")
@@ -65,8 +175,7 @@ def validate_train_config(cfg: Any) -> None:
     if fmt not in FORMAT_REWARDS:
         raise ValueError(f"train.rewards.format must be one of {', '.join(FORMAT_REWARDS)}, got {fmt!r}")
     # Fails on an unknown gate / bad tau / bad eps / bad agg before any model is loaded.
-    g = cfg.gate
-    get_gate(g.name, eps_low=g.eps_low, eps_high=g.eps_high)
+    validate_gate_config(cfg.gate)
     dummy = torch.zeros(1, 2)
     policy_loss(dummy, dummy, torch.ones(1), torch.ones(1, 2, dtype=torch.bool), **loss_kwargs(cfg), diagnostics=False)
     for extra in t.rewards.extra or []:

@@ -39,13 +39,21 @@ from torch import Tensor
 
 from harness import keys as K
 from harness.backends import StepCallback, TrainResult
-from harness.backends.checkpoints import STATE_FILE, latest_checkpoint, save_checkpoint, set_rng_state
+from harness.backends.checkpoints import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_state,
+    resume_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from harness.backends.common import fit_prompts, load_reward, mini_batch_size, start_training
 from harness.backends.sampling import mask_through_first_eos, rows_logprobs, sample_completions, tempered_entropy
 from harness.config import to_plain
 from harness.models import load_model_and_tokenizer
 from harness.objective import loss_kwargs, micro_batch_weight, policy_loss
 from harness.prompts import render_prompt
+from harness.schedule import schedule_from_config
 from harness.scoring import format_score, score_batch
 
 # ----------------------------------------------------------------------------- pieces of a step
@@ -109,9 +117,13 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
     np.random.seed(cfg.seed)
 
     start_step, history, checkpoints = 0, [], []
-    resume_from = latest_checkpoint(ckpt_dir) if cfg.get("resume") else None
+    # the newest checkpoint that verifies against its manifest (newer broken ones are named in the log, set aside)
+    resume_from = resume_checkpoint(ckpt_dir) if cfg.get("resume") else None
+    # float32 master weights whatever the checkpoint stores (transformers 5 loads Qwen2.5 in bf16): AdamW on bf16
+    # weights rounds updates of lr ~1e-6 away; bf16 compute comes from the autocast below.
     model, tokenizer = load_model_and_tokenizer(
-        {**to_plain(cfg.model), "path": str(resume_from or model_path)}, device=device, cache_dir=cfg.get("cache_dir"))
+        {**to_plain(cfg.model), "path": str(resume_from or model_path)}, device=device, dtype="float32",
+        cache_dir=cfg.get("cache_dir"))
     tokenizer.padding_side = "left"
     problems = fit_prompts(problems, tokenizer, prompt_cfg, t.get("max_prompt_tokens"))
     ref_model = None
@@ -122,13 +134,16 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=float(t.get("adam_eps", 1e-8)),
                                   weight_decay=t.weight_decay)
     if resume_from is not None:
-        state = torch.load(resume_from / STATE_FILE, weights_only=False)
+        state = load_state(resume_from)
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_step, history = state["step"], state["history"]
-        checkpoints = sorted(p for p in ckpt_dir.glob("step-*") if (p / STATE_FILE).exists())
+        checkpoints = [p for p in list_checkpoints(ckpt_dir) if p <= resume_from]
     extra_rewards = [(load_reward(e.path), float(e.weight)) for e in (t.rewards.extra or [])]
-    loss_kw = loss_kwargs(cfg)
+    base_loss_kw = loss_kwargs(cfg)
+    schedule = schedule_from_config(cfg)  # τ per step: constant, linear/cosine, or the EUR controller
+    eur_key = K.pass_key(t.num_iterations, K.EUR)
+    schedule.replay(history, eur_key, K.TAU_POS)  # a resumed run's controller continues where it was
     per_step = t.rollout_batch_size // t.num_generations
     G = t.num_generations
     mini_size = mini_batch_size(t)
@@ -142,6 +157,8 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
     for step in range(start_step, t.steps):
         t0 = time.perf_counter()
         lr = t.lr * lr_factor(step, t.steps, t.warmup_steps, t.lr_schedule)
+        tau_pos, tau_neg = schedule.taus(step)
+        loss_kw = {**base_loss_kw, "tau_pos": tau_pos, "tau_neg": tau_neg}
         for group in optimizer.param_groups:
             group["lr"] = lr
 
@@ -273,11 +290,14 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
             K.ZERO_VAR_FRAC: zero_var / per_step,
             K.LR: lr,
             K.LOSS: metrics[K.pass_key(last_pass, K.PASS_LOSS)],
+            K.TAU_POS: tau_pos,
+            K.TAU_NEG: tau_neg,
             K.GRAD_NORM: metrics[K.pass_key(last_pass, K.PASS_GRAD_NORM)],
             K.STEP_TIME_S: time.perf_counter() - t0,
             K.TOKENS: float(completion_mask.sum() + enc.attention_mask.sum() * G),
         })
         history.append(metrics)
+        schedule.observe(metrics.get(eur_key, math.nan))
         bar.set_postfix(reward=f"{metrics[K.REWARD]:.3f}", acc=f"{metrics[K.REWARD_ACCURACY]:.3f}")
         bar.update(1)
         if on_step is not None:

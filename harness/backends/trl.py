@@ -79,14 +79,19 @@ from trl import GRPOConfig, GRPOTrainer
 
 from harness import keys as K
 from harness.backends import StepCallback, TrainResult
+from harness.backends.checkpoints import list_checkpoints, resume_checkpoint, write_manifest
 from harness.backends.common import fit_prompts, load_reward, mini_batch_size, start_training
 from harness.config import to_plain
 from harness.models import load_model_and_tokenizer
 from harness.objective import loss_kwargs, micro_batch_weight, policy_loss
 from harness.prompts import render_prompt
+from harness.schedule import TauSchedule, schedule_from_config
 from harness.scoring import format_score, score_batch
 
 HISTORY_FILE = "harness_history.json"
+CHECKPOINT_PATTERN = r"checkpoint-\d+"  # transformers' checkpoint-<optimizer step>
+# What a TRL checkpoint must hold to resume exactly (transformers writes them, the callback adds the history).
+CHECKPOINT_REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", HISTORY_FILE)
 TRL_LOSS_TYPE = {"seq-mean-token-mean": "grpo", "token-mean": "bnpo", "seq-mean-token-sum-norm": "dr_grpo"}
 LR_SCHEDULER = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 VLLM_KEYS = ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
@@ -139,7 +144,8 @@ class HarnessGRPOTrainer(GRPOTrainer):
     built by :func:`harness.objective.loss_kwargs`.
     """
 
-    def __init__(self, *args: Any, loss_kwargs: dict[str, Any], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, loss_kwargs: dict[str, Any], sampler: str = "generate",
+                 skip_zero_advantage: bool = False, **kwargs: Any) -> None:
         cfg = kwargs.get("args")
         for key, neutral in _UNSUPPORTED.items():
             if cfg is not None and getattr(cfg, key, neutral) != neutral:
@@ -149,6 +155,9 @@ class HarnessGRPOTrainer(GRPOTrainer):
         self._harness_window: list[tuple[Tensor, ...]] = []
         self._harness_window_loss = 0.0
         self._harness_pending: dict[str, float] = {}
+        self.harness_sampler = sampler  # cached: the native backend's sampler on the transformers path
+        self.harness_skip_zero_advantage = skip_zero_advantage
+        self._harness_sampled_entropy = False  # the generation batch's entropy came from the sampler
         super().__init__(*args, **kwargs)
 
     # Plain-text prompts: tokenize exactly like the native backend (no BOS/special tokens added), so the
@@ -157,6 +166,61 @@ class HarnessGRPOTrainer(GRPOTrainer):
         if prompts and isinstance(prompts[0], str):
             return self.processing_class(text=prompts, add_special_tokens=False)["input_ids"], None, {}
         return super()._tokenize_prompts(prompts)
+
+    def _generate_single_turn(self, prompt_ids: list, images: Any, multimodal_fields: dict, num_generations: int,
+                              has_tool_images: bool = False) -> tuple[list, Any]:
+        """TRL's transformers generation path with ``sampler="cached"``: the native backend's cached sampler
+        (:func:`harness.backends.sampling.sample_completions`: each prompt prefilled once and its KV cache repeated
+        for its G rollouts, instead of ``generate`` prefilling every prompt G times; the same distribution), which
+        also gives the entropy of the distributions the tokens were drawn from. vLLM, continuous batching, images,
+        tools and several EOS tokens keep TRL's own path."""
+        G = num_generations
+        cached = getattr(self, "harness_sampler", "generate") == "cached"
+        plain = (cached and not self.use_vllm and not images and not multimodal_fields
+                 and not getattr(self, "use_transformers_continuous_batching", False) and not self.tools
+                 and len(self.eos_token_ids) == 1 and len(prompt_ids) % G == 0
+                 and all(prompt_ids[i] == prompt_ids[i - i % G] for i in range(len(prompt_ids))))
+        if not plain:
+            self._harness_sampled_entropy = False
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        from trl.models import unwrap_model_for_generation
+
+        from harness.backends.sampling import mask_through_first_eos, sample_completions
+
+        device, pad, eos = self.accelerator.device, self._tokenizer.pad_token_id, self.eos_token_ids[0]
+        prompts = prompt_ids[::G]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                          gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                                          gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
+              as unwrapped, torch.no_grad(), self._dist.summon_full_params(self.model_wrapped, recurse=False)):
+            seqs, entropy = sample_completions(unwrapped, ids, attention, num_generations=G,
+                                               max_new_tokens=self.max_completion_length, temperature=self.temperature,
+                                               top_p=self.top_p, eos_token_id=eos, pad_token_id=pad)
+        completion = seqs[:, width:]
+        keep = mask_through_first_eos(completion, eos)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["entropy"].append(self._global_masked_mean(entropy, keep.to(entropy.dtype)))
+        self._harness_sampled_entropy = True
+        return [c[m].tolist() for c, m in zip(completion.cpu(), keep.cpu(), strict=True)], None
+
+    def _trained_rows(self, inputs: dict[str, Any]) -> Tensor | None:
+        """With ``skip_zero_advantage``: the rows of this micro-batch that train (advantage ≠ 0), or None for all.
+        A row with A = 0 adds exactly 0 to every gate's loss and gradient, so leaving it out of the forward and
+        backward changes no update (the loss is rescaled to the whole micro-batch); not with a KL term (those rows
+        still carry its gradient) or a MoE load-balancing loss."""
+        multimodal = any(inputs.get(k) is not None for k in _FORWARD_KEYS)
+        skip = getattr(self, "harness_skip_zero_advantage", False)
+        if (not skip or not self.model.training or self.aux_loss_enabled or multimodal
+                or self.harness_loss_kwargs.get("kl_beta", 0.0)):
+            return None
+        adv = inputs["advantages"]
+        nonzero = (adv != 0) if adv.dim() == 1 else (adv != 0).reshape(adv.shape[0], -1).any(-1)
+        # no row active: all of them, as the native backend does (a zero update either way, with its diagnostics)
+        return None if bool(nonzero.all()) or not bool(nonzero.any()) else nonzero.nonzero().squeeze(-1)
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         """TRL's rollouts, plus each row's prompt index (``harness_group``) for the EUR diagnostic: TRL samples
@@ -192,14 +256,25 @@ class HarnessGRPOTrainer(GRPOTrainer):
         return torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks]).to(like.device)
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> Tensor:
+        rows = self._trained_rows(inputs)
+        kept = 1.0
+        if rows is not None:  # zero-advantage rows left out; the loss scaled back to the whole micro-batch
+            full_mask = inputs["completion_mask"]
+            agg = self.harness_loss_kwargs.get("agg", "seq-mean-token-mean")
+            kept = micro_batch_weight(full_mask[rows], full_mask, agg)
+            inputs = {k: v[rows] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == full_mask.shape[0]
+                      else v for k, v in inputs.items()}
+            inputs["_harness_full_mask"] = full_mask
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         # The same call as TRL's _compute_loss (multimodal fields pass through untouched).
+        # the sampler gave the entropy of the rollouts already (over every row, not only those that train)
+        with_entropy = not (getattr(self, "_harness_sampled_entropy", False) and self.model.training)
         per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=with_entropy,
             compute_aux_loss=self.aux_loss_enabled, **{k: inputs.get(k) for k in _FORWARD_KEYS},
         )
         train = self.model.training
@@ -207,9 +282,10 @@ class HarnessGRPOTrainer(GRPOTrainer):
         if getattr(self, "use_vllm", False) and getattr(self, "vllm_importance_sampling_correction", False):
             is_weights = inputs.get("importance_sampling_ratio")
         ref = inputs.get("ref_per_token_logps") if self.harness_loss_kwargs.get("kl_beta", 0.0) else None
+        full = inputs.get("_harness_full_mask", mask)
         loss, _ = gated_loss(per_token_logps, inputs.get("old_per_token_logps"), inputs["advantages"], mask,
                              self.harness_loss_kwargs, ref_per_token_logps=ref, is_weights=is_weights,
-                             scale=self._harness_scale(mask, train))
+                             scale=self._harness_scale(full, train) * kept)
 
         mode = "train" if train else "eval"
         if self.aux_loss_enabled and aux_loss is not None:  # MoE load balancing, scaled as TRL does
@@ -238,7 +314,7 @@ class HarnessGRPOTrainer(GRPOTrainer):
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Tensor:
         out = super().training_step(model, inputs, num_items_in_batch)
         # self._step was advanced by TRL; at the end of an accumulation window (one optimizer step) tag its log.
-        if self._step % self.current_gradient_accumulation_steps == 0 and self._harness_window:
+        if self._step % self.current_gradient_accumulation_steps == 0:
             self._finish_window()
         return out
 
@@ -252,6 +328,9 @@ class HarnessGRPOTrainer(GRPOTrainer):
             return  # more mini-batches of this pass to come
         minis = self.args.steps_per_generation // self.args.gradient_accumulation_steps
         rows = self._harness_window
+        if not rows:  # no row of this pass trained (every group had equal rewards)
+            self._harness_window_loss = 0.0
+            return
         width = max(r[0].shape[1] for r in rows)  # one generation batch shares T; pad in case it does not
 
         def cat(i: int) -> Tensor | None:
@@ -449,7 +528,11 @@ class HarnessStepCallback(TrainerCallback):
     checkpoint so a resumed run returns the whole history."""
 
     def __init__(self, num_iterations: int, prompts_per_step: int, history: list[dict[str, float]],
-                 on_step: StepCallback | None = None, minis_per_pass: int = 1) -> None:
+                 on_step: StepCallback | None = None, minis_per_pass: int = 1, schedule: TauSchedule | None = None,
+                 loss_kwargs: dict[str, Any] | None = None) -> None:
+        # ``schedule`` moves the temperatures in ``loss_kwargs`` (the trainer's own dict, read by every loss call)
+        # between harness steps: after step s is merged, the taus of step s + 1 are set before TRL computes its loss.
+        self.schedule, self.loss_kwargs = schedule, loss_kwargs
         self.num_iterations = num_iterations
         self.minis_per_pass = minis_per_pass
         self.prompts_per_step = prompts_per_step
@@ -481,7 +564,12 @@ class HarnessStepCallback(TrainerCallback):
             if key in logs_of_step[0]:
                 passes[0][key] = logs_of_step[0][key]
         entry = self._merge(step, passes)
+        if self.loss_kwargs is not None:
+            entry[K.TAU_POS], entry[K.TAU_NEG] = self.loss_kwargs["tau_pos"], self.loss_kwargs["tau_neg"]
         self.history.append(entry)
+        if self.schedule is not None and self.loss_kwargs is not None:
+            self.schedule.observe(entry.get(K.pass_key(self.num_iterations, K.EUR), math.nan))
+            self.loss_kwargs["tau_pos"], self.loss_kwargs["tau_neg"] = self.schedule.taus(step)  # step = s + 1, 0-based
         if self.on_step is not None:
             self.on_step(step, entry)
 
@@ -513,14 +601,14 @@ class HarnessStepCallback(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
+        if ckpt.is_dir() and state.is_world_process_zero:
             (ckpt / HISTORY_FILE).write_text(json.dumps(self.history))
+            write_manifest(ckpt)  # last: transformers has written everything else by now
 
 
 def _checkpoints(ckpt_dir: Path) -> list[Path]:
     """TRL/transformers checkpoints (``checkpoint-<optimizer step>``), oldest first."""
-    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    return list_checkpoints(ckpt_dir, CHECKPOINT_PATTERN)
 
 
 # ----------------------------------------------------------------------------- the entry point
@@ -548,16 +636,22 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
     funcs, weights = reward_functions(cfg)
     args = GRPOConfig(**{**grpo_config_kwargs(cfg, ckpt_dir), "reward_weights": weights})
 
-    resume_from = None
     history: list[dict[str, float]] = []
-    if cfg.get("resume") and _checkpoints(ckpt_dir):
-        resume_from = _checkpoints(ckpt_dir)[-1]
-        saved = resume_from / HISTORY_FILE
-        history = json.loads(saved.read_text()) if saved.exists() else []
+    # the newest checkpoint that verifies (newer broken ones are named in the log and set aside)
+    resume_from = resume_checkpoint(ckpt_dir, CHECKPOINT_PATTERN, CHECKPOINT_REQUIRED) if cfg.get("resume") else None
+    if resume_from is not None:
+        history = json.loads((resume_from / HISTORY_FILE).read_text())
+    schedule = schedule_from_config(cfg)
+    schedule.replay(history, K.pass_key(int(t.num_iterations), K.EUR), K.TAU_POS)  # a resumed controller goes on
+    loss_kw = loss_kwargs(cfg)
+    loss_kw["tau_pos"], loss_kw["tau_neg"] = schedule.taus(len(history))
     callback = HarnessStepCallback(int(t.num_iterations), t.rollout_batch_size // t.num_generations, history, on_step,
-                                   minis_per_pass=t.rollout_batch_size // mini_batch_size(t))
+                                   minis_per_pass=t.rollout_batch_size // mini_batch_size(t), schedule=schedule)
     trainer = HarnessGRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=dataset,
-                                 processing_class=tokenizer, callbacks=[callback], loss_kwargs=loss_kwargs(cfg))
+                                 processing_class=tokenizer, callbacks=[callback], loss_kwargs=loss_kw,
+                                 sampler=str(cfg.backend.get("sampler", "cached")),
+                                 skip_zero_advantage=bool(cfg.backend.get("skip_zero_advantage", True)))
+    callback.loss_kwargs = trainer.harness_loss_kwargs  # the dict the loss reads (the trainer keeps a copy)
     # With the progress bar off, transformers prints every log dict (~60 keys a step here): keep the run quiet,
     # the metrics reach on_step, the history and trainer_state.json anyway.
     trainer.remove_callback(PrinterCallback)

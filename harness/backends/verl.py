@@ -128,13 +128,15 @@ def _hydra_quoted(text: str) -> str:
 def loss_env(cfg: Any) -> dict[str, str]:
     """Environment variables that carry what verl's config cannot (read by :mod:`harness.verl_plugin`)."""
     from harness.gates import known_gates
-    from harness.verl_plugin import ENV_GATE, ENV_LOG_RATIO_CLIP, ENV_RATIO_LEVEL, ENV_WIDTH
+    from harness.verl_plugin import ENV_GATE, ENV_LOG_RATIO_CLIP, ENV_NU, ENV_RATIO_LEVEL, ENV_WIDTH
 
     env = {
         ENV_WIDTH: str(cfg.gate.width),
         ENV_RATIO_LEVEL: str(cfg.train.loss.ratio_level),
         ENV_LOG_RATIO_CLIP: repr(float(cfg.train.loss.log_ratio_clip)),
     }
+    if cfg.gate.get("nu") is not None:
+        env[ENV_NU] = repr(float(cfg.gate.nu))
     if str(cfg.gate.name) not in known_gates():
         env[ENV_GATE] = str(cfg.gate.name)  # an import path: harness_custom reads it
     return env

@@ -20,6 +20,7 @@ from harness.evaluation.engines import (
 )
 from harness.evaluation.pipeline import (
     benchmark_metrics,
+    context_overrides,
     eval_task,
     evaluate,
     format_summary,
@@ -56,6 +57,7 @@ __all__ = [
     "VllmEngine",
     "benchmark_metrics",
     "check_vllm_python",
+    "context_overrides",
     "eos_token_ids",
     "eval_task",
     "evaluate",

@@ -134,8 +134,11 @@ class HFEngine(Engine):
         tokenizer: Any = None,
         progress: bool = True,
         num_threads: int | None = None,
+        config_overrides: Mapping[str, Any] | None = None,
     ) -> None:
         self.model_path = model_path
+        # Config values replaced at load time (``eval.context_len``: max_position_embeddings), as vLLM's hf_overrides.
+        self.config_overrides = dict(config_overrides or {})
         self.num_threads = num_threads
         self.batch_size = int(batch_size)
         self.device = _auto_device(device)
@@ -151,7 +154,8 @@ class HFEngine(Engine):
 
         if self.tokenizer is None:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_auto_dtype(self.dtype, self.device))
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_auto_dtype(self.dtype, self.device),
+                                                     **self.config_overrides)
         self.model = model.to(self.device).eval()
 
     def _generation_config(self, k: int, sampling: Sampling, eos: list[int], pad: int) -> Any:
@@ -258,9 +262,10 @@ class VllmEngine(Engine):
     name = "vllm"
 
     def __init__(self, model_path: str, options: Mapping[str, Any] | None = None, *, log_dir: str | Path | None = None,
-                 context_len: int | None = None) -> None:
+                 context_len: int | None = None, config_overrides: Mapping[str, Any] | None = None) -> None:
         self.model_path = model_path
         self.options = merge_known(VLLM_DEFAULTS, options, "eval.vllm")
+        self.config_overrides = dict(config_overrides or {})  # passed as hf_overrides (eval.context_len)
         self.python = resolve_vllm_python(self.options["python"])
         self.log_dir = Path(log_dir) if log_dir else None
         self.context_len = context_len  # the model's maximum context, caps the automatic max_model_len
@@ -307,7 +312,11 @@ class VllmEngine(Engine):
             kwargs["max_model_len"] = int(max_len)
         if o["enforce_eager"] is not None:
             kwargs["enforce_eager"] = bool(o["enforce_eager"])
-        kwargs.update(to_plain(o["extra"]) or {})
+        extra = dict(to_plain(o["extra"]) or {})
+        if self.config_overrides:
+            # The same config the hf engine loads: vLLM derives its maximum context from max_position_embeddings.
+            kwargs["hf_overrides"] = {**self.config_overrides, **(extra.pop("hf_overrides", None) or {})}
+        kwargs.update(extra)
         return kwargs
 
     def child_env(self, rank: int = 0) -> dict[str, str]:
@@ -444,9 +453,18 @@ class LmEvalEngine(Engine):
     name = "lm_eval"
 
     def __init__(self, model_path: str, options: Mapping[str, Any] | None = None, *, work_dir: str | Path,
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, context_len: int | None = None,
+                 config_overrides: Mapping[str, Any] | None = None) -> None:
         self.model_path = model_path
+        # lm-eval left-truncates prompts to max_length - max_gen_toks, max_length read from the checkpoint's config
+        # unless given: passing the evaluator's context (and its config override, which HFLM forwards to
+        # from_pretrained) makes lm-eval see what the hf and vllm engines see.
+        self.context_len = context_len
+        self.config_overrides = dict(config_overrides or {})
         self.options = merge_known(LM_EVAL_DEFAULTS, options, "eval.lm_eval")
+        if self.config_overrides and self.options["model"] != "hf":
+            raise ValueError(f"eval.context_len changes the model's config at load time, which lm-eval forwards to "
+                             f"from_pretrained with eval.lm_eval.model=hf only (got {self.options['model']!r})")
         self.work_dir = Path(work_dir)
         self.tokenizer = tokenizer
         self.last_metrics: dict[str, dict[str, Any]] = {}
@@ -468,7 +486,10 @@ class LmEvalEngine(Engine):
             names.append(write_lm_eval_task(task_dir, name, docs, job.prompts, k=job.k, sampling=job.sampling))
         device = _auto_device(self.options["device"])
         dtype = str(_auto_dtype(self.options["dtype"], device)).removeprefix("torch.")
-        model_args = {"pretrained": self.model_path, "dtype": dtype, **(to_plain(self.options["model_args"]) or {})}
+        model_args = {"pretrained": self.model_path, "dtype": dtype, **self.config_overrides}
+        if self.context_len is not None:
+            model_args["max_length"] = int(self.context_len)
+        model_args.update(to_plain(self.options["model_args"]) or {})
         seed = next((j.sampling.seed for j in jobs if j.sampling.seed is not None), 0)
         # include_defaults=False: indexing lm-eval's ~10k built-in task files costs ~15 s and none is used.
         results = simple_evaluate(
@@ -563,14 +584,18 @@ def write_lm_eval_task(
 
 
 def make_engine(settings: EvalSettings, model_path: str, *, tokenizer: Any = None, work_dir: str | Path | None = None,
-                context_len: int | None = None) -> Engine:
-    """The configured engine for ``model_path``."""
+                context_len: int | None = None, config_overrides: Mapping[str, Any] | None = None) -> Engine:
+    """The configured engine for ``model_path``. ``context_len``: the model's context as the evaluator sees it;
+    ``config_overrides``: config values every engine replaces at load time
+    (:func:`harness.evaluation.pipeline.context_overrides`)."""
     if settings.engine == "hf":
         h = settings.hf
         return HFEngine(model_path, batch_size=h["batch_size"], device=h["device"], dtype=h["dtype"],
-                        tokenizer=tokenizer, num_threads=h["num_threads"])
+                        tokenizer=tokenizer, num_threads=h["num_threads"], config_overrides=config_overrides)
     if settings.engine == "vllm":
-        return VllmEngine(model_path, settings.vllm, log_dir=work_dir, context_len=context_len)
+        return VllmEngine(model_path, settings.vllm, log_dir=work_dir, context_len=context_len,
+                          config_overrides=config_overrides)
     if settings.engine == "lm_eval":
-        return LmEvalEngine(model_path, settings.lm_eval, work_dir=work_dir or tempfile.mkdtemp(), tokenizer=tokenizer)
+        return LmEvalEngine(model_path, settings.lm_eval, work_dir=work_dir or tempfile.mkdtemp(), tokenizer=tokenizer,
+                            context_len=context_len, config_overrides=config_overrides)
     raise ValueError(f"unknown engine {settings.engine!r}; known engines: {', '.join(ENGINES)}")

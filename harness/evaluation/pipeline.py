@@ -99,12 +99,63 @@ def check_model_path(model_path: str) -> str:
     return resolve_model_path({"name": "hf", "path": str(model_path)})
 
 
-def model_context_len(model_path: str) -> int | None:
-    """The model's maximum context (``max_position_embeddings`` of its text config), or None when it has none."""
+# RoPE variants whose cos/sin do not read max_position_embeddings: for these a different value at load time changes
+# no number the model computes at any position. dynamic NTK, YaRN, longrope and llama3 derive their scaling from it.
+CONTEXT_SAFE_ROPE_TYPES: tuple[str, ...] = ("default", "linear")
+
+
+def _text_config(model_path: str) -> tuple[Any, Any]:
+    """``(config, text config)`` of a checkpoint (the same object for a plain language model)."""
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(model_path)
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return cfg, (cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg)
+
+
+def context_overrides(model_path: str, context_len: int | None) -> dict[str, int]:
+    """The config override that gives the model ``context_len`` positions at load time (``eval.context_len``):
+    ``{"max_position_embeddings": context_len}``, or ``{}`` when there is nothing to change.
+
+    Every engine applies the same dict (hf: ``from_pretrained(**overrides)``, vllm: ``hf_overrides``, lm_eval: its
+    ``model_args``), so all three see one context. It changes no weight and no computed number: a rotary model has
+    no learned position table, its positions enter only as cos/sin of ``position * inv_freq`` computed on the fly
+    from ``rope_theta``, and ``max_position_embeddings`` only bounds how far the engines go. Refused (``ValueError``
+    naming ``eval.context_len``) for models without rotary positions (a learned table cannot grow at load time), for
+    RoPE scalings that derive their frequencies from ``max_position_embeddings`` and for composite (multimodal)
+    configs.
+    """
+    if context_len is None:
+        return {}
+    cfg, text = _text_config(model_path)
+    native = getattr(text, "max_position_embeddings", None)
+    if native is None:
+        raise ValueError(f"eval.context_len={context_len}: {model_path} has no max_position_embeddings to change; "
+                         "allowed: null (the model's own context)")
+    if int(native) == int(context_len):
+        return {}
+    where = f"eval.context_len={context_len} (model {model_path}, model_type={getattr(text, 'model_type', '?')}, "
+    where += f"max_position_embeddings={native})"
+    if text is not cfg:
+        raise ValueError(f"{where}: a composite (multimodal) config; allowed: null or {native}")
+    rope = dict(getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {})
+    if rope.get("rope_theta", getattr(text, "rope_theta", None)) is None:
+        raise ValueError(f"{where}: no rotary position embeddings, so its position table cannot be extended at load "
+                         f"time; allowed: null or {native}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in CONTEXT_SAFE_ROPE_TYPES:
+        raise ValueError(f"{where}: rope_type={rope_type!r} derives its frequencies from max_position_embeddings; "
+                         f"the context can be changed for rope types {', '.join(CONTEXT_SAFE_ROPE_TYPES)} only; "
+                         f"allowed: null or {native}")
+    return {"max_position_embeddings": int(context_len)}
+
+
+def model_context_len(model_path: str, context_len: int | None = None) -> int | None:
+    """The context the engines give the model: ``context_len`` (``eval.context_len``, checked by
+    :func:`context_overrides`) when set, else ``max_position_embeddings`` of its text config, else None."""
+    if context_len is not None:
+        context_overrides(model_path, context_len)
+        return int(context_len)
+    _, text = _text_config(model_path)
     value = getattr(text, "max_position_embeddings", None)
     return int(value) if value else None
 
@@ -119,6 +170,7 @@ class PreparedBenchmark:
     prompt_tokens: list[int]
     job: GenJob
     note: str | None = None
+    n_total: int = 0  # problems in the benchmark's test split; len(problems) < n_total when a limit cut it
 
 
 def prepare_benchmarks(
@@ -132,34 +184,43 @@ def prepare_benchmarks(
 ) -> list[PreparedBenchmark]:
     """Load every benchmark and render its prompts; ``ValueError`` on missing data or prompts that do not fit.
 
-    When the longest prompt plus ``max_new_tokens`` exceeds ``context_len``, max new tokens is capped (with a note
-    in the summary): past the context vLLM stops while HF would extrapolate, so the engines would disagree.
+    A ``limit`` keeps the first ``limit`` problems (file order) and says so in the benchmark's note (``n_total`` is
+    the split's size). When the longest prompt plus ``max_new_tokens`` exceeds ``context_len``, max new tokens is
+    capped (with a note in the summary): past the context vLLM stops while HF would extrapolate, so the engines
+    would disagree.
     """
 
     prepared = []
     for spec in settings.benchmarks:
         # seed=0 for the data: arith problems must not change with the run seed (every cell sees the same test set).
-        problems = load_task(spec.name, "test", data_dir=data_dir, limit=spec.limit, seed=0)
+        # The whole split is loaded (the test sets are small) so the summary can say how much a limit left out.
+        available = load_task(spec.name, "test", data_dir=data_dir, seed=0)
+        problems = available if spec.limit is None else available[: spec.limit]
         if not problems:
             raise ValueError(f"benchmark {spec.name!r} has no problems (limit={spec.limit})")
+        notes = []
+        if len(problems) < len(available):
+            notes.append(f"first {len(problems)} of {len(available)} problems (limit {spec.limit})")
         pcfg = prompt_cfg if spec.template is None else replace(prompt_cfg, template=spec.template)
         prompts = [render_prompt(tokenizer, p["problem"], pcfg) for p in problems]
         lengths = [len(x) for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-        max_new, note = spec.max_new_tokens, None
+        max_new = spec.max_new_tokens
         if context_len is not None:
             too_long = sum(n >= context_len for n in lengths)
             if too_long:
                 raise ValueError(
                     f"benchmark {spec.name!r}: {too_long} prompt(s) do not fit the model's context "
-                    f"({max(lengths)} >= {context_len} tokens); use a model with a longer context"
+                    f"({max(lengths)} >= {context_len} tokens); raise it with eval.context_len=N (models with rotary "
+                    "positions, e.g. Qwen2 and the tiny model: model.context_len) or use a model with a longer context"
                 )
             if max(lengths) + max_new > context_len:
                 max_new = context_len - max(lengths)
-                note = f"max_new_tokens capped {spec.max_new_tokens} -> {max_new} by the context ({context_len})"
-                logger.warning("benchmark %s: %s", spec.name, note)
+                notes.append(f"max_new_tokens capped {spec.max_new_tokens} -> {max_new} by the context ({context_len})")
+                logger.warning("benchmark %s: %s", spec.name, notes[-1])
         sampling = Sampling(settings.temperature, settings.top_p, max_new, seed)
         job = GenJob(prompts, spec.k, sampling, name=spec.name, docs=problems, max_prompt_tokens=max(lengths))
-        prepared.append(PreparedBenchmark(spec, problems, prompts, lengths, job, note))
+        prepared.append(PreparedBenchmark(spec, problems, prompts, lengths, job, "; ".join(notes) or None,
+                                          n_total=len(available)))
     return prepared
 
 
@@ -209,6 +270,7 @@ def score_benchmark(
         records, prep.spec.k, pass_k=settings.pass_k, n_boot=settings.bootstrap, level=settings.ci, seed=seed
     )
     metrics.update({
+        "n_total": prep.n_total or len(prep.problems),  # above n_problems only when a limit cut the benchmark
         "max_new_tokens": prep.job.sampling.max_new_tokens,
         "generated_tokens": sum(r["num_tokens"] for r in records),
         "score_seconds": score_seconds,
@@ -242,14 +304,16 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    context = model_context_len(model_path)
+    overrides = context_overrides(model_path, settings.context_len)
+    context = model_context_len(model_path, settings.context_len)
     if settings.engine == "vllm" and settings.vllm["max_model_len"]:
         context = min(context or 10**9, int(settings.vllm["max_model_len"]))
     prepared = prepare_benchmarks(
         settings, tokenizer, prompt_cfg=base_prompt, data_dir=data_dir, seed=seed, context_len=context
     )
 
-    engine = make_engine(settings, model_path, tokenizer=tokenizer, work_dir=out, context_len=context)
+    engine = make_engine(settings, model_path, tokenizer=tokenizer, work_dir=out, context_len=context,
+                         config_overrides=overrides)
     t_gen = time.perf_counter()
     try:
         completions = engine.generate_many([p.job for p in prepared])
@@ -265,6 +329,10 @@ def evaluate(
         "top_p": settings.top_p,
         "fallbacks": list(settings.fallbacks),
         "out_dir": str(out),
+        "context_len": context,
+        "config_overrides": overrides,
+        # eval.limit / eval.bench.<name>.limit as applied (null: every problem); n_problems and n_total per benchmark
+        "limits": {p.spec.name: p.spec.limit for p in prepared},
         "benchmarks": {},
         "notes": {p.spec.name: p.note for p in prepared if p.note},
         "generate_seconds": gen_seconds,
@@ -283,6 +351,11 @@ def evaluate(
     # The mean over the benchmarks asked for, before pooled ones are added (they would count problems twice).
     summary["mean_accuracy"] = _mean([m["acc"] for m in summary["benchmarks"].values()])
     for name, (metrics, records) in pooled_benchmarks(scored, settings, seed=seed).items():
+        parts = POOLED_BENCHMARKS[name]
+        metrics["n_total"] = sum(summary["benchmarks"][p]["n_total"] for p in parts)
+        if metrics["n_problems"] < metrics["n_total"]:
+            summary["notes"][name] = (f"{' + '.join(parts)} pooled: {metrics['n_problems']} of {metrics['n_total']} "
+                                      "problems (limit)")
         summary["benchmarks"][name] = metrics
         summary.setdefault("pooled", {})[name] = list(POOLED_BENCHMARKS[name])
         if settings.save_samples:
@@ -339,16 +412,18 @@ def _per_problem(records: Sequence[Mapping[str, Any]], key: str) -> list[float]:
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
-    """A small text table of the headline numbers."""
-    lines = [f"{'benchmark':10s} {'n':>5s} {'k':>3s} {'acc':>7s} {'95% CI':>17s} {'strict':>7s} {'pass@k':>7s} "
-             f"{'format':>7s} {'trunc':>6s} {'tokens':>7s}"]
+    """A small text table of the headline numbers; ``n`` is the number of problems evaluated, ``of`` the
+    benchmark's size, and every note (a limit that cut a benchmark, capped max new tokens) follows the table."""
+    lines = [f"{'benchmark':10s} {'n':>5s} {'of':>5s} {'k':>3s} {'acc':>7s} {'95% CI':>17s} {'strict':>7s} "
+             f"{'pass@k':>7s} {'format':>7s} {'trunc':>6s} {'tokens':>7s}"]
     for name, m in summary["benchmarks"].items():
         pass_k = m[f"pass_at_{m['k']}"]
         lines.append(
-            f"{name:10s} {m['n_problems']:5d} {m['k']:3d} {m['acc']:7.4f} "
+            f"{name:10s} {m['n_problems']:5d} {m.get('n_total', m['n_problems']):5d} {m['k']:3d} {m['acc']:7.4f} "
             f"[{m['acc_ci_low']:.4f}, {m['acc_ci_high']:.4f}] {m['strict_acc']:7.4f} {pass_k:7.4f} "
             f"{m['format_rate']:7.4f} {m['truncation_rate']:6.3f} {m['mean_tokens']:7.1f}"
         )
+    lines += [f"note: {name}: {note}" for name, note in (summary.get("notes") or {}).items()]
     return "\n".join(lines)
 
 

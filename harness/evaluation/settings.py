@@ -66,6 +66,9 @@ TOP_LEVEL_DEFAULTS: dict[str, Any] = {
     "k": None,
     "max_new_tokens": None,
     "limit": None,
+    # The context every engine loads the model with (its max_position_embeddings replaced at load time; rotary
+    # models only, see harness.evaluation.pipeline.context_overrides); None: the model's own.
+    "context_len": None,
     "bench": {},
     "scoring": {"fallbacks": ["boxed", "last_number"], "timeout_s": 5.0, "workers": None},
     "metrics": {"bootstrap": 1000, "ci": 0.95, "pass_k": None},
@@ -106,6 +109,7 @@ class EvalSettings:
     ci: float
     pass_k: tuple[int, ...] | None
     save_samples: bool
+    context_len: int | None = None  # None: the model's own max_position_embeddings
     hf: dict[str, Any] = field(default_factory=dict)
     vllm: dict[str, Any] = field(default_factory=dict)
     lm_eval: dict[str, Any] = field(default_factory=dict)
@@ -247,6 +251,7 @@ def validate_eval_config(eval_cfg: Any, *, data_dir: str | Path | None = None) -
         ci=ci,
         pass_k=pass_k,  # type: ignore[arg-type]
         save_samples=bool(cfg["save_samples"]),
+        context_len=_positive_int(cfg["context_len"], "eval.context_len", allow_none=True),
         hf=hf,
         vllm=vllm,
         lm_eval=lm_eval,

@@ -22,9 +22,12 @@ import numpy as np
 from harness import keys as K
 from harness.config import slug
 from harness.reporting import sections as S
+from harness.reporting.adaptive_section import adaptive_section
 from harness.reporting.data import ExperimentData, load_experiment
 from harness.reporting.figures import plot_gate_shapes
+from harness.reporting.provenance_section import provenance_section
 from harness.reporting.render import Section, render_html, render_markdown
+from harness.reporting.scorecard import scorecard_section
 from harness.reporting.tuning_section import optuna_section
 from harness.tracking import mask_url
 
@@ -35,6 +38,10 @@ log = logging.getLogger(__name__)
 # In the order they are built (the verdict is then shown first, above the overview).
 SECTIONS: tuple[Callable[[ExperimentData, dict[str, Any]], Section], ...] = (
     S.overview, S.verdict, S.gate_shapes, S.training_curves, S.accuracy_table, S.paired, S.tau_sensitivity,
+)
+# After the Optuna section (f) and the paper's (g): the scorecard, power, adaptive τ and provenance.
+LATE_SECTIONS: tuple[Callable[[ExperimentData, dict[str, Any]], Section], ...] = (
+    scorecard_section, S.power_section, adaptive_section, provenance_section,
 )
 
 
@@ -52,6 +59,8 @@ def build_sections(data: ExperimentData, record: dict[str, Any], optuna_storage:
     if S.is_paper_experiment(data):
         builders.append(S.against_the_paper)
         names.append("against_the_paper")
+    builders += LATE_SECTIONS
+    names += [b.__name__ for b in LATE_SECTIONS]
     out = []
     for build, name in zip(builders, names, strict=True):
         try:
@@ -98,6 +107,22 @@ def write_report(experiment: str, *, tracking_uri: str | None = None, out_dir: s
     return html_path
 
 
+def power_report(experiment: str, *, tracking_uri: str | None = None) -> str:
+    """``harness report --power``: per comparison of the verdict, the smallest difference detectable at 80% power
+    and the seeds a 2-point difference needs, then the one-sentence summary."""
+    with tempfile.TemporaryDirectory(prefix="harness-report-") as work:
+        data = load_experiment(experiment, report_tracking_uri(tracking_uri), Path(work))
+        record: dict[str, Any] = {}
+        sec = S.power_section(data, record)
+    lines = [f"power of the verdict's comparisons in {experiment!r} (two-sided, alpha 0.05, 80% power)"]
+    for r in record.get("power", []):
+        need = r["seeds_needed"] if r["seeds_needed"] is not None else f"- ({r['power_note']})"
+        lines.append(f"  {r['benchmark']}: {r['a']} - {r['b']} ({len(r['seeds'])} seeds x {r['n']} problems): "
+                     f"SE {r['se']:.4f}, detectable {r['mde']:.3f}; seeds for {r['effect']:g}: {need}")
+    lines += sec.paragraphs or sec.notes
+    return "\n".join(lines)
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
@@ -131,7 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optuna-storage", default=None,
                         help="Optuna storage of the experiment's studies (default: the URL tagged on the tuning run)")
     parser.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
+    parser.add_argument("--power", action="store_true",
+                        help="print only the power statement of the verdict's comparisons (writes no files)")
     args = parser.parse_args(argv)
+    if args.power:
+        try:
+            print(power_report(args.experiment, tracking_uri=args.tracking_uri))
+        except ValueError as exc:
+            print(f"harness report: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         path = write_report(args.experiment, tracking_uri=args.tracking_uri, out_dir=args.out,
                             optuna_storage=args.optuna_storage, log_to_mlflow=not args.no_log)

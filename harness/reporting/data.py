@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from harness import keys as K
-from harness.stats import per_problem_correct, seed_interval
+from harness.stats import interquartile_mean, per_problem_correct, seed_interval, two_stage_interval
 
 BASELINE = "base"  # harness.cell.BASELINE_GATE: the starting checkpoint's evaluation, no RL
 GATE_ORDER = (BASELINE, "sigmoid", "erf", "arctan", "softsign", "softsign_abs", "clip")
@@ -47,6 +48,13 @@ class Group:
     tau_neg: float | None
     eps: tuple[float, float] | None
     runs: pd.DataFrame  # one row per seed (latest FINISHED run of each config hash)
+    nu: float | None = None  # tail index of the student gate family
+    schedule: str = "constant"  # gate.tau_schedule: constant | linear | cosine | eur_target
+
+    @property
+    def fixed_tau(self) -> bool:
+        """A smooth gate that ran at one (τ_pos, τ_neg) throughout."""
+        return self.smooth and self.schedule == "constant"
 
     @property
     def run_ids(self) -> list[str]:
@@ -104,14 +112,23 @@ def group_cells(cells: pd.DataFrame) -> list[Group]:
         tp, tn = float_or_none(first.get(f"tags.{K.TAG_TAU_POS}")), float_or_none(first.get(f"tags.{K.TAG_TAU_NEG}"))
         el, eh = float_or_none(first.get(f"tags.{K.TAG_EPS_LOW}")), float_or_none(first.get(f"tags.{K.TAG_EPS_HIGH}"))
         eps = (el, eh) if el is not None and eh is not None else None
+        nu = float_or_none(first.get(f"tags.{K.TAG_NU}"))
+        schedule = str(first.get(f"tags.{K.TAG_TAU_SCHEDULE}") or "constant")
         if gate == BASELINE:
             label = "base model (no RL)"
         elif gate == "clip":
             label = f"clip ε={el:g}/{eh:g}" if eps else "clip"
         else:
-            label = f"{gate.split(':')[-1]} τ={tp:.3g}/{tn:.3g}" if tp is not None and tn is not None else gate
+            name = gate.split(":")[-1] + ("" if nu is None else f" ν={nu:g}")
+            label = f"{name} τ={tp:.3g}/{tn:.3g}" if tp is not None and tn is not None else name
+            if schedule == "eur_target":
+                label = f"{name} EUR→{float_or_none(first.get(f'tags.{K.TAG_EUR_TARGET}')):g}"
+            elif schedule != "constant":
+                start = float_or_none(first.get("params.gate.tau_start")) or tp
+                end = float_or_none(first.get("params.gate.tau_end")) or tp
+                label = f"{name} τ {start:g}→{end:g} ({schedule})"
         groups.append(Group(key, label, gate, tp, tn, eps,
-                            rows.sort_values(f"tags.{K.TAG_SEED}").reset_index(drop=True)))
+                            rows.sort_values(f"tags.{K.TAG_SEED}").reset_index(drop=True), nu, schedule))
     # Disambiguate equal labels by the parameters that differ between those groups.
     by_label: dict[str, list[Group]] = {}
     for g in groups:
@@ -206,8 +223,27 @@ class ExperimentData:
 
     # -- derived -------------------------------------------------------------------------------------------------
 
+    def seed_problem_matrix(self, group: Group, bench: str) -> tuple[list[str], list[str], np.ndarray] | None:
+        """The group's per-seed, per-problem accuracies on ``bench`` from the logged per-sample records: (seeds in
+        numeric order, the problems every seed has, an S × n array of the mean correctness over each problem's k
+        samples), or None when a run has no per-sample artifact."""
+        per_seed: list[tuple[str, dict[str, float]]] = []
+        for _, row in group.runs.iterrows():
+            records = self.samples(str(row["run_id"]), bench)
+            if records is None:
+                return None
+            per_seed.append((str(row.get(f"tags.{K.TAG_SEED}")), per_problem_correct(records)))
+        per_seed.sort(key=lambda item: float_or_none(item[0]) if float_or_none(item[0]) is not None else math.inf)
+        problems = sorted(set.intersection(*(set(p) for _, p in per_seed))) if per_seed else []
+        if not problems:
+            return None
+        return [s for s, _ in per_seed], problems, np.array([[p[q] for q in problems] for _, p in per_seed])
+
     def group_accuracy(self, group: Group, bench: str, level: float = 0.95) -> dict[str, Any] | None:
-        """Accuracy of a group on a benchmark with its 95% CI (:func:`harness.stats.seed_interval`)."""
+        """Accuracy of a group on a benchmark with its 95% CI. One seed: the evaluator's bootstrap over problems,
+        exactly as logged. Several: :func:`harness.stats.two_stage_interval` on the seeds × problems matrix of the
+        per-sample records (seed and problem variance both in it), plus the IQM over seeds from 4 seeds on; without
+        per-sample records, :func:`harness.stats.seed_interval` of the logged per-seed intervals (labelled)."""
         acc_col = self.metric_column(group.runs, K.eval_key(bench, K.ACC))
         if acc_col is None:
             return None
@@ -224,7 +260,23 @@ class ExperimentData:
                                "tau_neg": group.tau_neg, "benchmark": bench, "n_seeds": len(rows),
                                "run_ids": list(rows["run_id"]),
                                "n_problems": None if n_problems is None else float_or_none(n_problems.iloc[0])}
-        out.update(seed_interval(column(K.ACC), column(K.ACC_CI_LOW), column(K.ACC_CI_HIGH), level=level))
+        acc = column(K.ACC)
+        out["seed_acc"] = acc
+        if len(rows) == 1:
+            out.update(acc=acc[0], ci_low=column(K.ACC_CI_LOW)[0], ci_high=column(K.ACC_CI_HIGH)[0],
+                       ci_kind="bootstrap over problems (one seed)")
+            return out
+        matrix = self.seed_problem_matrix(group, bench)
+        if matrix is None:
+            out.update(seed_interval(acc, column(K.ACC_CI_LOW), column(K.ACC_CI_HIGH), level=level))
+            out["ci_kind"] = "per-seed CIs combined (no per-sample records)"
+            return out
+        seeds, _, a = matrix
+        ts = two_stage_interval(a, level=level)
+        out.update(acc=float(np.mean(acc)), ci_low=max(0.0, ts["ci_low"]), ci_high=min(1.0, ts["ci_high"]),
+                   se=ts["se"], ci_kind="two-stage (seeds, then problems)", seeds=seeds, n_common=ts["n"])
+        if len(acc) >= 4:
+            out["iqm"] = interquartile_mean(acc)
         return out
 
     @property

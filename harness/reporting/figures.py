@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.gates import SIGMOID_HWHM, ClipGate, effective_tau, get_gate
+from harness.gates import SIGMOID_HWHM, ClipGate, Gate, effective_tau, get_gate
 
 # Okabe-Ito colour-blind-safe palette; clip in black so it never competes with a smooth gate.
 GATE_COLORS = {"sigmoid": "#0072B2", "erf": "#E69F00", "arctan": "#009E73", "softsign": "#CC79A7",
@@ -23,13 +23,14 @@ def gate_color(name: str, i: int = 0) -> str:
     return GATE_COLORS.get(name, f"C{i}")
 
 
-def plot_gate_shapes(gates: Sequence[str], taus: Sequence[float], out: str | Path | None = None, *,
+def plot_gate_shapes(gates: Sequence[str | Gate], taus: Sequence[float], out: str | Path | None = None, *,
                      width: str = "raw", r_max: float | None = None, clip_eps: tuple[float, float] | None = None):
     """Draw, one column per τ: f(r) (top), w(r) (middle) and w(r) on a log scale (bottom, where the
     exponential, Gaussian and polynomial tails separate). The r-range follows τ (±4 sigmoid
     half-widths, at least the clip range). ``clip`` is drawn first, thin, for A > 0 (solid) and A < 0
     (dotted), since its gate differs by sign; ``clip_eps`` = (ε_low, ε_high) it was run with (default 0.2/0.2).
-    Saves to ``out`` when given; returns the figure."""
+    A gate is a name or a gate object (e.g. ``student_gate(4.0)``). Saves to ``out`` when given; returns the
+    figure."""
     plt = pyplot()
     order = sorted(range(len(gates)), key=lambda i: gates[i] != "clip")  # clip first: underneath
     fig, axes = plt.subplots(3, len(taus), figsize=(4.4 * len(taus), 9.0), squeeze=False,
@@ -43,8 +44,8 @@ def plot_gate_shapes(gates: Sequence[str], taus: Sequence[float], out: str | Pat
         ax_f, ax_w, ax_log = axes[:, j]
         f_values = []
         for i in order:
-            spec = gates[i]
-            g = get_gate(spec, **({} if clip_eps is None else {"eps_low": clip_eps[0], "eps_high": clip_eps[1]}))
+            g = get_gate(gates[i], **({} if clip_eps is None else {"eps_low": clip_eps[0], "eps_high": clip_eps[1]}))
+            spec = gates[i] if isinstance(gates[i], str) else g.name
             color = gate_color(spec, i)
             if isinstance(g, ClipGate):
                 for sign, style in ((1, "-"), (-1, ":")):

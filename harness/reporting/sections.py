@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 
 from harness import keys as K
-from harness.gates import get_gate
+from harness.gates import STUDENT, get_gate, student_gate
+from harness.reporting.comparisons import adjust, compare, verdict_family
 from harness.reporting.data import ExperimentData, Group
 from harness.reporting.figures import forest_figure, gate_color, log_x, plot_gate_shapes, png, pyplot
 from harness.reporting.render import Figure, Section, Table
-from harness.stats import BOOT_SEED, N_BOOT, paired_bootstrap
 from harness.tracking import mask_url
 
 MAX_PAIRED_ROWS = 30
@@ -58,9 +58,12 @@ def overview(data: ExperimentData, record: dict[str, Any]) -> Section:
 
 
 def verdict(data: ExperimentData, record: dict[str, Any]) -> Section:
-    """Per benchmark: the best configuration, the runner-up of another gate, and whether the data tell them apart."""
+    """One sentence per benchmark: the best configuration, and which of its differences to the best configuration
+    of every other gate survive Holm's correction over the whole family (paired by seed and problem, seed and
+    problem variance in the intervals), then what the data cannot decide."""
     sec = Section("Verdict")
-    out = []
+    record["verdict"] = []
+    record["comparisons"] = []
     if not data.benchmarks:
         ranked = sorted(data.trained, key=data.score, reverse=True)
         if ranked and math.isfinite(data.score(ranked[0])):
@@ -70,43 +73,52 @@ def verdict(data: ExperimentData, record: dict[str, Any]) -> Section:
                 f"noisy proxy of one batch) the top cell is **{top.label}** ({data.score(top):.3f}).")
         else:
             sec.paragraphs.append("No evaluation and no training metrics: no verdict.")
-        record["verdict"] = []
         return sec
+    family = verdict_family(data)
+    record["comparisons"] = family
     for b in data.benchmarks:
         win = data.best(b)
         if win is None:
             continue
         wa = data.acc[(win.key, b)]
-        others = [g for g in data.trained if g.gate != win.gate]
-        run = data.best(b, others)
-        entry: dict[str, Any] = {"benchmark": b, "winner": win.label, "winner_gate": win.gate, **_ci(wa)}
-        text = f"**{b}**: **{win.gate}** wins ({win.label}: {_fmt_ci(wa)})"
-        if run is None:
-            text += "; no other gate was evaluated, so nothing to separate it from."
+        rows = [r for r in family if r["benchmark"] == b]
+        entry: dict[str, Any] = {"benchmark": b, "winner": win.label, "winner_gate": win.gate, **_ci(wa),
+                                 "n_seeds": wa["n_seeds"]}
+        text = f"**{b}**: best is **{win.label}** ({_fmt_ci(wa)}, {_n(wa['n_seeds'], 'seed')})"
+        runner = data.best(b, [g for g in data.trained if g.gate != win.gate])
+        if runner is not None:
+            ra = data.acc[(runner.key, b)]
+            entry.update(runner_up=runner.label, runner_up_gate=runner.gate, runner_up_acc=ra["acc"],
+                         runner_up_ci_low=ra["ci_low"], runner_up_ci_high=ra["ci_high"],
+                         separated=wa["ci_low"] > ra["ci_high"])
+        if not rows:
+            text += ("; no other gate has per-sample records to compare with." if runner is not None else
+                     "; no other gate was evaluated, so nothing to separate it from.")
         else:
-            ra = data.acc[(run.key, b)]
-            separated = wa["ci_low"] > ra["ci_high"]
-            entry.update(runner_up=run.label, runner_up_gate=run.gate, runner_up_acc=ra["acc"],
-                         runner_up_ci_low=ra["ci_low"], runner_up_ci_high=ra["ci_high"], separated=separated)
-            text += (f"; runner-up {run.gate} ({run.label}: {_fmt_ci(ra)}). The 95% CIs "
-                     + ("do not overlap: the win is clear at this evaluation size." if separated else
-                        "overlap: not separated by the CIs."))
-            a, c = data.group_problems(win, b), data.group_problems(run, b)
-            if a is not None and c is not None:
-                pb = paired_bootstrap(a, c)
-                entry["paired"] = pb
-                excl = pb["ci_low"] > 0 or pb["ci_high"] < 0
-                text += (f" Paired by problem (n = {pb['n']}): difference {pb['diff']:+.3f} "
-                         f"[{pb['ci_low']:+.3f}, {pb['ci_high']:+.3f}], which "
-                         + ("excludes 0 — the ranking is unlikely to be problem-sampling noise."
-                            if excl else "includes 0 — we cannot tell these two apart on this benchmark."))
-                if min(wa["n_seeds"], ra["n_seeds"]) > 1:
-                    text += " (The paired interval pools the seeds: it covers problem sampling only.)"
-            if min(wa["n_seeds"], ra["n_seeds"]) < 2:
-                text += " One seed per cell: run-to-run (seed) variance is not in these intervals."
-        out.append(entry)
+            ahead = [r for r in rows if r["survives"]]
+            tied = [r for r in rows if not r["survives"]]
+            m = rows[0]["family_size"]
+            text += f". Paired by seed and problem, Holm-corrected over the {_n(m, 'comparison')} of this verdict: "
+            if ahead:
+                text += "it is ahead of " + "; ".join(
+                    f"{r['b']} by {r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] (adjusted p = "
+                    f"{r['p_holm']:.3g})" for r in ahead)
+                text += "; " if tied else "."
+            if tied:
+                text += ("the data cannot tell it from " if ahead else "no difference survives: the data cannot "
+                         "tell it from ") + ", ".join(
+                    f"{r['b']} ({r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}], adjusted p = "
+                    f"{r['p_holm']:.2g})" for r in tied) + "."
+            entry["survive"] = [r["b"] for r in ahead]
+            entry["undecided"] = [r["b"] for r in tied]
+            if not all(r["seed_variance_included"] for r in rows):
+                text += " One seed per configuration: run-to-run (seed) variance is not in these intervals."
+            mdes = [r["mde"] for r in rows if math.isfinite(r["mde"])]
+            if mdes:
+                text += (f" With these seeds and problems the smallest difference detectable at 80% power is "
+                         f"{min(mdes):.3f}–{max(mdes):.3f}.")
+        record["verdict"].append(entry)
         sec.paragraphs.append(text)
-    record["verdict"] = out
     return sec
 
 
@@ -131,8 +143,11 @@ def gate_shapes(data: ExperimentData, record: dict[str, Any]) -> Section:
                          f"(range ends, median, best cell's τ).")
         taus = picks
     taus = taus or [1.0]
-    drawable = []
+    drawable: list[Any] = []
     for spec in gates:
+        if spec == STUDENT:  # one curve per tail index
+            drawable += [student_gate(nu) for nu in sorted({g.nu for g in data.trained if g.gate == STUDENT})]
+            continue
         try:
             get_gate(spec)
             drawable.append(spec)
@@ -158,11 +173,16 @@ def training_curves(data: ExperimentData, record: dict[str, Any]) -> Section:
         sec.notes.append("No finished cells with training metrics.")
         return sec
     # EUR and entropy side by side (the paper's figures 4-5): higher entropy goes with lower EUR.
+    # A moving τ (gate.tau_schedule) gets its own panel next to EUR, the quantity the EUR controller holds.
+    moving = any(g.smooth and not g.fixed_tau for g in groups)
     keys = ["reward", "reward_accuracy", "ratio_std", "eur", "entropy", "gated"]
+    if moving:
+        keys = ["reward", "reward_accuracy", "ratio_std", "tau_pos", "eur", "entropy", "gated"]
     titles = {"reward": "reward (format + accuracy)", "reward_accuracy": "reward accuracy",
               "entropy": "token entropy", "ratio_std": "std of ratio r (last update)",
               "eur": "effective update ratio, EUR (last update)",
-              "gated": "gated fraction (last update)\nsmooth: w < 0.5; clip: clipped"}
+              "gated": "gated fraction (last update)\nsmooth: w < 0.5; clip: clipped",
+              "tau_pos": "τ_pos per step (log scale)"}
     histories: dict[str, dict[str, pd.Series]] = {}
     last_k: dict[str, int] = {}
     for g in groups:
@@ -173,6 +193,8 @@ def training_curves(data: ExperimentData, record: dict[str, Any]) -> Section:
                      "entropy": K.train_key(K.ENTROPY), "ratio_std": K.train_key(K.RATIO_STD, k),
                      "eur": K.train_key(K.EUR, k),
                      "gated": K.train_key(K.CLIP_FRAC if g.gate == "clip" else K.FRAC_W_LT_HALF, k)}
+            if moving and g.smooth:  # clip has no temperature to draw
+                names["tau_pos"] = K.train_key(K.TAU_POS)
             histories[row["run_id"]] = {key: data.history(row["run_id"], name) for key, name in names.items()}
     n_steps = max((len(s) for h in histories.values() for s in h.values()), default=0)
     # Every cell sees the same prompts at a given step, so raw curves wiggle together with batch difficulty.
@@ -180,7 +202,10 @@ def training_curves(data: ExperimentData, record: dict[str, Any]) -> Section:
     multi_seed = any(len(g.runs) > 1 for g in groups)
 
     plt = pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(15.5, 8.6), squeeze=False)
+    ncols = 4 if moving else 3
+    fig, axes = plt.subplots(2, ncols, figsize=(5.2 * ncols, 8.6), squeeze=False)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
     styles = ["-", "--", ":", "-."]
     seen_tau: dict[str, int] = {}
     # clip first, so where curves coincide (early steps are often identical) the smooth gates stay visible
@@ -188,12 +213,13 @@ def training_curves(data: ExperimentData, record: dict[str, Any]) -> Section:
         ls = styles[seen_tau.setdefault(g.gate, 0) % len(styles)]
         seen_tau[g.gate] += 1
         color = gate_color(g.gate)
-        for ax, key in zip(axes.flat, keys, strict=True):
-            series = [histories[r][key] for r in g.run_ids if not histories[r][key].empty]
+        for ax, key in zip(axes.flat, keys, strict=False):
+            series = [histories[r][key] for r in g.run_ids if key in histories[r] and not histories[r][key].empty]
             if not series:
                 continue
             frame = pd.concat(series, axis=1).sort_index()
-            smooth = frame.rolling(window, min_periods=1).mean()
+            # τ is a control signal, not a noisy measurement: drawn as it was, unsmoothed
+            smooth = frame if key == "tau_pos" else frame.rolling(window, min_periods=1).mean()
             mean = smooth.mean(axis=1)
             ax.plot(mean.index, mean.to_numpy(), ls, color=color, lw=1.7, zorder=3,
                     label=f"{g.label} ({len(series)} seed{'s' if len(series) > 1 else ''})")
@@ -201,7 +227,14 @@ def training_curves(data: ExperimentData, record: dict[str, Any]) -> Section:
                 # Light bands (clip's in grey, not black): overlapping bands of several gates stay readable.
                 ax.fill_between(mean.index, smooth.min(axis=1).to_numpy(), smooth.max(axis=1).to_numpy(),
                                 color="0.5" if g.gate == "clip" else color, alpha=0.09, lw=0, zorder=1)
-    for ax, key in zip(axes.flat, keys, strict=True):
+    for ax, key in zip(axes.flat, keys, strict=False):
+        if key == "tau_pos":
+            from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(titles[key], fontsize=10.5)
         ax.set_xlabel("training step (one rollout batch)")
         ax.grid(alpha=0.3)
@@ -215,7 +248,9 @@ def training_curves(data: ExperimentData, record: dict[str, Any]) -> Section:
                               f"seeds, {band}. Ratio statistics are from the last optimizer update of each "
                               f"rollout batch (it{max(last_k.values(), default=1)}), where r ≠ 1. EUR: the mean "
                               "share of a token's full update it contributes (arXiv 2602.19345 eq. 12: f'(r) "
-                              "averaged over each prompt's tokens, then over prompts; clip: 1 − clip fraction)."))
+                              "averaged over each prompt's tokens, then over prompts; clip: 1 − clip fraction)."
+                              + (" τ_pos: the temperature each step ran at (not smoothed); τ_neg keeps its ratio "
+                                 "to τ_pos unless the schedule sets it." if moving else "")))
     if not multi_seed:
         sec.notes.append("One seed per configuration: no seed bands.")
     return sec
@@ -254,19 +289,20 @@ def accuracy_table(data: ExperimentData, record: dict[str, Any]) -> Section:
             if is_best:
                 highlight.add(len(rows))
             rows.append([g.gate, _tau_text(g), b, f"{a['acc']:.3f}", f"[{a['ci_low']:.3f}, {a['ci_high']:.3f}]",
-                         str(a["n_seeds"]), "—" if a["n_problems"] is None else f"{a['n_problems']:.0f}",
-                         "best" if is_best else ""])
+                         str(a["n_seeds"]), "—" if "iqm" not in a else f"{a['iqm']:.3f}",
+                         "—" if a["n_problems"] is None else f"{a['n_problems']:.0f}", "best" if is_best else ""])
             records.append({**a, "best": is_best})
     sec.tables.append(Table(["gate", "τ_pos / τ_neg (clip: ε)", "benchmark", "accuracy", "95% CI", "seeds",
-                             "problems", ""], rows, highlight,
+                             "IQM over seeds", "problems", ""], rows, highlight,
                             caption="Accuracy = mean correctness over the k samples of each problem, averaged "
-                                    "over problems (eval/<benchmark>/acc). Best cell per benchmark marked."))
+                                    "over problems and seeds (eval/<benchmark>/acc). Best configuration per "
+                                    "benchmark marked; IQM (the mean of the middle half of the seeds) from 4 seeds."))
     multi = any(r["n_seeds"] > 1 for r in records)
     sec.paragraphs.append(
         "95% CI: with one seed, the evaluator's bootstrap over problems exactly as logged "
         "(eval/<benchmark>/acc_ci_low / acc_ci_high)"
-        + ("; with several seeds, the mean over seeds ± the quadrature sum of the mean per-seed bootstrap "
-           "half-width and the Student-t half-width across seeds." if multi else "."))
+        + ("; with several seeds, the two-stage interval of the seeds × problems accuracies (reports/README.md): "
+           "both which training runs and which problems were drawn are in it." if multi else "."))
     if not multi:
         sec.notes.append("One seed per cell: the CIs cover which problems were drawn, not run-to-run variance.")
     record["accuracy"] = records
@@ -274,8 +310,9 @@ def accuracy_table(data: ExperimentData, record: dict[str, Any]) -> Section:
 
 
 def paired(data: ExperimentData, record: dict[str, Any]) -> Section:
-    """Each configuration against a sigmoid one, paired by problem (bootstrap over problems)."""
-    sec = Section("(d) Each gate against the sigmoid baseline, paired by problem")
+    """Each configuration against a sigmoid one, paired by seed and problem (the two-stage interval), with
+    Holm's correction over the comparisons of this table."""
+    sec = Section("(d) Each gate against the sigmoid baseline, paired by seed and problem")
     record["paired"] = []
     sig = [g for g in data.trained if g.gate == "sigmoid"]
     others = [g for g in data.trained if g.gate != "sigmoid"]
@@ -291,14 +328,15 @@ def paired(data: ExperimentData, record: dict[str, Any]) -> Section:
         for g in others:
             if (g.key, b) not in data.acc:
                 continue
-            same = [s for s in sig if g.smooth and s.tau_pos == g.tau_pos and s.tau_neg == g.tau_neg
-                    and (s.key, b) in data.acc]
+            same = [s for s in sig if g.fixed_tau and s.fixed_tau and s.tau_pos == g.tau_pos
+                    and s.tau_neg == g.tau_neg and (s.key, b) in data.acc]
             if same:
                 pairs.append((g, same[0], b, "same τ"))
             else:
                 best = data.best(b, sig)
                 if best is not None:
                     why = ("clip has no τ: best sigmoid cell" if not g.smooth
+                           else "τ moves: best sigmoid cell" if not g.fixed_tau
                            else "no sigmoid at this τ: best sigmoid cell")
                     pairs.append((g, best, b, why))
     if len(pairs) > MAX_PAIRED_ROWS:
@@ -310,51 +348,55 @@ def paired(data: ExperimentData, record: dict[str, Any]) -> Section:
                     keep.append(max(cand, key=lambda p: data.acc[(p[0].key, b)]["acc"]))
         sec.notes.append(f"{len(pairs)} comparisons; shown: the best cell of each gate per benchmark.")
         pairs = keep
-    rows, records, missing = [], [], []
+    records, missing = [], []
     for g, s, b, why in pairs:
-        a, c = data.group_problems(g, b), data.group_problems(s, b)
-        if a is None or c is None:
-            missing.append(f"{g.label if a is None else s.label} on {b}")
+        c = compare(data, g, s, b)
+        if c is None:
+            missing.append(f"{g.label} vs {s.label} on {b}")
             continue
-        pb = paired_bootstrap(a, c)
-        excl = pb["ci_low"] > 0 or pb["ci_high"] < 0
-        verdict = "no" if not excl else "yes: better" if pb["diff"] > 0 else "yes: worse"
-        rows.append([b, g.label, s.label, why, f"{pb['diff']:+.3f}", f"[{pb['ci_low']:+.3f}, {pb['ci_high']:+.3f}]",
-                     str(pb["n"]), verdict])
-        records.append({"benchmark": b, "gate": g.gate, "cell": g.label, "sigmoid_cell": s.label, "why": why,
-                        "run_ids": g.run_ids, "sigmoid_run_ids": s.run_ids, **pb, "excludes_0": excl})
+        records.append({**c, "gate": g.gate, "cell": g.label, "sigmoid_cell": s.label, "why": why,
+                        "run_ids": g.run_ids, "sigmoid_run_ids": s.run_ids})
     if missing:
         sec.notes.append("No per-sample artifacts (eval/samples/<benchmark>.jsonl) for: " + "; ".join(missing))
-    if not rows:
+    if not records:
         return sec
-    better = {i for i, r in enumerate(rows) if r[-1] == "yes: better"}
-    worse = {i for i, r in enumerate(rows) if r[-1] == "yes: worse"}
+    adjust(records)
+    rows = []
+    for r in records:
+        verdict = "no" if not r["survives"] else "yes: better" if r["diff"] > 0 else "yes: worse"
+        r["verdict"] = verdict
+        rows.append([r["benchmark"], r["cell"], r["sigmoid_cell"], r["why"], f"{r['diff']:+.3f}",
+                     f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]", f"{r['p_holm']:.3g}", f"{r['poi']:.2f}",
+                     f"{len(r['seeds'])} × {r['n']}", verdict])
+    better = {i for i, r in enumerate(records) if r["verdict"] == "yes: better"}
+    worse = {i for i, r in enumerate(records) if r["verdict"] == "yes: worse"}
     sec.tables.append(Table(["benchmark", "cell", "vs sigmoid cell", "sigmoid chosen by", "Δ accuracy", "95% CI",
-                             "n problems", "CI excludes 0"], rows, better,
-                            caption="Δ = mean over problems of (per-problem accuracy of the cell − that of the "
-                                    "sigmoid cell); per-problem accuracy pools the k samples of every seed. Green: "
-                                    "clearly better than sigmoid; red: clearly worse.", worse=worse))
+                             "Holm p", "P(cell > sigmoid)", "seeds × problems", "survives Holm"], rows, better,
+                            caption="Δ = mean over paired seeds and problems of (cell − sigmoid cell) accuracy. "
+                                    "Green: better than sigmoid after Holm's correction over this table; red: "
+                                    "worse. P(cell > sigmoid) is over seed pairs.", worse=worse))
     sec.paragraphs.append(
-        f"Paired bootstrap: the per-problem differences are resampled over problems ({N_BOOT} resamples, seed "
-        f"{BOOT_SEED}); pairing removes problem difficulty, which both cells share, so this is far tighter than "
-        "comparing two independent CIs. The sigmoid partner is the sigmoid cell with the same τ_pos/τ_neg when "
-        "there is one, else the best sigmoid cell on that benchmark (column 4 says which).")
+        "Two-stage interval (reports/README.md): seed s of the cell is paired with seed s of the sigmoid cell, "
+        "problem p with problem p, and the seed-to-seed and problem-to-problem variance of the differences are both "
+        "in the interval. The sigmoid partner is the sigmoid cell with the same τ_pos/τ_neg when there is one, else "
+        "the best sigmoid cell on that benchmark (column 4 says which).")
     sec.figures.append(Figure("fig_paired.png", png(forest_figure(records)),
-                              "Accuracy difference to the sigmoid cell with its paired 95% bootstrap CI; right of "
-                              "the line: better than sigmoid."))
-    if any(min(len(p[0].runs), len(p[1].runs)) > 1 for p in pairs):
-        sec.notes.append("With several seeds the samples of all seeds are pooled per problem: the interval "
-                         "covers problem sampling, not seed-to-seed variance.")
+                              "Accuracy difference to the sigmoid cell with its paired two-stage 95% interval; "
+                              "right of the line: better than sigmoid."))
+    if not all(r["seed_variance_included"] for r in records):
+        sec.notes.append("One seed per cell in some comparisons: there the interval covers problem sampling only.")
     record["paired"] = records
     return sec
+
 
 
 def tau_sensitivity(data: ExperimentData, record: dict[str, Any]) -> Section:
     """Accuracy (or the final training reward) against τ_pos per gate, clip as a reference line."""
     sec = Section("(e) τ sensitivity")
-    smooth = [g for g in data.groups if g.smooth and g.tau_pos is not None]
+    smooth = [g for g in data.groups if g.fixed_tau and g.tau_pos is not None]
+    moving = [g for g in data.groups if g.smooth and not g.fixed_tau]
     if not smooth:
-        sec.notes.append("No smooth-gate cells with a temperature: nothing to plot.")
+        sec.notes.append("No smooth-gate cells with a fixed temperature: nothing to plot.")
         return sec
     use_eval = bool(data.acc)
     benches = data.benchmarks if use_eval else ["train/reward (final)"]
@@ -393,6 +435,12 @@ def tau_sensitivity(data: ExperimentData, record: dict[str, Any]) -> Section:
                 ax.axhspan(y[1], y[2], color="0.2", alpha=0.07, lw=0)
                 ax.axhline(y[0], color="black" if g.gate == "clip" else "0.45", lw=1.3,
                            ls="--" if g.gate == "clip" else ":", label=f"{g.label} (no τ)")
+        for i, g in enumerate(moving):  # a schedule has no single τ: a line across, in its gate's colour
+            y = _y(data, g, b, use_eval)
+            if y is not None:
+                ax.axhspan(y[1], y[2], color=gate_color(g.gate), alpha=0.06, lw=0)
+                ax.axhline(y[0], color=gate_color(g.gate), lw=1.3, ls=["-.", (0, (5, 2, 1, 2)), ":"][i % 3],
+                           label=f"{g.label} (τ moves)")
         log_x(ax, [g.tau_pos for g in smooth])
         ax.set_xlabel("τ_pos (log scale)" + ("; τ_neg varies at equal τ_pos" if taus_neg_vary else ""))
         ax.set_ylabel("accuracy (95% CI)" if use_eval else "final train reward")
@@ -405,7 +453,9 @@ def tau_sensitivity(data: ExperimentData, record: dict[str, Any]) -> Section:
     sec.figures.append(Figure("fig_tau.png", png(fig),
                               ("Accuracy against τ_pos per gate with 95% CIs (as in table c); clip as a dashed "
                                "line with its CI band. " if use_eval else "Final training reward against τ_pos. ")
-                              + "Points of different gates at one τ are nudged apart slightly on the x axis."))
+                              + "Points of different gates at one τ are nudged apart slightly on the x axis."
+                              + (" Configurations whose τ moves during training (a schedule or the EUR "
+                                 "controller) are horizontal lines with their CI band." if moving else "")))
     record["tau_sensitivity"] = records
     return sec
 
@@ -534,3 +584,52 @@ def _tex(text: str) -> str:
                  ("τ", r"$\tau$"), ("ε", r"$\varepsilon$")):
         text = text.replace(a, b)
     return text
+
+
+# ------------------------------------------------------------------------------------------------------- power
+
+
+def power_rows(data: ExperimentData, record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The verdict's comparisons (computed by :func:`verdict`, else here)."""
+    return record.get("comparisons") or verdict_family(data)
+
+
+def power_section(data: ExperimentData, record: dict[str, Any]) -> Section:
+    """For each comparison of the verdict: the smallest difference detectable at 80% power with the measured seed
+    and problem variances, and how many seeds a 2-point difference would need."""
+    sec = Section("(i) Power: what these seeds and problems can detect")
+    rows = power_rows(data, record)
+    record["power"] = [{k: r[k] for k in ("benchmark", "a", "b", "n", "seeds", "se", "mde", "effect",
+                                          "seeds_needed", "power_reachable", "power_note")} for r in rows]
+    if not rows:
+        sec.notes.append("No paired comparison (needs evaluated configurations of two gates with per-sample records).")
+        return sec
+    sec.tables.append(Table(
+        ["benchmark", "comparison", "seeds × problems", "SE of Δ", "detectable at 80% power", "seeds for Δ = 0.02"],
+        [[r["benchmark"], f"{r['a']} − {r['b']}", f"{len(r['seeds'])} × {r['n']}", f"{r['se']:.4f}",
+          f"{r['mde']:.3f}", power_text(r)] for r in rows],
+        caption="Two-sided test at α = 0.05 (before the multiple-comparison correction, which raises the bar). "
+                "Seeds needed: the smallest seed count at these problems whose predicted standard error detects 2 "
+                "accuracy points with 80% power, from the measured variance components."))
+    sec.paragraphs.append(power_sentence(rows))
+    return sec
+
+
+def power_text(row: Mapping[str, Any]) -> str:
+    if row["seeds_needed"] is not None:
+        return str(row["seeds_needed"])
+    return f"— ({row['power_note']})" if row.get("power_note") else "—"
+
+
+def power_sentence(rows: list[dict[str, Any]]) -> str:
+    """The power statement in one sentence (``harness report --power`` prints it)."""
+    mdes = [r["mde"] for r in rows if math.isfinite(r["mde"])]
+    needs = [r["seeds_needed"] for r in rows if r["seeds_needed"] is not None]
+    text = (f"With these seeds and problems, differences smaller than {min(mdes):.3f}–{max(mdes):.3f} accuracy are "
+            "below what the comparisons can detect at 80% power") if mdes else "No detectable difference estimated"
+    if needs:
+        text += f"; telling 2 points apart would need {min(needs)}–{max(needs)} seeds per configuration"
+    unreachable = [r for r in rows if r["power_reachable"] is False]
+    if unreachable:
+        text += f"; for {len(unreachable)} comparison(s) more seeds alone would not do ({unreachable[0]['power_note']})"
+    return text + "."

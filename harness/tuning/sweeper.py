@@ -44,7 +44,7 @@ from omegaconf import DictConfig
 from harness import keys as K
 from harness import tracking
 from harness.cell import gate_overrides, override_value, validate_cell
-from harness.config import slug
+from harness.config import config_errors, slug
 from harness.sweeper import SweeperBase, job_result
 from harness.tracking import mask_url
 from harness.tuning.settings import TuneConf, check_objective, tune_settings
@@ -151,8 +151,9 @@ class TuneSweeperImpl(SweeperBase):
         assert self.config is not None
         t0 = time.perf_counter()
         sweep_dir = self.sweep_dir
-        storage_url = resolve_storage(tune_settings(self.config).storage)
-        s, user, plans = self.plan(arguments, storage_url)
+        with config_errors():  # every check before any compute: a bad value exits 2 with one line
+            storage_url = resolve_storage(tune_settings(self.config).storage)
+            s, user, plans = self.plan(arguments, storage_url)
         first = plans[0].base
         log.info("tuning %s on %s -> storage %s, MLflow experiment %r", ", ".join(p.study_name for p in plans),
                  s.objective, mask_url(storage_url), first.tracking.experiment)
@@ -179,7 +180,8 @@ class TuneSweeperImpl(SweeperBase):
                  "summary": summary, "studies": studies, "trials": results}, indent=2, default=str))
         print(format_summary(summary, studies, storage, plans))
         if s.report:
-            self.write_report(first)
+            self.write_report(first, store)
+        self.raise_if_incomplete(summary, "trials")  # after the summary: failed trials exit 1
         return returns
 
     def _run_study(self, plan: StudyPlan, s: TuneConf, user: list[str], storage: Any, storage_url: str,
@@ -263,6 +265,11 @@ def _log_parent(store: tracking.Store, parent: str, summary: Mapping[str, Any],
             client.log_metric(parent, K.tune_key(label, "best_value"), float(st["best_value"]))
             for key in ("best_tau_pos", "best_tau_neg"):
                 client.log_metric(parent, K.tune_key(label, key), float(st[key]))
+    if interrupted:  # the trials in flight die with the driver: their runs must not stay RUNNING
+        try:
+            tracking.kill_children(store, parent)
+        except Exception as exc:  # the store may be what is gone; a re-run supersedes them
+            log.warning("could not close the running trials of %s: %s", parent, exc)
     tracking.end_parent(store, parent, summary, status="KILLED" if interrupted else None)
 
 

@@ -1,0 +1,98 @@
+"""Report section (h): the stability scorecard, one row per trained configuration, each metric of
+:mod:`harness.stability` as the mean over seeds with a seed-level 95% interval, and a figure of the same."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from harness import keys as K
+from harness.reporting.data import ExperimentData, Group
+from harness.reporting.figures import gate_color, png, pyplot
+from harness.reporting.render import Figure, Section, Table
+from harness.stability import SCORECARD, over_seeds, run_scorecard
+
+# The per-step series a scorecard reads: history name -> (metric, per-pass?)
+SERIES = {"reward": (K.REWARD, False), "reward_format": (K.REWARD_FORMAT, False), "entropy": (K.ENTROPY, False),
+          "grad_norm": (K.GRAD_NORM, False), "response_length": (K.RESPONSE_LENGTH, False), "eur": (K.EUR, True),
+          "abs_ratio_dev_p95": (K.ABS_RATIO_DEV_P95, True), "ratio_max": (K.RATIO_MAX, True)}
+
+
+def group_scorecard(data: ExperimentData, g: Group) -> dict[str, Any]:
+    """Per-run scorecards of a configuration and, per metric, the mean over its seeds with a t interval."""
+    per_run = []
+    for _, row in g.runs.iterrows():
+        k = data.last_pass(row)
+        series = {}
+        for name, (metric, per_pass) in SERIES.items():
+            h = data.history(str(row["run_id"]), K.train_key(metric, k if per_pass else None))
+            series[name] = h.sort_index().to_list()
+        per_run.append(run_scorecard(series))
+    summary = {m: over_seeds([r[m] for r in per_run]) for m, _ in SCORECARD}
+    return {"group": g.label, "gate": g.gate, "run_ids": g.run_ids, "per_run": per_run, "metrics": summary}
+
+
+def _cell(v: dict[str, Any]) -> str:
+    if not math.isfinite(v["mean"]):
+        return "—"
+    text = f"{v['mean']:.3g}"
+    if v["n_seeds"] > 1 and math.isfinite(v["ci_low"]):
+        text += f" [{v['ci_low']:.3g}, {v['ci_high']:.3g}]"
+    return text
+
+
+def scorecard_section(data: ExperimentData, record: dict[str, Any]) -> Section:
+    """The stability scorecard (definitions: harness.stability and reports/README.md)."""
+    sec = Section("(h) Stability scorecard")
+    groups = [g for g in data.trained if not g.runs.empty]
+    cards = [group_scorecard(data, g) for g in groups]
+    cards = [c for c in cards if any(math.isfinite(v["mean"]) for v in c["metrics"].values())]
+    record["scorecard"] = cards
+    if not cards:
+        sec.notes.append("No training histories: no scorecard.")
+        return sec
+    rows = [[c["group"], *(_cell(c["metrics"][m]) for m, _ in SCORECARD)] for c in cards]
+    collapsed = {i for i, c in enumerate(cards) if c["metrics"]["collapse_events"]["mean"] > 0}
+    sec.tables.append(Table(["configuration", *(label for _, label in SCORECARD)], rows, worse=collapsed,
+                            caption="Mean over seeds [Student-t 95% interval over seeds]; red: a collapse event in "
+                                    "at least one seed. Per-pass metrics are from the last pass over each batch."))
+    sec.paragraphs.append(
+        "How stable each configuration trained, one number per run (its steps are not independent draws), then the "
+        "mean over its seeds: EUR level and trend, entropy change and trend (entropy collapse is the failure most "
+        "RL-for-LLM papers watch), reward volatility after removing the trend, gradient-norm spikes, ratio tails, "
+        "response-length drift, and collapse events (the reward's moving average falling 0.5 below its running "
+        "best, or the format rate falling below 0.5 after reaching 0.9).")
+    sec.figures.append(Figure("fig_scorecard.png", png(_figure(cards)),
+                              "Each scorecard metric per configuration: dots are seeds, the bar the mean with its "
+                              "seed-level 95% interval."))
+    if all(c["metrics"]["eur_mean"]["n_seeds"] < 2 for c in cards):
+        sec.notes.append("One seed per configuration: no seed-level intervals.")
+    return sec
+
+
+def _figure(cards: list[dict[str, Any]]) -> Any:
+    plt = pyplot()
+    n = len(SCORECARD)
+    cols = 5
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(3.3 * cols, 1.2 + 0.34 * len(cards) * 2),
+                             squeeze=False)
+    for ax, (metric, label) in zip(axes.flat, SCORECARD, strict=False):
+        for y, c in enumerate(cards):
+            v = c["metrics"][metric]
+            color = gate_color(c["gate"], y)
+            seeds = [r[metric] for r in c["per_run"] if math.isfinite(r[metric])]
+            ax.plot(seeds, [y] * len(seeds), "o", color=color, alpha=0.45, ms=4)
+            if math.isfinite(v["mean"]):
+                finite = math.isfinite(v["ci_low"])
+                err = [[v["mean"] - v["ci_low"]], [v["ci_high"] - v["mean"]]] if finite else None
+                ax.errorbar([v["mean"]], [y], xerr=err, fmt="|", color=color, ms=12, mew=2, capsize=3)
+        ax.set_yticks(range(len(cards)), [c["group"] for c in cards] if ax in axes[:, 0] else [], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(label, fontsize=9.5)
+        ax.grid(alpha=0.3, axis="x")
+        ax.tick_params(axis="x", labelsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
