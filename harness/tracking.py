@@ -24,7 +24,6 @@ import math
 import os
 import re
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -38,6 +37,7 @@ from typing import Any
 
 from harness import keys as K
 from harness.config import ConfigError
+from harness.provenance import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -252,15 +252,6 @@ def check_store(tracking_cfg: Any, timeout: float = CHECK_TIMEOUT_S) -> Store:
     if "error" in result:
         raise TrackingUnavailable(f"tracking.uri={mask_url(uri)} is unusable: {describe(result['error'])}")
     return result["store"]
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -420,3 +420,56 @@ def test_adaptive_configurations_against_the_best_fixed_tau(store, tmp_path):
         ts = stats.two_stage_interval(a - b)
         assert (c["diff"], c["ci_low"], c["ci_high"]) == pytest.approx((ts["mean"], ts["ci_low"], ts["ci_high"]))
         assert c["seeds"] == ["0", "1", "2"] and "p_holm" in c and c["outcome"] in html
+
+
+def test_power_cli_prints_only_the_power_lines(store, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert reporting.main(["gates", "--tracking-uri", store["uri"], "--power"]) == 0
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("power of the verdict's comparisons in 'gates'")
+    rows = [line for line in lines[1:] if line.startswith("  ")]
+    assert rows and all("detectable" in r and "seeds for 0.02" in r for r in rows)
+    assert lines[-1].startswith("With these seeds and problems, differences smaller than")
+    assert not list(tmp_path.iterdir())  # no report files written
+    assert reporting.main(["nope", "--tracking-uri", store["uri"], "--power"]) == 2
+
+
+def test_power_numbers_are_the_stats_module_on_the_logged_samples(store, report):
+    """Each power row's SE and detectable difference recomputed from the per-sample records by hand."""
+    from harness.stats import power_analysis
+
+    runs = {v: k for k, v in store["runs"].items() if isinstance(k, tuple)}
+    rows = report["json"]["power"]
+    assert rows
+    for row in rows:
+        assert row["mde"] > 0 and row["se"] > 0 and len(row["seeds"]) >= 1
+    row = max(rows, key=lambda r: len(r["seeds"]))  # erf against sigmoid at τ = 1: 4 seeds in common
+    by_label = {(r["group"], r["benchmark"]): r["run_ids"] for r in report["json"]["accuracy"]}
+
+    def in_seed_order(label: str) -> list[str]:
+        ids = {runs[rid][2]: rid for rid in by_label[(label, row["benchmark"])] if rid in runs}
+        return [ids[int(s)] for s in row["seeds"]]
+
+    diff = (_seed_problem_matrix(store, in_seed_order(row["a"]), row["benchmark"])
+            - _seed_problem_matrix(store, in_seed_order(row["b"]), row["benchmark"]))
+    assert len(row["seeds"]) == 4
+    want = power_analysis(diff)
+    assert row["se"] == pytest.approx(want["se"], rel=1e-9) and row["mde"] == pytest.approx(want["mde"], rel=1e-9)
+    assert row["seeds_needed"] == want["seeds_needed"]
+
+
+def test_provenance_section_states_what_a_rerun_needs(report):
+    import torch
+
+    prov = report["json"]["provenance"]
+    assert prov["versions"]["torch"] == [torch.__version__]
+    for name in ("transformers", "mlflow", "optuna", "math-verify"):
+        assert prov["versions"].get(name), name
+    assert prov["git_commit"] and all(len(c) == 40 or c == "unknown" for c in prov["git_commit"])
+    assert prov["git_dirty"] and set(prov["git_dirty"]) <= {"true", "false", "unknown"}
+    assert prov["host"] and prov["seeds"] == ["0", "1", "2", "3"]
+    assert prov["evaluation temperature"] and prov["aggregation"] == ["seq-mean-token-mean"]
+    assert prov["τ scaling (gate.width)"] == ["raw"]
+    html = report["html"]
+    assert "<h2>(k) Provenance" in html and "version: torch" in html and "git commit" in html
