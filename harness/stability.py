@@ -24,7 +24,8 @@ collapse_events        times the reward's moving average (window ~ steps/10) fal
 =====================  =====================================================================================
 
 A configuration's value is the mean over its seeds with a Student-t 95% interval over the seeds (the runs are the
-unit: the steps of one run are not independent draws).
+unit: the steps of one run are not independent draws), intersected with the range the metric can take
+(:data:`METRIC_RANGE`: a count is never negative), which keeps the interval's coverage.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ SCORECARD: tuple[tuple[str, str], ...] = (
     ("length_drift", "length: last − first 10%"),
     ("collapse_events", "collapse events"),
 )
+# The values a metric can take: its seed interval is cut to them (others are unbounded).
+METRIC_RANGE: dict[str, tuple[float, float]] = {
+    "eur_mean": (0.0, 1.0), "reward_volatility": (0.0, math.inf), "grad_norm_spikes": (0.0, math.inf),
+    "ratio_dev_p95": (0.0, math.inf), "ratio_max": (0.0, math.inf), "collapse_events": (0.0, math.inf),
+}
 COLLAPSE_DROP = 0.5  # reward units below the running best of the moving average
 FORMAT_FLOOR, FORMAT_REACHED = 0.5, 0.9
 SPIKE_Z = 5.0
@@ -157,8 +163,10 @@ def run_scorecard(history: Mapping[str, Sequence[float]]) -> dict[str, float]:
     }
 
 
-def over_seeds(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
-    """Mean over seeds with a Student-t interval over the seeds (a single seed: no interval)."""
+def over_seeds(values: Sequence[float], level: float = 0.95,
+               bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict[str, Any]:
+    r"""Mean over seeds with a Student-t interval over the seeds, :math:`\bar v \pm t_{S-1}\,s/\sqrt S`, cut to
+    ``bounds`` (the values the quantity can take); a single seed: no interval."""
     v = _arr(values)
     if v.size == 0:
         return {"mean": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n_seeds": 0}
@@ -166,4 +174,5 @@ def over_seeds(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
     if v.size == 1:
         return {"mean": mean, "ci_low": math.nan, "ci_high": math.nan, "n_seeds": 1}
     hw = t_quantile(level, v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
-    return {"mean": mean, "ci_low": mean - hw, "ci_high": mean + hw, "n_seeds": int(v.size)}
+    return {"mean": mean, "ci_low": max(mean - hw, bounds[0]), "ci_high": min(mean + hw, bounds[1]),
+            "n_seeds": int(v.size)}

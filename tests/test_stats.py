@@ -182,3 +182,13 @@ def test_power_analysis():
     tiny = _simulated_difference(rng, S=3, n=20, seed_sd=0.0)
     assert stats.power_analysis(tiny, effect=0.005)["reachable"] is False  # 20 problems cannot show 0.5 points
     assert stats.power_analysis(d[:1], effect=0.02)["seeds_needed"] is None  # one seed: seed variance unknown
+
+
+def test_two_stage_interval_of_the_reversed_comparison_is_its_mirror_image():
+    """A verdict quotes a − b and the table b − a: the two intervals and p-values must agree exactly."""
+    rng = np.random.default_rng(3)
+    d = rng.normal(0.01, 0.3, size=(3, 200)) + rng.normal(0, 0.02, size=(3, 1))
+    ab, ba = stats.two_stage_interval(d), stats.two_stage_interval(-d)
+    assert ab["ci_low"] == pytest.approx(-ba["ci_high"], abs=1e-12)
+    assert ab["ci_high"] == pytest.approx(-ba["ci_low"], abs=1e-12)
+    assert ab["p_value"] == pytest.approx(ba["p_value"], abs=1e-12)

@@ -351,3 +351,31 @@ def test_slurm_launcher_renders_a_valid_job_script(tmp_path, cache_dir):
     runs = [r for r in _runs(tmp_path, "gates") if "config_hash" in r.data.tags]
     assert sorted(r.data.tags["gate"] for r in runs) == ["clip", "sigmoid"]
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_tails_sweep_composes_student_over_nu_at_one_half_width():
+    cfg = compose_sweep("tails", [], hydra_config=True)
+    sw = cfg.hydra.sweeper
+    assert list(sw.gates) == ["student"] and [list(p) for p in sw.tau_pairs] == [[10.0, 12.0]]
+    assert list(sw.axes["gate.nu"]) == [1.0, 2.0, 4.0, 16.0, 1000.0] and list(sw.seeds) == [0, 1, 2]
+    assert cfg.gate.width == "hwhm" and cfg.tracking.experiment == "tails"
+    for nu in sw.axes["gate.nu"]:
+        validate_cell(compose_sweep("tails", ["gate=student", f"gate.nu={nu}", "gate.tau_pos=10.0",
+                                              "gate.tau_neg=12.0"]))
+
+
+@pytest.mark.slow
+def test_tails_sweep_runs_and_reports_each_nu(tmp_path, cache_dir):
+    import json
+
+    out = _harness(["tails", "hydra.sweeper.axes={gate.nu:[1.0,16.0]}", "hydra.sweeper.seeds=[0]",
+                    "hydra.sweeper.baseline=false", *TINY], tmp_path, cache_dir)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "2 cells — 2 finished, 0 skipped, 0 failed" in out.stdout
+    cells = [r for r in _runs(tmp_path, "tails") if "config_hash" in r.data.tags]
+    assert sorted(r.data.params["gate.nu"] for r in cells) == ["1.0", "16.0"]
+    assert {r.data.params["gate.width"] for r in cells} == {"hwhm"} and {r.data.tags["gate"] for r in cells} == {
+        "student"}
+    report = json.loads((tmp_path / "reports" / "tails" / "report.json").read_text())
+    labels = {row["group"] for row in report["accuracy"]}
+    assert labels == {"student ν=1 τ=10/12", "student ν=16 τ=10/12"}, labels

@@ -27,9 +27,10 @@ def trajectory(data: ExperimentData, g: Group) -> dict[str, Any]:
         if not e.empty:
             eur.append(float(e.iloc[len(e) // 2:].mean()))
     target = float_or_none(g.runs.iloc[0].get(f"tags.{K.TAG_EUR_TARGET}")) if not g.runs.empty else None
-    return {"group": g.label, "schedule": g.schedule, "eur_target": target, "tau_first": over_seeds(first),
-            "tau_last": over_seeds(last), "tau_last_range": (min(last), max(last)) if last else None,
-            "eur_late": over_seeds(eur)}
+    positive = (0.0, math.inf)
+    return {"group": g.label, "schedule": g.schedule, "eur_target": target,
+            "tau_first": over_seeds(first, bounds=positive), "tau_last": over_seeds(last, bounds=positive),
+            "tau_last_range": (min(last), max(last)) if last else None, "eur_late": over_seeds(eur, bounds=(0.0, 1.0))}
 
 
 def _interval(v: dict[str, Any], fmt: str = ".3g") -> str:

@@ -33,7 +33,8 @@ def plot_gate_shapes(gates: Sequence[str | Gate], taus: Sequence[float], out: st
     figure."""
     plt = pyplot()
     order = sorted(range(len(gates)), key=lambda i: gates[i] != "clip")  # clip first: underneath
-    fig, axes = plt.subplots(3, len(taus), figsize=(4.4 * len(taus), 9.0), squeeze=False,
+    # one τ (the default sweep) still gets a figure wide enough for the title and the legend
+    fig, axes = plt.subplots(3, len(taus), figsize=(max(4.4 * len(taus), 6.4), 9.0), squeeze=False,
                              gridspec_kw={"height_ratios": [1.1, 1.0, 0.9]})
     for j, tau in enumerate(taus):
         half = 4.0 * SIGMOID_HWHM / tau
@@ -84,12 +85,13 @@ def plot_gate_shapes(gates: Sequence[str | Gate], taus: Sequence[float], out: st
     h_f, l_f = axes[0, 0].get_legend_handles_labels()
     handles += [h for h, lab in zip(h_f, l_f, strict=True) if lab == "r (no gate)"]
     labels += ["r (no gate)"] if "r (no gate)" in l_f else []
-    # At most 4 entries per row: 7 in one row ran past the edges of a 2-column figure.
-    ncol = max(1, min(len(labels), 4))
+    # At most 4 entries per row (2 in a one-column figure): 7 in one row ran past the edges of a 2-column figure.
+    ncol = max(1, min(len(labels), 4 if len(taus) > 1 else 2))
     rows = -(-len(labels) // ncol)
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
-    fig.suptitle("Gate value f(r) and gradient weight w(r) = f'(r), for A > 0 (smooth gates use τ_pos)")
-    fig.tight_layout(rect=(0, 0.025 * rows + 0.01, 1, 0.97))
+    sep = ", " if len(taus) > 1 else "\n"
+    fig.suptitle(f"Gate value f(r) and gradient weight w(r) = f'(r){sep}for A > 0 (smooth gates use τ_pos)")
+    fig.tight_layout(rect=(0, 0.025 * rows + 0.01, 1, 0.97 if len(taus) > 1 else 0.95))
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from harness.reporting.render import Section, Table
 def _values(frame: pd.DataFrame, column: str) -> list[str]:
     if column not in frame.columns:
         return []
-    return sorted({str(v) for v in frame[column].dropna() if str(v) != ""})
+    return sorted({str(v) for v in frame[column].dropna() if str(v) not in ("", "None")})
 
 
 def _join(values: Iterable[str]) -> str:
@@ -45,11 +45,11 @@ def provenance_section(data: ExperimentData, record: dict[str, Any]) -> Section:
     prov["git_dirty"] = _values(cells, f"tags.{K.TAG_GIT_DIRTY}")
     prov["host"] = _values(cells, f"tags.{K.TAG_HOST}")
     prov["seeds"] = sorted({s for g in data.trained for s in g.seeds}, key=lambda s: (len(s), s))
-    params = {"model": "params.model.path", "backend": "params.backend.name", "rollout temperature":
-              "params.train.rollout_temperature", "aggregation": "params.train.loss.agg", "ratio level":
-              "params.train.loss.ratio_level", "τ scaling (gate.width)": "params.gate.width", "evaluation engine":
-              "params.eval.engine", "evaluation temperature": "params.eval.temperature", "evaluation top-p":
-              "params.eval.top_p"}
+    params = {"model": "params.model.name", "model path": "params.model.path", "backend": "params.backend.name",
+              "rollout temperature": "params.train.rollout_temperature", "aggregation": "params.train.loss.agg",
+              "ratio level": "params.train.loss.ratio_level", "τ scaling (gate.width)": "params.gate.width",
+              "evaluation engine": "params.eval.engine", "evaluation temperature": "params.eval.temperature",
+              "evaluation top-p": "params.eval.top_p"}
     for label, col in params.items():
         prov[label] = _values(cells, col)
     decoding = {}

@@ -10,7 +10,7 @@ from harness import keys as K
 from harness.reporting.data import ExperimentData, Group
 from harness.reporting.figures import gate_color, png, pyplot
 from harness.reporting.render import Figure, Section, Table
-from harness.stability import SCORECARD, over_seeds, run_scorecard
+from harness.stability import METRIC_RANGE, SCORECARD, over_seeds, run_scorecard
 
 # The per-step series a scorecard reads: history name -> (metric, per-pass?)
 SERIES = {"reward": (K.REWARD, False), "reward_format": (K.REWARD_FORMAT, False), "entropy": (K.ENTROPY, False),
@@ -28,7 +28,8 @@ def group_scorecard(data: ExperimentData, g: Group) -> dict[str, Any]:
             h = data.history(str(row["run_id"]), K.train_key(metric, k if per_pass else None))
             series[name] = h.sort_index().to_list()
         per_run.append(run_scorecard(series))
-    summary = {m: over_seeds([r[m] for r in per_run]) for m, _ in SCORECARD}
+    summary = {m: over_seeds([r[m] for r in per_run], bounds=METRIC_RANGE.get(m, (-math.inf, math.inf)))
+               for m, _ in SCORECARD}
     return {"group": g.label, "gate": g.gate, "run_ids": g.run_ids, "per_run": per_run, "metrics": summary}
 
 

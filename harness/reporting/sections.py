@@ -263,9 +263,13 @@ def _curve_groups(data: ExperimentData, sec: Section) -> list[Group]:
     out = []
     for gate, gs in by_gate.items():
         if len(gs) > MAX_GROUPS_PER_GATE_IN_CURVES:
-            best = max(gs, key=data.score)
-            sec.notes.append(f"{gate}: {len(gs)} configurations; only the best ({best.label}) is drawn.")
-            gs = [best]
+            # the best fixed-τ configuration, and every moving-τ one (their τ and EUR paths are the point)
+            fixed, moving = [g for g in gs if g.fixed_tau], [g for g in gs if not g.fixed_tau]
+            kept = ([max(fixed, key=data.score)] if fixed else []) + moving
+            kept = kept[:MAX_GROUPS_PER_GATE_IN_CURVES]
+            drawn = f"only the best ({kept[0].label})" if len(kept) == 1 else ", ".join(g.label for g in kept)
+            sec.notes.append(f"{gate}: {len(gs)} configurations; drawn: {drawn}.")
+            gs = kept
         out += gs
     return out
 
@@ -448,8 +452,10 @@ def tau_sensitivity(data: ExperimentData, record: dict[str, Any]) -> Section:
         ax.grid(alpha=0.3)
     # One legend under the panels: inside a panel it covers CIs that reach the top.
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, max(1, len(labels))), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    # as many entries per row as the figure's width holds (a label is up to ~2.6 inches), rows below the panels
+    ncol = max(1, min(len(labels), int(fig.get_figwidth() // 2.6)))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.055 * -(-len(labels) // ncol) + 0.02, 1, 1))
     sec.figures.append(Figure("fig_tau.png", png(fig),
                               ("Accuracy against τ_pos per gate with 95% CIs (as in table c); clip as a dashed "
                                "line with its CI band. " if use_eval else "Final training reward against τ_pos. ")
@@ -478,7 +484,12 @@ def _n(count: int, noun: str) -> str:
 def _tau_text(g: Group) -> str:
     if not g.smooth:
         return f"ε {g.eps[0]:g}/{g.eps[1]:g}" if g.eps else "—"
-    return f"{g.tau_pos:.3g} / {g.tau_neg:.3g}" if g.tau_pos is not None and g.tau_neg is not None else "—"
+    taus = f"{g.tau_pos:.3g} / {g.tau_neg:.3g}" if g.tau_pos is not None and g.tau_neg is not None else "—"
+    if g.nu is None and g.schedule == "constant":
+        return taus
+    # the label without the gate's name: "ν=4 τ=10/12", "EUR→0.9" (from the start τ), "τ 1→20 (cosine)"
+    text = g.label.split(" ", 1)[1] if " " in g.label else g.label
+    return f"{text} (from {taus})" if g.schedule == "eur_target" else text
 
 
 def _ci(a: Mapping[str, Any]) -> dict[str, float]:
