@@ -10,16 +10,13 @@ import argparse
 import functools
 import importlib
 import os
-import signal
 import sys
-import threading
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.config import CONF_DIR, SWEEPS_DIR, ConfigError, RunIncomplete
+from harness.config import CONF_DIR, SWEEPS_DIR, ConfigError, RunIncomplete, sigterm_as_exit
 
 # subcommand -> ("module:function", one-line help). The function takes the remaining argv.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -69,24 +66,6 @@ def is_config_error(exc: BaseException) -> bool:
 
     return isinstance(exc, ConfigError | OmegaConfBaseException) or (
         isinstance(exc, HydraException) and not isinstance(exc, InstantiationException))
-
-
-@contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """SIGTERM (``kill PID``, a scheduler's stop) raises ``SystemExit(143)`` in the main thread, so the run being
-    logged ends KILLED, as Ctrl-C does, instead of staying RUNNING forever."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _dirs(root: Path) -> set[Path]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import re
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,3 +79,22 @@ def import_object(path: str, *, what: str = "object") -> Any:
 def slug(name: str) -> str:
     """``name`` as a file-system-safe string (runs of anything but word characters, ``.`` and ``-`` become ``_``)."""
     return re.sub(r"[^\w.-]+", "_", name)
+
+
+@contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM (``kill PID``, a scheduler's stop) raises ``SystemExit(143)`` in the main thread, so what is running
+    cleans up as on Ctrl-C: the run being logged ends KILLED instead of staying RUNNING forever, a tuning driver's
+    in-flight trials are marked FAIL."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

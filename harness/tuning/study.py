@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,23 +181,6 @@ class Heartbeat:
             with self._lock:
                 ids = list(self._ids)
             self._beat(ids)
-
-
-@contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """SIGTERM (a scheduler's kill, ``kill PID``) runs the driver's cleanup (in-flight trials -> FAIL) like Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def tell(study: Any, storage: Any, trial: Any, result: Mapping[str, Any]) -> str:

@@ -44,7 +44,7 @@ from omegaconf import DictConfig
 from harness import keys as K
 from harness import tracking
 from harness.cell import gate_overrides, override_value, validate_cell
-from harness.config import config_errors, slug
+from harness.config import config_errors, sigterm_as_exit, slug
 from harness.sweeper import SweeperBase, job_result
 from harness.tracking import mask_url
 from harness.tuning.settings import TuneConf, check_objective, tune_settings
@@ -58,7 +58,6 @@ from harness.tuning.study import (
     make_storage,
     range_corners,
     resolve_storage,
-    sigterm_as_exit,
     study_summary,
     taus_of,
     tell,
