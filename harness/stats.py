@@ -299,7 +299,8 @@ def power_analysis(a: Any, *, alpha: float = 0.05, power: float = 0.8, effect: f
         ms_s, ms_p, ms_e = se2 + n * su, se2 + s2 * sv, se2
         v = max(ms_s + ms_p - ms_e, ms_p) / (s2 * n)
         terms = [(ms_s, s2 - 1), (ms_p, n - 1), (ms_e, (s2 - 1) * (n - 1))]
-        df = (v * s2 * n) ** 2 / sum(ms ** 2 / d for ms, d in terms)
+        denom = sum(ms ** 2 / d for ms, d in terms)
+        df = (v * s2 * n) ** 2 / denom if denom > 0 else math.inf  # every score equal: no variance to estimate
         if quantiles(df) * math.sqrt(v) <= effect:
             out.update(seeds_needed=s2, reachable=True)
             return out

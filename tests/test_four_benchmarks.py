@@ -200,7 +200,8 @@ def test_sweep_report_has_the_four_benchmark_columns(tmp_path, cache_dir, data_d
     from tests.test_sweep import TINY, _harness, _runs
 
     limit = 2
-    args = ["hydra.sweeper.gates=[sigmoid,clip]", "hydra.sweeper.taus=[10.0]", *TINY, "eval=four_cpu",
+    args = ["hydra.sweeper.gates=[sigmoid,clip]", "hydra.sweeper.taus=[10.0]", "hydra.sweeper.seeds=[0]", *TINY,
+            "eval=four_cpu",
             f"eval.limit={limit}", f"data_dir={data_dir}", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]
     out = _harness(args, tmp_path, cache_dir, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -231,3 +232,11 @@ def test_sweep_report_has_the_four_benchmark_columns(tmp_path, cache_dir, data_d
     header = next(line for line in (report_dir / "table.tex").read_text().splitlines() if "GSM8K" in line
                   or "gsm8k" in line)
     assert all(name.lower() in header.lower() for name in benches), header
+    # No section failed; where the two gates score the same, the verdict calls it a tie, not a win
+    assert "This section failed" not in html
+    for v in report["verdict"]:
+        sigmoid, clip = (next(r["acc"] for r in rows if r["benchmark"] == v["benchmark"] and r["gate"] == g)
+                         for g in ("sigmoid", "clip"))
+        md = (report_dir / "report.md").read_text().split("\n\n")
+        tie = "tie at the top" in next(p for p in md if p.startswith(f"**{v['benchmark']}**:"))
+        assert tie == (sigmoid == clip), v

@@ -192,3 +192,13 @@ def test_two_stage_interval_of_the_reversed_comparison_is_its_mirror_image():
     assert ab["ci_low"] == pytest.approx(-ba["ci_high"], abs=1e-12)
     assert ab["ci_high"] == pytest.approx(-ba["ci_low"], abs=1e-12)
     assert ab["p_value"] == pytest.approx(ba["p_value"], abs=1e-12)
+
+
+def test_identical_runs_give_a_zero_width_answer_not_an_error():
+    """Two configurations that scored identically on every seed and problem (e.g. a 2-step smoke sweep): the
+    difference matrix is all zeros, every mean square 0."""
+    d = np.zeros((3, 40))
+    ts = stats.two_stage_interval(d)
+    assert ts["mean"] == ts["ci_low"] == ts["ci_high"] == 0.0
+    pw = stats.power_analysis(d)
+    assert pw["mde"] == 0.0 and pw["seeds_needed"] == 2 and pw["reachable"] is True

@@ -282,7 +282,7 @@ def _runs(cwd: Path, experiment: str):
 def test_parallel_multirun_logs_every_cell_then_skips_them(tmp_path, cache_dir):
     from mlflow.tracking import MlflowClient
 
-    args = ["hydra.sweeper.gates=[sigmoid,erf,clip]", "hydra.sweeper.taus=[2.0]", *TINY,
+    args = ["hydra.sweeper.gates=[sigmoid,erf,clip]", "hydra.sweeper.taus=[2.0]", "hydra.sweeper.seeds=[0]", *TINY,
             "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]
     first = _harness(args, tmp_path, cache_dir)
     assert first.returncode == 0, first.stderr[-4000:]
@@ -336,7 +336,8 @@ def test_bad_sweep_input_fails_before_any_cell(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_slurm_launcher_renders_a_valid_job_script(tmp_path, cache_dir):
-    overrides = ["hydra.sweeper.gates=[sigmoid,clip]", "hydra.sweeper.taus=[1.0]", *TINY, "hydra/launcher=slurm",
+    overrides = ["hydra.sweeper.gates=[sigmoid,clip]", "hydra.sweeper.taus=[1.0]", "hydra.sweeper.seeds=[0]", *TINY,
+                 "hydra/launcher=slurm",
                  "hydra.launcher.partition=gpu", "hydra.sweeper.report=false", "hydra.sweeper.baseline=false"]
     out = _harness(overrides, tmp_path, cache_dir, path_prefix=FAKE_SLURM, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:] + str(list((tmp_path / "fake_slurm").glob("*")))

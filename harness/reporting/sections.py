@@ -84,8 +84,14 @@ def verdict(data: ExperimentData, record: dict[str, Any]) -> Section:
         rows = [r for r in family if r["benchmark"] == b]
         entry: dict[str, Any] = {"benchmark": b, "winner": win.label, "winner_gate": win.gate, **_ci(wa),
                                  "n_seeds": wa["n_seeds"]}
-        text = f"**{b}**: best is **{win.label}** ({_fmt_ci(wa)}, {_n(wa['n_seeds'], 'seed')})"
         runner = data.best(b, [g for g in data.trained if g.gate != win.gate])
+        tie = runner is not None and data.acc[(runner.key, b)]["acc"] == wa["acc"]
+        # equal accuracies (e.g. every configuration at 0 in a smoke run): no configuration is "best"
+        if tie:
+            text = (f"**{b}**: **{win.label}** and **{runner.label}** tie at the top ({_fmt_ci(wa)}, "
+                    f"{_n(wa['n_seeds'], 'seed')})")
+        else:
+            text = f"**{b}**: best is **{win.label}** ({_fmt_ci(wa)}, {_n(wa['n_seeds'], 'seed')})"
         if runner is not None:
             ra = data.acc[(runner.key, b)]
             entry.update(runner_up=runner.label, runner_up_gate=runner.gate, runner_up_acc=ra["acc"],
@@ -114,7 +120,9 @@ def verdict(data: ExperimentData, record: dict[str, Any]) -> Section:
             if not all(r["seed_variance_included"] for r in rows):
                 text += " One seed per configuration: run-to-run (seed) variance is not in these intervals."
             mdes = [r["mde"] for r in rows if math.isfinite(r["mde"])]
-            if mdes:
+            if mdes and max(mdes) == 0:
+                text += " Every paired difference is exactly 0 (identical scores): there is no variance to judge by."
+            elif mdes:
                 text += (f" With these seeds and problems the smallest difference detectable at 80% power is "
                          f"{min(mdes):.3f}–{max(mdes):.3f}.")
         record["verdict"].append(entry)
