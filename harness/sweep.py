@@ -53,13 +53,13 @@ class GateSweeperConf:
 
     _target_: str = "hydra_plugins.harness_sweepers.GateSweeper"
     gates: list[str] = field(default_factory=lambda: ["sigmoid", "erf", "arctan", "softsign", "clip"])
-    taus: list[float] = field(default_factory=lambda: [1.0, 4.0])  # smooth gates' τ grid (τ_pos)
+    taus: list[float] = field(default_factory=lambda: [10.0])  # smooth gates' τ grid (τ_pos)
     tau_mode: str = "tied"  # tied: τ_neg = τ·tau_neg_scale | separate: τ_pos grid × tau_neg grid
-    tau_neg_scale: float = 1.05
+    tau_neg_scale: float = 1.2  # the paper's (10, 12)
     tau_neg: list[float] = field(default_factory=list)  # τ_neg grid for tau_mode=separate
     # explicit [[τ_pos, τ_neg], ...]: replaces the grid (typed loosely: OmegaConf refuses ints in nested float lists)
     tau_pairs: list[Any] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     axes: dict[str, list[Any]] = field(default_factory=dict)  # more axes: {config key: [values]}, e.g. gate.nu
     # Adaptive cells besides the grid: per smooth gate, target, seed, τ controlled toward the EUR target (starting at
     # the first τ of the grid / tau_pairs).
