@@ -1,5 +1,6 @@
 """Temperature schedules and the EUR controller: end points, the controller holding its target on a drifting ratio
-stream for every smooth gate, its stability bound, and exact resume of an adaptive run in the native backend."""
+stream for every smooth gate, its stability bound, exact resume of an adaptive run in the native backend, and the
+TRL callback carrying τ into the loss."""
 
 from __future__ import annotations
 
@@ -175,3 +176,35 @@ def test_killed_and_resumed_adaptive_run_matches_uninterrupted(tmp_path, cache_d
     wa = load_file(straight.final_checkpoint / "model.safetensors")
     wb = load_file(resumed.final_checkpoint / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_trl_callback_moves_the_loss_temperature_between_steps(tmp_path, cache_dir):
+    """On backend=trl the callback sets τ between harness steps: the logged τ of every step is the controller's value
+    after the EURs before it, and that τ reaches the loss (the second pass's loss, where r ≠ 1, departs from a
+    constant-τ run's after the first step, while the first step, at the same τ, is identical)."""
+    from harness.backends.trl import train
+
+    def run(name: str, *extra: str):
+        cfg = compose(["backend=trl", "backend.device=cpu", "backend.threads=1", "backend.progress=false",
+                       "train.steps=3", "train.rollout_batch_size=16", "train.num_generations=8",
+                       "train.mini_batch_size=8", "train.micro_batch_size=8", "train.max_new_tokens=16",
+                       "train.warmup_steps=0", "train.save_every=3", "train.lr=1e-3", "eval.enabled=false",
+                       "gate.tau_pos=10.0", "gate.tau_neg=12.0", f"cache_dir={cache_dir}", *extra])
+        with open_dict(cfg):
+            cfg.output_dir = str(tmp_path / name)
+        return cfg, train(cfg)
+
+    cfg, adaptive = run("adaptive", "gate.tau_schedule=eur_target", "gate.eur_target=0.5", "gate.controller.gain=4")
+    _, constant = run("constant")
+    expected = schedule_from_config(cfg)
+    eur = K.pass_key(2, K.EUR)
+    for step, h in enumerate(adaptive.history):
+        assert h[K.TAU_POS] == pytest.approx(expected.taus(step)[0], rel=1e-12)
+        assert h[K.TAU_NEG] == pytest.approx(1.2 * h[K.TAU_POS], rel=1e-12)
+        expected.observe(h[eur])
+    taus = [h[K.TAU_POS] for h in adaptive.history]
+    assert taus[0] == pytest.approx(10.0) and taus[1] > taus[0] and taus[2] > taus[1]  # EUR above 0.5 raises τ
+    loss = K.pass_key(2, "loss")
+    assert adaptive.history[0][loss] == pytest.approx(constant.history[0][loss], rel=1e-6, abs=1e-9)
+    assert adaptive.history[1][loss] != pytest.approx(constant.history[1][loss], rel=1e-6, abs=1e-9)
