@@ -125,6 +125,7 @@ ACC = "acc"
 ACC_CI_LOW = "acc_ci_low"
 ACC_CI_HIGH = "acc_ci_high"
 N_PROBLEMS = "n_problems"
+N_TOTAL = "n_total"  # problems in the benchmark; above n_problems when eval.limit cut it
 
 # Tags of a cell run.
 TAG_GATE = "gate"

@@ -227,6 +227,10 @@ def test_sweep_report_has_the_four_benchmark_columns(tmp_path, cache_dir, data_d
         metrics = by_run[rid].data.metrics
         assert row["acc"] == metrics[f"eval/{row['benchmark']}/acc"]
         assert row["n_problems"] == metrics[f"eval/{row['benchmark']}/n_problems"]
+        assert row["n_total"] == SIZES[row["benchmark"]]
+    # the accuracy table says the limit: "10 of 1319"
+    md_table = (report_dir / "report.md").read_text()
+    assert all(f" {2 * limit if b == 'aime' else limit} of {SIZES[b]} |" in md_table for b in benches)
     html = (report_dir / "report.html").read_text()
     assert all(b in html for b in benches)
     header = next(line for line in (report_dir / "table.tex").read_text().splitlines() if "GSM8K" in line

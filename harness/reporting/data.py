@@ -256,10 +256,12 @@ class ExperimentData:
             return [math.nan] * len(rows) if col is None else col.astype(float).tolist()
 
         n_problems = self.metric_column(rows, K.eval_key(bench, K.N_PROBLEMS))
+        n_total = self.metric_column(rows, K.eval_key(bench, K.N_TOTAL))
         out: dict[str, Any] = {"group": group.label, "gate": group.gate, "tau_pos": group.tau_pos,
                                "tau_neg": group.tau_neg, "benchmark": bench, "n_seeds": len(rows),
                                "run_ids": list(rows["run_id"]),
-                               "n_problems": None if n_problems is None else float_or_none(n_problems.iloc[0])}
+                               "n_problems": None if n_problems is None else float_or_none(n_problems.iloc[0]),
+                               "n_total": None if n_total is None else float_or_none(n_total.iloc[0])}
         acc = column(K.ACC)
         out["seed_acc"] = acc
         if len(rows) == 1:

@@ -302,7 +302,7 @@ def accuracy_table(data: ExperimentData, record: dict[str, Any]) -> Section:
                 highlight.add(len(rows))
             rows.append([g.gate, _tau_text(g), b, f"{a['acc']:.3f}", f"[{a['ci_low']:.3f}, {a['ci_high']:.3f}]",
                          str(a["n_seeds"]), "—" if "iqm" not in a else f"{a['iqm']:.3f}",
-                         "—" if a["n_problems"] is None else f"{a['n_problems']:.0f}", "best" if is_best else ""])
+                         _problems_text(a), "best" if is_best else ""])
             records.append({**a, "best": is_best})
     sec.tables.append(Table(["gate", "τ_pos / τ_neg (clip: ε)", "benchmark", "accuracy", "95% CI", "seeds",
                              "IQM over seeds", "problems", ""], rows, highlight,
@@ -498,6 +498,14 @@ def _tau_text(g: Group) -> str:
     # the label without the gate's name: "ν=4 τ=10/12", "EUR→0.9" (from the start τ), "τ 1→20 (cosine)"
     text = g.label.split(" ", 1)[1] if " " in g.label else g.label
     return f"{text} (from {taus})" if g.schedule == "eur_target" else text
+
+
+def _problems_text(a: Mapping[str, Any]) -> str:
+    """``500``, or ``10 of 1319`` when an evaluation limit kept the first problems only."""
+    if a["n_problems"] is None:
+        return "—"
+    n, total = a["n_problems"], a.get("n_total")
+    return f"{n:.0f} of {total:.0f}" if total is not None and total > n else f"{n:.0f}"
 
 
 def _ci(a: Mapping[str, Any]) -> dict[str, float]:
