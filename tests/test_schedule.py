@@ -208,3 +208,39 @@ def test_trl_callback_moves_the_loss_temperature_between_steps(tmp_path, cache_d
     loss = K.pass_key(2, "loss")
     assert adaptive.history[0][loss] == pytest.approx(constant.history[0][loss], rel=1e-6, abs=1e-9)
     assert adaptive.history[1][loss] != pytest.approx(constant.history[1][loss], rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_trl_resume_continues_the_controller_from_its_checkpoint(tmp_path, cache_dir):
+    """A TRL run killed after step 2 and resumed from its checkpoint continues the controller where it stood: the
+    resumed steps' τ are the controller's values after every EUR before them (the restored history included), as in
+    an uninterrupted run."""
+    from harness.backends.trl import train
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, metrics):
+        if step == 2:
+            raise Killed
+
+    cfg = compose(["backend=trl", "backend.device=cpu", "backend.threads=1", "backend.progress=false",
+                   "train.steps=4", "train.rollout_batch_size=16", "train.num_generations=8",
+                   "train.mini_batch_size=8", "train.micro_batch_size=8", "train.max_new_tokens=16",
+                   "train.warmup_steps=0", "train.save_every=1", "train.lr=1e-3", "eval.enabled=false",
+                   "gate.tau_pos=10.0", "gate.tau_neg=12.0", "gate.tau_schedule=eur_target", "gate.eur_target=0.5",
+                   "gate.controller.gain=4", f"cache_dir={cache_dir}"])
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "run")
+    with pytest.raises(Killed):
+        train(cfg, on_step=kill)
+    with open_dict(cfg):
+        cfg.resume = True
+    resumed = train(cfg)
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
+    expected = schedule_from_config(cfg)
+    for step, h in enumerate(resumed.history):
+        assert h[K.TAU_POS] == pytest.approx(expected.taus(step)[0], rel=1e-12), step
+        expected.observe(h[K.pass_key(2, K.EUR)])
+    taus = [h[K.TAU_POS] for h in resumed.history]
+    assert all(b > a for a, b in zip(taus, taus[1:], strict=False))  # still moving after the resume
