@@ -243,4 +243,4 @@ def test_trl_resume_continues_the_controller_from_its_checkpoint(tmp_path, cache
         assert h[K.TAU_POS] == pytest.approx(expected.taus(step)[0], rel=1e-12), step
         expected.observe(h[K.pass_key(2, K.EUR)])
     taus = [h[K.TAU_POS] for h in resumed.history]
-    assert all(b > a for a, b in zip(taus, taus[1:], strict=False))  # still moving after the resume
+    assert all(b > a for a, b in itertools.pairwise(taus))  # still moving after the resume
