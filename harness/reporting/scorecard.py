@@ -75,6 +75,8 @@ def _figure(cards: list[dict[str, Any]]) -> Any:
     plt = pyplot()
     n = len(SCORECARD)
     cols = 5
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(3.3 * cols, 1.2 + 0.34 * len(cards) * 2),
                              squeeze=False)
     for ax, (metric, label) in zip(axes.flat, SCORECARD, strict=False):
@@ -92,6 +94,7 @@ def _figure(cards: list[dict[str, Any]]) -> Any:
         ax.set_title(label, fontsize=9.5)
         ax.grid(alpha=0.3, axis="x")
         ax.tick_params(axis="x", labelsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))  # more long tick labels overlap in a 3.3-inch panel
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     fig.tight_layout()
