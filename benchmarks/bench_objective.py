@@ -58,7 +58,8 @@ def make_inputs(batch: int, seq: int, seed: int = 0, device: str = "cpu",
             "advantages": advantages.to(device), "mask": mask.to(device)}
 
 
-def step(inputs: dict[str, torch.Tensor], gate: str, diagnostics: bool, clock=time.perf_counter) -> float:
+def step(inputs: dict[str, torch.Tensor], gate: str, diagnostics: bool, clock=time.perf_counter,
+         nu: float | None = None) -> float:
     """One forward + backward, as the trainer calls it; returns the time in seconds."""
     logp = inputs["logp"].detach().requires_grad_(True)
     cuda = logp.is_cuda
@@ -66,7 +67,7 @@ def step(inputs: dict[str, torch.Tensor], gate: str, diagnostics: bool, clock=ti
         torch.cuda.synchronize(logp.device)
     t0 = clock()
     loss, _ = policy_loss(logp, inputs["old_logp"], inputs["advantages"], inputs["mask"], gate=gate,
-                          diagnostics=diagnostics)
+                          diagnostics=diagnostics, nu=nu if gate == "student" else None)
     loss.backward()
     if cuda:  # the backward returns once its kernels are queued
         torch.cuda.synchronize(logp.device)
@@ -74,7 +75,8 @@ def step(inputs: dict[str, torch.Tensor], gate: str, diagnostics: bool, clock=ti
 
 
 def run(gates: list[str], batch: int, seq: int, reps: int, warmup: int, seed: int = 0,
-        clock=time.perf_counter, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+        clock=time.perf_counter, device: str = "cpu", dtype: torch.dtype = torch.float32,
+        nu: float | None = None) -> dict:
     inputs = make_inputs(batch, seq, seed, device, dtype)
     cases = [(g, d) for d in (True, False) for g in gates]
     times: dict[tuple[str, bool], list[float]] = {c: [] for c in cases}
@@ -83,7 +85,7 @@ def run(gates: list[str], batch: int, seq: int, reps: int, warmup: int, seed: in
         order = cases[:]
         rng.shuffle(order)
         for gate, diag in order:
-            dt = step(inputs, gate, diag, clock)
+            dt = step(inputs, gate, diag, clock, nu)
             if rep >= warmup:
                 times[(gate, diag)].append(dt)
     return {c: statistics.median(v) for c, v in times.items()}
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--gates", nargs="+", default=list(BUILTIN_GATES))
+    p.add_argument("--nu", type=float, default=4.0, help="tail index when --gates includes student")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--clock", choices=list(CLOCKS), default="wall", help="wall time, or CPU time of this thread")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     gates = list(dict.fromkeys([*args.gates, "clip"]))
 
     med = run(gates, args.batch, args.seq, args.reps, args.warmup, clock=CLOCKS[args.clock], device=args.device,
-              dtype=DTYPES[args.dtype])
+              dtype=DTYPES[args.dtype], nu=args.nu)
     where = "CPU" if args.device == "cpu" else torch.cuda.get_device_name(torch.device(args.device))
     print(f"policy_loss forward+backward, {args.batch}x{args.seq} {args.dtype} {where}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; {args.clock} clock, "
@@ -125,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             row.append(f"{med[(g, diag)] * 1e3:>{13 if diag else 14}.2f} {ratio:>7.2f}x")
             if g in SMOOTH_GATES and ratio > TARGET:
                 missed.append(f"{g} (diagnostics={diag}: {ratio:.2f}x)")
-        print(" ".join(row) + ("" if g in SMOOTH_GATES or g == "clip" else "  (custom)"))
+        note = "" if g in SMOOTH_GATES or g == "clip" else (
+            f"  (nu={args.nu:g}: F by quadrature, no target)" if g == "student" else "  (custom)")
+        print(" ".join(row) + note)
     print("all smooth gates within target" if not missed else "MISSED target: " + ", ".join(missed))
     if args.json is not None:
         rows = {g: {f"diag={d}": {"ms": med[(g, d)] * 1e3, "x_clip": med[(g, d)] / med[("clip", d)]}
