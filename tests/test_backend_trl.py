@@ -76,21 +76,28 @@ def _run(cls: type, data: dict, **attrs) -> tuple[float, torch.Tensor]:
     return float(loss.detach()), grad
 
 
+STUDENT_NU = 4.0  # the tail index the Student-t gate is checked at
+
+
+def _nu(gate: str) -> float | None:
+    return STUDENT_NU if gate == "student" else None
+
+
 def _reference(data: dict, gate: str) -> tuple[float, torch.Tensor]:
     logp = data["_logp"].clone().requires_grad_(True)
     loss, _ = policy_loss(logp, data["old_per_token_logps"], data["advantages"], data["completion_mask"], gate=gate,
-                          tau_pos=TAU_POS, tau_neg=TAU_NEG, diagnostics=False)
+                          tau_pos=TAU_POS, tau_neg=TAU_NEG, diagnostics=False, nu=_nu(gate))
     loss = loss / GA  # TRL divides every micro-batch loss by the accumulation steps
     (grad,) = torch.autograd.grad(loss, logp)
     return float(loss.detach()), grad
 
 
 def _harness_kwargs(gate: str) -> dict:
-    return dict(gate=gate, tau_pos=TAU_POS, tau_neg=TAU_NEG, width="raw", eps_low=0.2, eps_high=0.2,
+    return dict(gate=gate, nu=_nu(gate), tau_pos=TAU_POS, tau_neg=TAU_NEG, width="raw", eps_low=0.2, eps_high=0.2,
                 ratio_level="token", agg="seq-mean-token-mean", kl_beta=0.0, log_ratio_clip=20.0, norm_length=None)
 
 
-@pytest.mark.parametrize("gate", BUILTIN_GATES)
+@pytest.mark.parametrize("gate", [*BUILTIN_GATES, "student"])
 def test_compute_loss_equals_harness_objective(gate: str):
     """HarnessGRPOTrainer._compute_loss == policy_loss / gradient-accumulation steps, value and gradient."""
     worst = 0.0
