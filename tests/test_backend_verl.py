@@ -24,6 +24,7 @@ from harness.backends.verl import (
     verl_rows,
     write_parquet,
 )
+from harness.gates import BUILTIN_GATES
 from harness.verl_plugin import compute_score, loss_name, registered_loss_names
 from tests.conftest import REPO, compose
 
@@ -212,13 +213,16 @@ _PROBE = textwrap.dedent(r'''
 
     # 1) every registered gate == harness.objective.policy_loss (no global batch info: one micro-batch)
     parity = {}
-    for gate in BUILTIN_GATES:
+    for gate in [*BUILTIN_GATES, "student"]:
+        nu = 4.0 if gate == "student" else None  # the Student-t tail index reaches verl through HARNESS_VERL_NU
+        if nu is not None:
+            os.environ["HARNESS_VERL_NU"] = str(nu)
         worst = 0.0
         for seed in range(3):
             old, lp, adv, mask = tensors(seed)
             v, g, _ = call("harness_" + gate, old, lp, adv, mask, "seq-mean-token-mean", actor())
             lp2 = lp.clone().requires_grad_(True)
-            ref, _ = policy_loss(lp2, old, adv, mask, gate=gate, tau_pos=TP, tau_neg=TN, diagnostics=False)
+            ref, _ = policy_loss(lp2, old, adv, mask, gate=gate, tau_pos=TP, tau_neg=TN, diagnostics=False, nu=nu)
             (gref,) = torch.autograd.grad(ref, lp2)
             worst = max(worst, abs(v - float(ref.detach())), float((g - gref).abs().max()))
         parity[gate] = worst
@@ -308,6 +312,7 @@ def test_every_gate_registered_via_external_modules(probe: dict):
 @needs_verl
 def test_registered_losses_equal_the_objective(probe: dict):
     """float64, random tensors: value and gradient of harness_<gate> vs policy_loss, every gate."""
+    assert set(probe["parity_vs_objective"]) == {*BUILTIN_GATES, "student"}
     for gate, diff in probe["parity_vs_objective"].items():
         assert diff <= 1e-6, (gate, diff)
 
