@@ -100,11 +100,23 @@ def cell_tags(cfg: DictConfig, chash: str) -> dict[str, str]:
         K.TAG_SEED: str(cfg.seed),
         K.TAG_BACKEND: str(cfg.backend.name),
         K.TAG_MODEL: str(cfg.model.get("path") or cfg.model.name),
+        **model_provenance_tag(cfg),
         K.TAG_TASK: str(cfg.task.name),
         K.TAG_CONFIG_HASH: chash,
         **inadmissible_tag(cfg),
         **provenance_tags(),
     }
+
+
+def model_provenance_tag(cfg: DictConfig) -> dict[str, str]:
+    """``{model_provenance: ...}`` for a preset whose weights are not a hub release as published (the de-quantised
+    SmolLM2), else {}."""
+    from harness.models import PRESETS
+
+    preset = PRESETS.get(str(cfg.model.get("name")))
+    if cfg.model.get("path") or preset is None or not preset.provenance:
+        return {}
+    return {K.TAG_MODEL_PROVENANCE: preset.provenance}
 
 
 def inadmissible_tag(cfg: DictConfig) -> dict[str, str]:
@@ -243,6 +255,13 @@ def run_cell(cfg: DictConfig, on_step: StepCallback | None = None) -> dict[str, 
         K.TRAIN: result.history[-1] if result.history else {},
         K.TRAIN_TIME_S: time.perf_counter() - t0,
     }
+    from harness.stability import learning_signal, no_signal_warning
+
+    summary[K.LEARNING_SIGNAL] = learning_signal(result.history)
+    warning = no_signal_warning(summary[K.LEARNING_SIGNAL])
+    if warning:
+        summary["warnings"] = [warning]
+        print(f"{cell_name(cfg)}: WARNING: {warning}", file=sys.stderr)
     if evaluate is not None:
         t1 = time.perf_counter()
         summary[K.EVAL] = evaluate(str(result.final_checkpoint), out_dir / K.EVAL)
@@ -305,10 +324,11 @@ def _evaluator(cfg: DictConfig) -> Callable[[str, Path], dict[str, Any]] | None:
     ``eval.enabled`` is false."""
     if not cfg.eval.get("enabled", True):
         return None
-    from harness.evaluation import evaluate, validate_eval_config
+    from harness.evaluation import describe_plan, evaluate, validate_eval_config
     from harness.models import model_prompt_config
 
-    validate_eval_config(cfg.eval, data_dir=cfg.get("data_dir"))
+    plan = describe_plan(validate_eval_config(cfg.eval, data_dir=cfg.get("data_dir")))
+    print(f"{cell_name(cfg)}: will evaluate {plan}", file=sys.stderr)
 
     def run(model_path: str, out: Path) -> dict[str, Any]:
         return evaluate(model_path, cfg.eval, prompt_cfg=model_prompt_config(cfg.model),
@@ -359,9 +379,15 @@ def run_tracked(cfg: DictConfig, store: Any, *, run_name: str | None = None, par
 
 
 def summary_tags(summary: Mapping[str, Any]) -> dict[str, str]:
-    """Tags a cell run gets from its summary: the evaluator's vLLM version (it runs in its own environment)."""
+    """Tags a cell run gets from its summary: the evaluator's vLLM version (it runs in its own environment) and the
+    run's warnings (the report lists them)."""
+    tags = {}
     workers = ((summary.get(K.EVAL) or {}).get("vllm") or {}).get("workers") or []
-    return {K.TAG_VLLM_VERSION: str(workers[0]["vllm_version"])} if workers and workers[0].get("vllm_version") else {}
+    if workers and workers[0].get("vllm_version"):
+        tags[K.TAG_VLLM_VERSION] = str(workers[0]["vllm_version"])
+    if summary.get("warnings"):
+        tags[K.TAG_WARNING] = " | ".join(summary["warnings"])[:5000]
+    return tags
 
 
 def local_result(out_dir: str | Path) -> bool:

@@ -66,7 +66,8 @@ _OPTIONS: dict[str, frozenset[str]] = {
     "aime25": frozenset(),
     "mixture": frozenset({"components", "size", "seed"}),
 }
-_IGNORED_KEYS = frozenset({"name", "_target_", "description"})
+# eval_benchmarks: what `harness run` evaluates after training on the task (conf/eval/default.yaml reads it)
+_IGNORED_KEYS = frozenset({"name", "_target_", "description", "eval_benchmarks"})
 
 ARITH_LEVELS: tuple[int, ...] = (1, 2, 3)
 ARITH_DEFAULTS: dict[str, Any] = {"levels": [1, 2, 3], "n_train": 12000, "n_test": 500}

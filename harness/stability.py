@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from harness import keys as K
 from harness.stats import t_quantile
 
 SCORECARD: tuple[tuple[str, str], ...] = (
@@ -176,3 +177,44 @@ def over_seeds(values: Sequence[float], level: float = 0.95,
     hw = t_quantile(level, v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
     return {"mean": mean, "ci_low": max(mean - hw, bounds[0]), "ci_high": min(mean + hw, bounds[1]),
             "n_seeds": int(v.size)}
+
+
+# ------------------------------------------------------------------------------------------------ learning signal
+
+NO_SIGNAL_WARN_FRAC = 0.5  # warn when more than this share of a run's steps had nothing to learn from
+
+
+def learning_signal(history: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """How much of a run could learn, from its per-step history: ``steps``; ``no_signal_steps``, the steps where
+    every group's rewards were equal, so every advantage (hence every gradient of the policy loss) was 0
+    (``no_signal`` where the backend logs it, else ``zero_var_frac == 1``); the mean share of rollouts with reward 0
+    (``reward_zero_frac``) and the mean format and accuracy rewards."""
+    def mean(key: str) -> float:
+        values = [float(h[key]) for h in history if key in h]
+        return float(np.mean(values)) if values else math.nan
+
+    no_signal = [float(h[K.NO_SIGNAL]) if K.NO_SIGNAL in h else float(h.get(K.ZERO_VAR_FRAC, 0.0) >= 1.0)
+                 for h in history]
+    return {"steps": float(len(history)), "no_signal_steps": float(sum(no_signal)),
+            "reward_zero_frac": mean(K.REWARD_ZERO_FRAC), "reward_format": mean(K.REWARD_FORMAT),
+            "reward_accuracy": mean(K.REWARD_ACCURACY)}
+
+
+def no_signal_warning(signal: Mapping[str, float]) -> str | None:
+    """A one-line warning when most steps of a run had no learning signal (a flat line that is not stability),
+    with the likely reason and the fix; None otherwise."""
+    steps, none = int(signal.get("steps", 0)), int(signal.get("no_signal_steps", 0))
+    if steps == 0 or none <= NO_SIGNAL_WARN_FRAC * steps:
+        return None
+    text = (f"no learning signal in {none} of {steps} steps (every group's rewards were equal, so every advantage "
+            "and every gradient was 0)")
+    zero, fmt, acc = (signal.get(k, math.nan) for k in ("reward_zero_frac", "reward_format", "reward_accuracy"))
+    if zero == zero and zero >= 0.99:
+        text += f"; reward 0 in {zero:.0%} of rollouts"
+        if fmt == 0 and acc == 0:
+            text += (": the model never produced the required <answer> format. Give it a prompt it can follow "
+                     "(model.prompt.template), more tokens (train.max_new_tokens) or "
+                     "train.rewards.accuracy_fallbacks=[last_number]")
+    elif zero == zero:
+        text += "; the rollouts of each prompt all scored alike: the task is too easy or too hard for the model"
+    return text

@@ -229,32 +229,25 @@ def compute_score(
     format_weight: float = 1.0,
     accuracy_weight: float = 1.0,
     format_mode: str = "graded",
+    accuracy_fallbacks: Sequence[str] = (),
     extra_paths: Sequence[str] = (),
     extra_weights: Sequence[float] = (),
     **_: Any,
 ) -> dict[str, float]:
-    """verl custom reward: the native backend's reward for one response.
-
-    score = format_weight·format_score(response, format_mode) + accuracy_weight·[<answer> equals the gold]
-    + Σ_k extra_weights[k]·extra_k([response], [gold], [problem])[0], with the accuracy judged by
-    :func:`harness.scoring.score` without fallbacks (the answer must be in the <answer> span), as in
-    training on the native backend. Returns verl's dict form: ``score`` plus ``format`` and
-    ``accuracy`` (logged by verl as reward extra info).
+    """verl custom reward: :func:`harness.rewards.rollout_rewards` of one response, the reward every backend trains
+    on. Returns verl's dict form: ``score`` plus ``format`` and ``accuracy`` (logged by verl as reward extra info).
     """
-    from harness.backends.common import load_reward
-    from harness.scoring import format_score, score
+    from harness.rewards import reward_spec, rollout_rewards
 
-    fmt = format_score(solution_str, format_mode)
-    acc = float(score(solution_str, str(ground_truth), fallbacks=()).correct)
-    total = float(format_weight) * fmt + float(accuracy_weight) * acc
     if len(extra_paths) != len(extra_weights):
         raise ValueError(f"extra_paths and extra_weights differ in length: {len(extra_paths)} vs {len(extra_weights)}")
+    spec = reward_spec({"format": format_mode, "format_weight": format_weight, "accuracy_weight": accuracy_weight,
+                        "accuracy_fallbacks": list(accuracy_fallbacks),
+                        "extra": [{"path": p, "weight": w} for p, w in zip(extra_paths, extra_weights, strict=True)]})
     info = dict(extra_info or {})
     problem = {"id": str(info.get("id", "")), "problem": str(info.get("problem", "")), "answer": str(ground_truth)}
-    for path, weight in zip(extra_paths, extra_weights, strict=True):
-        value = load_reward(path)([solution_str], [str(ground_truth)], [problem])
-        total += float(weight) * float(next(iter(value)))
-    return {"score": total, "format": fmt, "accuracy": acc}
+    r = rollout_rewards([solution_str], [str(ground_truth)], [problem], spec)
+    return {"score": r.total[0], "format": r.format[0], "accuracy": r.accuracy[0]}
 
 
 # Registration happens on import: this is what verl's entry point / VERL_USE_EXTERNAL_MODULES load. Without

@@ -140,6 +140,8 @@ def test_reward_is_the_native_reward():
     good = "<think> 2+3=5 </think> <answer> 5 </answer>"
     assert compute_score("harness/arith", good, "5") == {"score": 2.0, "format": 1.0, "accuracy": 1.0}
     assert compute_score("harness/arith", "5", "5")["score"] == 0.0  # no <answer> span: no fallbacks in training
+    # ... unless train.rewards.accuracy_fallbacks names some (the reward of harness.rewards, as on every backend)
+    assert compute_score("harness/arith", "so 5", "5", accuracy_fallbacks=["last_number"])["score"] == 1.0
     assert compute_score("harness/arith", good, "5", format_weight=0.5, accuracy_weight=2.0)["score"] == 2.5
 
 
@@ -255,6 +257,7 @@ _PROBE = textwrap.dedent(r'''
     # 3) verl's Hydra config and strict dataclasses accept the harness overrides
     overrides = json.load(open(sys.argv[1]))
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
     from verl.utils.config import omega_conf_to_dataclass
     cfg_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
     with initialize_config_dir(config_dir=cfg_dir, version_base=None):
@@ -266,12 +269,11 @@ _PROBE = textwrap.dedent(r'''
         "loss_agg_mode": a.loss_agg_mode, "tau_pos": a.tau_pos, "tau_neg": a.tau_neg,
         "response_length": cfg.actor_rollout_ref.rollout.response_length,
         "reward_fn": [cfg.reward.custom_reward_function.path, cfg.reward.custom_reward_function.name],
-        "reward_kwargs": dict(cfg.reward.custom_reward_function.reward_kwargs),
+        "reward_kwargs": OmegaConf.to_container(cfg.reward.custom_reward_function.reward_kwargs),
         "env_vars": dict(cfg.ray_kwargs.ray_init.runtime_env.env_vars),
         "actor_dataclass": type(actor_cfg).__name__,
     }
     # 4) the reward function as verl loads it
-    from omegaconf import OmegaConf
     from verl.trainer.ppo.reward import get_custom_reward_fn
     fn = get_custom_reward_fn(cfg)
     out["reward"] = fn(data_source="harness/arith", solution_str="<think> x </think> <answer> 5 </answer>",
@@ -333,7 +335,8 @@ def test_verl_config_accepts_the_overrides(probe: dict):
     assert c["loss_agg_mode"] == "seq-mean-token-mean" and c["response_length"] == 512
     assert (c["tau_pos"], c["tau_neg"]) == (1.0, 1.05)
     assert c["reward_fn"] == ["pkg://harness.verl_plugin", "compute_score"]
-    assert c["reward_kwargs"] == {"format_weight": 0.5, "accuracy_weight": 1.0, "format_mode": "graded"}
+    assert c["reward_kwargs"] == {"format_weight": 0.5, "accuracy_weight": 1.0, "format_mode": "graded",
+                                  "accuracy_fallbacks": []}
     assert c["env_vars"]["VERL_USE_EXTERNAL_MODULES"] == "harness.verl_plugin"
     assert c["actor_dataclass"] == "FSDPActorConfig"
     assert probe["reward"] == {"score": 1.5, "format": 1.0, "accuracy": 1.0}

@@ -63,7 +63,8 @@ def test_two_step_run_end_to_end(two_step_run: TrainResult):
 
 def test_second_update_is_off_policy_by_more_than_one_percent(tmp_path, cache_dir):
     res = train(_cfg(tmp_path, cache_dir, "train.steps=3", "train.lr=1e-3"))
-    assert max(h["it2/abs_ratio_dev"] for h in res.history) > 0.01
+    # a step without signal (every group's rewards equal) trains no row and has no ratio diagnostics
+    assert max(h["it2/abs_ratio_dev"] for h in res.history if h["no_signal"] == 0) > 0.01
 
 
 def test_same_seed_same_history(two_step_run, tmp_path, cache_dir):
@@ -337,3 +338,39 @@ def test_killed_and_resumed_mini_batch_run_matches_uninterrupted(tmp_path, cache
     a = load_file(straight.final_checkpoint / "model.safetensors")
     b = load_file(resumed.final_checkpoint / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_signal_step_skips_the_passes_and_moves_weights_as_training_every_row(tmp_path, cache_dir):
+    """A step whose groups all have equal rewards trains no row (counted as no_signal, no ratio diagnostics) yet takes
+    its optimizer steps with zero gradients, so AdamW's momentum moves the weights exactly as when every row trains
+    with advantage 0 (backend.skip_zero_advantage=false); the run summary warns when most steps are like that."""
+    from tests import custom_rewards
+
+    no_signal_after_step_1 = ["train.rewards.format_weight=0", "train.rewards.accuracy_weight=0",
+                              "train.rewards.extra=[{path: 'tests.custom_rewards:signal_once', weight: 1.0}]",
+                              "train.steps=3", "train.save_every=3", "train.lr=1e-3"]
+    results = {}
+    for skip in (True, False):
+        custom_rewards.CALLS["signal_once"] = 0
+        results[skip] = train(_cfg(tmp_path / str(skip), cache_dir, *no_signal_after_step_1,
+                                   f"backend.skip_zero_advantage={str(skip).lower()}"))
+    skipped, every_row = results[True].history, results[False].history
+    assert [h["no_signal"] for h in skipped] == [0.0, 1.0, 1.0] == [h["no_signal"] for h in every_row]
+    assert [h["trained_frac"] for h in skipped] == [1.0, 0.0, 0.0]
+    assert [h["trained_frac"] for h in every_row] == [1.0, 1.0, 1.0]
+    assert "it2/eur" in skipped[0] and "it2/eur" not in skipped[1]
+    assert skipped[1]["it2/grad_norm"] == 0.0 and skipped[1]["loss"] == 0.0
+    from safetensors.torch import load_file
+
+    a = load_file(str(results[True].final_checkpoint / "model.safetensors"))
+    b = load_file(str(results[False].final_checkpoint / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    start = load_file(str(Path(results[True].initial_checkpoint) / "model.safetensors"))
+    moved = max(float((a[k] - start[k]).abs().max()) for k in a)
+    assert moved > 1e-4  # the step with signal moved them; the two runs agree after the steps without
+
+    from harness.stability import learning_signal, no_signal_warning
+
+    signal = learning_signal(skipped)
+    assert signal["steps"] == 3 and signal["no_signal_steps"] == 2
+    assert "no learning signal in 2 of 3 steps" in no_signal_warning(signal)

@@ -16,7 +16,7 @@ import pytest
 from conftest import compose
 
 from harness import reporting, stats, tracking
-from harness.cell import cell_params, cell_tags, config_hash
+from harness.cell import cell_params, cell_tags, config_hash, summary_tags
 from harness.evaluation import benchmark_metrics, write_jsonl
 
 BENCHES = {"arith": (60, 4), "gsm8k": (40, 2)}  # name -> (problems, k)
@@ -84,14 +84,14 @@ def store(tmp_path_factory) -> dict:
     rng = np.random.default_rng(7)
 
     def cell(gate, tau, seed, p, experiment, exp, parent, *, evaluate=True, baseline=False, extra=(),
-             tau_path=None):
+             tau_path=None, warnings=()):
         out = root / f"{experiment}-{gate}-{tau}-{seed}{'-base' if baseline else ''}{len(extra)}"
         cfg = _cfg(gate, tau, seed, uri, experiment, out, extra=["role=baseline"] if baseline else extra)
         with _open(cfg, exp, parent, f"{gate}-{tau}-s{seed}") as run:
             for step in range(1, 0 if baseline else STEPS + 1):
                 taus = {} if tau_path is None else {"tau_pos": tau_path(step), "tau_neg": 1.05 * tau_path(step)}
                 run.log_step(step, {**_train_metrics(step, gate, rng), **taus})
-            summary = {"train": {}}
+            summary = {"train": {}, **({"warnings": list(warnings)} if warnings else {})}
             if evaluate:
                 ev = {"benchmarks": {}, "out_dir": str(out / "eval")}
                 for bench in BENCHES:
@@ -102,6 +102,7 @@ def store(tmp_path_factory) -> dict:
                 ev["mean_accuracy"] = float(np.mean([m["acc"] for m in ev["benchmarks"].values()]))
                 summary["eval"] = ev
             run.log_cell(summary, out)
+            run.set_tags(summary_tags(summary))
         return run.run_id
 
     exp = tracking.open_store(_cfg("sigmoid", 1.0, 0, uri, "gates", root).tracking)
@@ -125,7 +126,8 @@ def store(tmp_path_factory) -> dict:
     # One seed, no evaluation, no parent run, no study: every optional piece missing.
     bare = tracking.open_store(_cfg("sigmoid", 1.0, 0, uri, "bare", root).tracking)
     for gate, tau in (("sigmoid", 1.0), ("softsign", 2.0)):
-        cell(gate, tau, 0, 0.5, "bare", bare, None, evaluate=False)
+        cell(gate, tau, 0, 0.5, "bare", bare, None, evaluate=False,
+             warnings=["no learning signal in 3 of 3 steps"] if gate == "softsign" else ())
 
     # Adaptive τ: sigmoid at two fixed τ and under the EUR controller (its τ falls from 4 to 2), 3 seeds each.
     adaptive = tracking.open_store(_cfg("sigmoid", 1.0, 0, uri, "adaptive", root).tracking)
@@ -299,6 +301,8 @@ def test_missing_pieces_degrade_to_notes(store, tmp_path):
     assert "One seed per configuration" in html  # (b)
     assert "No Optuna study" in html  # (f)
     assert "final training reward" in html  # (e) falls back to the proxy
+    # a run's warning (from its cell summary, e.g. no learning signal) is listed in the overview
+    assert "Warnings: what these runs" in html and "no learning signal in 3 of 3 steps" in html
     # no parent run: the report goes to a new run named "report", which later reports ignore
     import mlflow
 

@@ -7,6 +7,11 @@ whose files do not match it (truncated, emptied, rewritten) or that has none and
 invalid. :func:`resume_checkpoint` takes the newest valid checkpoint, says which ones it skipped and why (naming the
 path) and renames them ``<name>.invalid`` (kept for a post-mortem, out of the way of the checkpoint that replaces
 them), and starts over only when none is valid, saying so.
+
+A disk must hold them: :func:`preflight` finds, before the first step, what would stop a checkpoint from being written
+(a model that refuses ``save_pretrained``, an output directory that is not writable or too small for the expected
+checkpoints); :func:`prune_checkpoints` keeps the newest ``train.keep_checkpoints`` that verify, and only the newest
+keeps the optimizer state that resuming needs (the others are weights only: a model to evaluate, not to resume).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import random
 import re
 import shutil
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,9 +155,13 @@ def _set_aside(path: Path, suffix: str) -> Path:
 def resume_checkpoint(ckpt_dir: Path, pattern: str = NATIVE_PATTERN,
                       required: Sequence[str] = NATIVE_REQUIRED) -> Path | None:
     """The newest valid checkpoint under ``ckpt_dir`` to resume from; each newer invalid one is logged with its
-    reason and renamed ``<name>.invalid``. None (logged when there were checkpoints) means: start over."""
+    reason and renamed ``<name>.invalid``; weights-only checkpoints (:func:`prune_checkpoints`) are passed over.
+    None (logged when there were checkpoints) means: start over."""
     found = list_checkpoints(ckpt_dir, pattern)
     for path in reversed(found):
+        if STATE_FILE in required and is_weights_only(path):
+            log.warning("resume: %s holds weights only (no optimizer state), passing over it", path)
+            continue
         reason = verify_checkpoint(path, required)
         if reason is None:
             if path != found[-1]:
@@ -173,13 +182,24 @@ def load_state(path: Path) -> dict[str, Any]:
         raise ValueError(f"cannot load {path / STATE_FILE}: {type(exc).__name__}: {exc}") from exc
 
 
-def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int, history: list[dict[str, float]]) -> Path:
+def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int, history: list[dict[str, float]],
+                    save_dtype: torch.dtype | None = None) -> Path:
     """HF-format weights + tokenizer, plus optimizer/RNG/history so training can resume exactly, plus the manifest.
-    Written to a temporary directory and renamed, so a kill never leaves a half-written checkpoint under its name."""
+    Written to a temporary directory and renamed, so a kill never leaves a half-written checkpoint under its name.
+    ``save_dtype`` (e.g. bfloat16) casts the saved weights and their config; the optimizer state stays as trained.
+    A run resumed from such a checkpoint continues from the rounded weights, not bit for bit."""
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    if save_dtype is None or all(p.dtype == save_dtype for p in model.parameters()):
+        model.save_pretrained(tmp)
+    else:
+        model.save_pretrained(tmp, state_dict={k: v.to(save_dtype) if v.is_floating_point() else v
+                                               for k, v in model.state_dict().items()})
+        # config.json says the dtype of the model in memory; the evaluator loads a checkpoint in the dtype it states
+        config = json.loads((tmp / "config.json").read_text())
+        config["dtype"] = str(save_dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "history": history},
                tmp / STATE_FILE)
@@ -195,3 +215,79 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     """The newest native checkpoint (by step), or None."""
     found = list_checkpoints(ckpt_dir)
     return found[-1] if found else None
+
+
+def is_weights_only(path: Path) -> bool:
+    """A native checkpoint that :func:`prune_checkpoints` stripped to its weights (no trainer state to resume)."""
+    return (Path(path) / "model.safetensors").is_file() and not (Path(path) / STATE_FILE).exists()
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int | None, pattern: str = NATIVE_PATTERN) -> list[Path]:
+    """After a checkpoint is saved: keep the newest ``keep`` that verify (None: all), delete the rest, and strip
+    the optimizer, RNG and history state from every kept one but the newest (resuming needs only the newest; the
+    history is in ``train_history.json``). Returns the checkpoints left, oldest first."""
+    found = list_checkpoints(ckpt_dir, pattern)
+    kept: list[Path] = []
+    for path in reversed(found):
+        if keep is not None and len(kept) >= keep:
+            shutil.rmtree(path)
+            continue
+        required = ("model.safetensors",) if is_weights_only(path) else NATIVE_REQUIRED
+        reason = verify_checkpoint(path, required)
+        if reason is not None:
+            log.warning("checkpoints: deleting %s: %s", path, reason)
+            shutil.rmtree(path)
+            continue
+        kept.append(path)
+    for path in kept[1:]:
+        if (path / STATE_FILE).exists():
+            (path / STATE_FILE).unlink()
+            write_manifest(path)
+    return kept[::-1]
+
+
+def checkpoint_bytes(parameters: Iterable[torch.nn.Parameter],
+                     save_dtype: torch.dtype | None = None) -> tuple[int, int]:
+    """(weights, trainer state) bytes of one native checkpoint: the weights in ``save_dtype`` (else as they are)
+    and AdamW's two float32 moments per trained parameter. Tied parameters count once."""
+    weights = state = 0
+    for p in {id(p): p for p in parameters}.values():
+        weights += p.numel() * (save_dtype.itemsize if save_dtype is not None else p.element_size())
+        if p.requires_grad:
+            state += 2 * p.numel() * 4
+    return weights, state
+
+
+def preflight(model: torch.nn.Module, ckpt_dir: Path, *, n_saves: int, keep: int | None,
+              save_dtype: torch.dtype | None = None, full_state_kept: bool = False) -> None:
+    """Raise ``RuntimeError`` (the reason and the fix in one line) when a checkpoint of ``model`` could not be written
+    under ``ckpt_dir``: the model refuses ``save_pretrained`` (a quantised model whose method cannot be saved), the
+    directory is not writable, or its disk has less free space than the checkpoints the run will hold at once: the
+    newest two with their trainer state (the one being written and the one it replaces) and the other kept ones as
+    weights only (with their state too when ``full_state_kept``: transformers' checkpoints)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and not quantizer.is_serializable():
+        method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", "?")
+        raise RuntimeError(f"the model is quantised with {method}, which transformers cannot save, so no checkpoint "
+                           "could be written: load a de-quantised copy (for a GGUF file: the smollm2-135m preset's "
+                           "conversion, harness.models.convert_gguf_model)")
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        probe = ckpt_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise RuntimeError(f"cannot write checkpoints to {ckpt_dir} ({exc.strerror or exc}): set output_dir to a "
+                           "writable directory") from exc
+    weights, state = checkpoint_bytes(model.parameters(), save_dtype)
+    held = min(n_saves, keep or n_saves)
+    need = 2 * (weights + state) + max(0, held - 1) * (weights + (state if full_state_kept else 0))
+    existing = sum(f.stat().st_size for f in ckpt_dir.rglob("*") if f.is_file())
+    free = shutil.disk_usage(ckpt_dir).free + existing
+    if need > free:
+        gib = 1024 ** 3
+        raise RuntimeError(f"the checkpoints of this run need about {need / gib:.1f} GiB in {ckpt_dir} "
+                           f"({weights / gib:.2f} GiB of weights + {state / gib:.2f} GiB of optimizer state each, "
+                           f"{held} kept), but only {free / gib:.1f} GiB is free: set train.keep_checkpoints (e.g. 1), "
+                           "train.save_dtype=bfloat16, a larger train.save_every, or output_dir on a larger disk")

@@ -1,19 +1,17 @@
-"""What every training backend shares: the checks of the ``train`` config, the mini-batch arithmetic and the
-extra reward functions named by import path."""
+"""What every training backend shares: the checks of the ``train`` config and the mini-batch arithmetic."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from harness.config import ConfigError, import_object
+from harness.config import ConfigError
 from harness.gates import WIDTH_MODES, ClipGate, check_admissible, get_gate
 from harness.objective import AGG_MODES, RATIO_LEVELS, loss_kwargs, policy_loss
-from harness.scoring import FORMAT_REWARDS
+from harness.rewards import reward_spec
 
 log = logging.getLogger(__name__)
 
@@ -21,14 +19,13 @@ ADVANTAGE_MODES = ("grpo", "drgrpo")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 SAMPLERS = ("cached", "generate")  # backend.sampler of the native backend
 DEVICES = ("auto", "cpu", "cuda")  # backend.device (native also takes cuda:N)
+SAVE_DTYPES = ("float32", "bfloat16", "float16")  # train.save_dtype (null: as trained)
 BACKEND_FLAGS = ("bf16", "share_prompt", "skip_zero_advantage", "progress", "disable_dropout",
                  "gradient_checkpointing", "use_vllm", "vllm_enable_sleep_mode", "vllm_importance_sampling_correction")
 # Values of the gate nodes in conf/gate/: a smooth gate given another ε (or clip another τ) is warned about.
 DEFAULT_EPS, DEFAULT_TAUS = (0.2, 0.2), (1.0, 1.05)
 _admissibility: dict[tuple[str, Any], list[str]] = {}  # (gate name, nu) -> failed properties (checks take ~0.1 s)
 _warned: set[str] = set()
-
-RewardFn = Callable[..., Sequence[float]]  # fn(texts, golds, problems) -> one float per text
 
 
 def _number(value: Any) -> bool:
@@ -124,9 +121,6 @@ def validate_train_config(cfg: Any) -> None:
     betas = list(t.betas) if not isinstance(t.betas, str | int | float) else None
     if betas is None or len(betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1), got {t.betas!r}")
-    for key in ("format_weight", "accuracy_weight"):
-        if not _number(t.rewards[key]):
-            raise ConfigError(f"train.rewards.{key} must be a finite number, got {t.rewards[key]!r}")
     loss = t.loss
     if loss.ratio_level not in RATIO_LEVELS:
         raise ConfigError(f"train.loss.ratio_level must be one of {', '.join(RATIO_LEVELS)}, got {loss.ratio_level!r}")
@@ -168,18 +162,24 @@ def validate_train_config(cfg: Any) -> None:
         raise ValueError(f"train.lr must be > 0, got {t.lr!r}")
     if not t.get("adam_eps", 1e-8) > 0:
         raise ValueError(f"train.adam_eps must be > 0, got {t.adam_eps!r}")
+    keep = t.get("keep_checkpoints")
+    if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+        raise ConfigError(f"train.keep_checkpoints must be null (keep all) or an integer >= 1, got {keep!r}")
+    save_dtype = t.get("save_dtype")
+    if save_dtype is not None and save_dtype not in SAVE_DTYPES:
+        raise ConfigError(f"train.save_dtype must be null (as trained) or one of {', '.join(SAVE_DTYPES)}, "
+                          f"got {save_dtype!r}")
+    if save_dtype is not None and cfg.backend.name != "native":
+        raise ConfigError(f"train.save_dtype={save_dtype} is applied by backend=native only (backend="
+                          f"{cfg.backend.name} saves in the dtype it trains in); leave it null")
     max_prompt = t.get("max_prompt_tokens")
     if max_prompt is not None and (not isinstance(max_prompt, int) or max_prompt < 1):
         raise ValueError(f"train.max_prompt_tokens must be null or an integer >= 1, got {max_prompt!r}")
-    fmt = t.rewards.get("format", "graded")
-    if fmt not in FORMAT_REWARDS:
-        raise ValueError(f"train.rewards.format must be one of {', '.join(FORMAT_REWARDS)}, got {fmt!r}")
     # Fails on an unknown gate / bad tau / bad eps / bad agg before any model is loaded.
     validate_gate_config(cfg.gate)
     dummy = torch.zeros(1, 2)
     policy_loss(dummy, dummy, torch.ones(1), torch.ones(1, 2, dtype=torch.bool), **loss_kwargs(cfg), diagnostics=False)
-    for extra in t.rewards.extra or []:
-        load_reward(extra.path)
+    reward_spec(t.rewards)
 
 
 def mini_batch_size(t: Any) -> int:
@@ -221,11 +221,3 @@ def fit_prompts(problems: list[dict[str, str]], tokenizer: Any, prompt_cfg: Any,
         raise ValueError(f"train.max_prompt_tokens={max_tokens}: every training prompt is longer "
                          f"(shortest {min(lengths)} tokens)")
     return kept
-
-
-def load_reward(path: str) -> RewardFn:
-    """An extra reward function ``fn(texts, golds, problems) -> floats`` named by ``"package.module:fn"``."""
-    fn = import_object(path, what="train.rewards.extra")
-    if not callable(fn):
-        raise ValueError(f"train.rewards.extra: {path!r} is not callable")
-    return fn

@@ -43,18 +43,20 @@ from harness.backends.checkpoints import (
     latest_checkpoint,
     list_checkpoints,
     load_state,
+    preflight,
+    prune_checkpoints,
     resume_checkpoint,
     save_checkpoint,
     set_rng_state,
 )
-from harness.backends.common import fit_prompts, load_reward, mini_batch_size, start_training
+from harness.backends.common import fit_prompts, mini_batch_size, start_training
 from harness.backends.sampling import mask_through_first_eos, rows_logprobs, sample_completions, tempered_entropy
 from harness.config import to_plain
-from harness.models import load_model_and_tokenizer
+from harness.models import load_model_and_tokenizer, torch_dtype
 from harness.objective import loss_kwargs, micro_batch_weight, policy_loss
 from harness.prompts import render_prompt
+from harness.rewards import reward_spec, rollout_rewards
 from harness.schedule import schedule_from_config
-from harness.scoring import format_score, score_batch
 
 # ----------------------------------------------------------------------------- pieces of a step
 
@@ -139,7 +141,11 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         set_rng_state(state["rng"])
         start_step, history = state["step"], state["history"]
         checkpoints = [p for p in list_checkpoints(ckpt_dir) if p <= resume_from]
-    extra_rewards = [(load_reward(e.path), float(e.weight)) for e in (t.rewards.extra or [])]
+    rewards_of = reward_spec(t.rewards)
+    save_dtype = torch_dtype(t.get("save_dtype"))
+    keep = t.get("keep_checkpoints")
+    n_saves = len({min(s, t.steps) for s in range(t.save_every, t.steps + t.save_every, t.save_every)})
+    preflight(model, ckpt_dir, n_saves=n_saves, keep=keep, save_dtype=save_dtype)  # before any step, not after
     base_loss_kw = loss_kwargs(cfg)
     schedule = schedule_from_config(cfg)  # τ per step: constant, linear/cosine, or the EUR controller
     eur_key = K.pass_key(t.num_iterations, K.EUR)
@@ -191,12 +197,8 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         golds = [p["answer"] for p in batch for _ in range(G)]
 
         # 3. rewards ------------------------------------------------------------------------------
-        fmt = torch.tensor([format_score(x, t.rewards.get("format", "graded")) for x in texts])
-        acc = torch.tensor([float(s.correct) for s in score_batch(texts, golds, fallbacks=())])
-        rewards = t.rewards.format_weight * fmt + t.rewards.accuracy_weight * acc
-        for fn, weight in extra_rewards:
-            rewards = rewards + weight * torch.tensor([float(v) for v in fn(texts, golds, [p for p in batch
-                                                                                          for _ in range(G)])])
+        scored = rollout_rewards(texts, golds, [p for p in batch for _ in range(G)], rewards_of)
+        rewards, fmt, acc = (torch.tensor(v) for v in (scored.total, scored.format, scored.accuracy))
 
         # 4. advantages ------------------------------------------------------------------------------
         advantages, zero_var = group_advantages(rewards, G, t.advantage, t.adv_eps)
@@ -211,13 +213,17 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         n_comp = completion_ids.shape[1]
         n_rows = seqs.shape[0]
         active_group = advantages.view(-1, G).ne(0).any(-1)
-        if ref_model is not None or not bk.get("skip_zero_advantage", True) or not bool(active_group.any()):
+        # No signal: every group's rewards are equal, so every advantage is 0 and, without a KL term, every gradient
+        # is exactly 0. The passes are skipped (counted as train/no_signal) but their optimizer steps are taken with
+        # zero gradients, so AdamW's moments and the weights move exactly as they would have.
+        no_signal = ref_model is None and not bool(active_group.any())
+        if ref_model is not None or not bk.get("skip_zero_advantage", True):
             active_group = torch.ones_like(active_group)
         active_row = active_group.repeat_interleave(G).cpu()
         minis = [torch.arange(i, i + mini_size) for i in range(0, n_rows, mini_size)]
         # row indices of each micro-batch of each mini-batch (active rows only, whole groups, in order)
         micros = [[c for c in torch.split(m[active_row[m]], t.micro_batch_size) if len(c)] for m in minis]
-        rows = torch.cat([s for m in micros for s in m])  # the rows that train, in micro-batch order
+        rows = torch.cat([s for m in micros for s in m] or [torch.zeros(0, dtype=torch.long)])  # rows that train
         # Each prompt's forward is shared by its G completions when micro-batches hold whole groups.
         share = G if bk.get("share_prompt", True) and t.micro_batch_size % G == 0 else 1
 
@@ -232,7 +238,7 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
             # With one mini-batch the behaviour log-probs are the first update's own forward, detached: the
             # parameters do not change before its optimizer step, so a separate pass would compute the same
             # numbers. With several, later mini-batches of the first pass run after optimizer steps: take π_old now.
-            if len(minis) > 1:
+            if len(minis) > 1 and len(rows):
                 old_logp = torch.cat([logprobs_of(model, s) for m in micros for s in m])
 
         model.train()
@@ -263,12 +269,13 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
                     raise FloatingPointError(f"non-finite gradient norm at step {step}, update {it + 1}")
                 optimizer.step()
                 grad_norms.append(float(grad_norm))
-            if old_logp is None:
-                old_logp = torch.cat(logps)
-            # Diagnostics of this pass over the rows that trained: each token's ratio as its update saw it.
-            _, diag = policy_loss(torch.cat(logps), old_logp, advantages[rows], completion_mask[rows],
-                                  ref_logp=ref_logp, groups=rows // G, **loss_kw)
-            metrics.update({K.pass_key(it + 1, k): v for k, v in diag.items()})
+            if logps:
+                if old_logp is None:
+                    old_logp = torch.cat(logps)
+                # Diagnostics of this pass over the rows that trained: each token's ratio as its update saw it.
+                _, diag = policy_loss(torch.cat(logps), old_logp, advantages[rows], completion_mask[rows],
+                                      ref_logp=ref_logp, groups=rows // G, **loss_kw)
+                metrics.update({K.pass_key(it + 1, k): v for k, v in diag.items()})
             metrics[K.pass_key(it + 1, K.PASS_LOSS)] = loss_total
             metrics[K.pass_key(it + 1, K.PASS_GRAD_NORM)] = sum(grad_norms) / len(grad_norms)
         last_pass = t.num_iterations
@@ -288,6 +295,8 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
             K.TRAINED_FRAC: len(rows) / n_rows,
             K.ZERO_VAR_GROUPS: float(zero_var),
             K.ZERO_VAR_FRAC: zero_var / per_step,
+            K.NO_SIGNAL: float(no_signal),
+            K.REWARD_ZERO_FRAC: float((rewards == 0).float().mean()),
             K.LR: lr,
             K.LOSS: metrics[K.pass_key(last_pass, K.PASS_LOSS)],
             K.TAU_POS: tau_pos,
@@ -303,8 +312,9 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         if on_step is not None:
             on_step(step + 1, metrics)
         if (step + 1) % t.save_every == 0 or step + 1 == t.steps:
-            checkpoints.append(save_checkpoint(ckpt_dir / f"step-{step + 1:06d}", model, tokenizer, optimizer,
-                                               step + 1, history))
+            save_checkpoint(ckpt_dir / f"step-{step + 1:06d}", model, tokenizer, optimizer, step + 1, history,
+                            save_dtype=save_dtype)
+            checkpoints = prune_checkpoints(ckpt_dir, keep)
     bar.close()
     (out_dir / K.HISTORY_FILE).write_text(json.dumps(history))
     final = latest_checkpoint(ckpt_dir)

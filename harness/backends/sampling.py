@@ -1,6 +1,7 @@
 """Rollouts and their log-probabilities for the native trainer: a cached sampler (each prompt prefilled once, its
 KV cache repeated for the G completions and written in place), the per-token log-probs of a batch with the prompt's
-forward shared by its group, and the entropy of the distribution each token was drawn from."""
+forward shared by its group and the output head applied in checkpointed chunks (memory independent of
+micro-batch × vocabulary), and the entropy of the distribution each token was drawn from."""
 
 from __future__ import annotations
 
@@ -9,18 +10,78 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+# Rows of the output head per chunk, as a budget of logits elements: chunk_elements // V token positions at a time.
+# 2**25 elements is 128 MiB of float32 logits, ~220 positions for Qwen2.5's 151,936-token vocabulary; a chunk's
+# working set (head output, tempered copy, logsumexp's exponentials, and in backward the recomputed logits and their
+# softmax-shaped gradient) stays well under 1 GiB whatever the micro-batch, where the full-vocabulary path needs
+# B·T·V·4 bytes per copy (64 rows × 512 tokens: 20 GB each). A [220, hidden] × [hidden, V] product is still large
+# enough to keep the GEMM efficient, and a micro-batch of 64 × 512 tokens is ~150 chunks, so the Python loop is noise.
+LOGIT_CHUNK_ELEMENTS = 2**25
 
 
 def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, n_completion: int,
-                   temperature: float, with_entropy: bool = False,
-                   group_size: int = 1) -> tuple[Tensor, Tensor | None]:
+                   temperature: float, with_entropy: bool = False, group_size: int = 1, *,
+                   chunk_elements: int = LOGIT_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the last ``n_completion`` tokens of each row under ``model`` (logits / temperature,
-    matching the sampling distribution), and optionally the per-token entropy.
+    matching the sampling distribution), and optionally the per-token entropy (no gradient). With z the logits
+    that predict token y_t and T the temperature::
+
+        log π(y_t) = z_{y_t}/T − logsumexp(z/T)
+        H_t        = logsumexp(z/T) − Σ_v softmax(z/T)_v · z_v/T
 
     ``group_size`` G > 1 says that consecutive runs of G rows share one prompt (the first
     ``L − n_completion`` tokens): each prompt then goes through the model once, and its keys/values are
     repeated for the G completions (gradients flow back through the repeat). Same numbers as G = 1 up to
-    float rounding, with the prompt's share of the compute divided by G."""
+    float rounding, with the prompt's share of the compute divided by G.
+
+    Memory: the decoder body runs once and returns hidden states; the output head is then applied to at most
+    ``chunk_elements // V`` token positions at a time, each chunk under activation checkpointing, so neither the
+    forward nor the backward ever holds [B, T, V] logits (backward recomputes one chunk's logits at a time). This
+    needs the model's logits to be exactly ``get_output_embeddings()(decoder hidden states)``; models that
+    post-process them (Gemma-2's final-logit soft-capping, Cohere's logit_scale, Granite's logits_scaling, ...) are
+    detected once per model instance (:func:`_chunkable_head`) and take :func:`token_logprobs_reference`, the
+    full-logits computation, instead. Values equal the reference's up to float rounding."""
+    vocab = _chunkable_head(model, input_ids)
+    if vocab is None:
+        return token_logprobs_reference(model, input_ids, attention_mask, n_completion, temperature,
+                                        with_entropy=with_entropy, group_size=group_size)
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    n_prompt = input_ids.shape[1] - n_completion
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if group_size > 1 and n_prompt > 0:
+        prompt = decoder(input_ids=input_ids[::group_size, :n_prompt],
+                         attention_mask=attention_mask[::group_size, :n_prompt],
+                         position_ids=position_ids[::group_size, :n_prompt], use_cache=True)
+        kv_cache = prompt.past_key_values
+        kv_cache.batch_repeat_interleave(group_size)  # repeat_interleave per layer: differentiable
+        rest = decoder(input_ids=input_ids[:, n_prompt:], attention_mask=attention_mask,
+                       position_ids=position_ids[:, n_prompt:], past_key_values=kv_cache).last_hidden_state
+        # the first completion token is predicted by the prompt's last position
+        hidden = torch.cat([prompt.last_hidden_state[:, -1:].repeat_interleave(group_size, 0), rest[:, :-1]], dim=1)
+    else:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids).last_hidden_state[:, -n_completion - 1 : -1]
+    targets = input_ids[:, -n_completion:]
+    step = max(1, chunk_elements // vocab)
+    chunks = zip(hidden.reshape(-1, hidden.shape[-1]).split(step), targets.reshape(-1).split(step), strict=True)
+    # Without autograd there is nothing to recompute, and checkpoint would only add overhead.
+    grad = torch.is_grad_enabled()
+    parts = [checkpoint(_head_logprobs, head, h, y, temperature, with_entropy, use_reentrant=False,
+                        preserve_rng_state=False) if grad else _head_logprobs(head, h, y, temperature, with_entropy)
+             for h, y in chunks]
+    logp = torch.cat([p[0] for p in parts]).view(targets.shape)
+    entropy = torch.cat([p[1] for p in parts]).view(targets.shape) if with_entropy else None
+    return logp, entropy
+
+
+def token_logprobs_reference(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, n_completion: int,
+                             temperature: float, with_entropy: bool = False,
+                             group_size: int = 1) -> tuple[Tensor, Tensor | None]:
+    """:func:`token_logprobs` from the full causal-LM forward: [B, T, V] logits for the whole batch at once, and what
+    autograd keeps of them for backward. The path for models whose logits are not the output head of the decoder's
+    hidden states, and the baseline the chunked path is tested and benchmarked against."""
     n_prompt = input_ids.shape[1] - n_completion
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     if group_size > 1 and n_prompt > 0:
@@ -28,20 +89,64 @@ def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
                        attention_mask=attention_mask[::group_size, :n_prompt],
                        position_ids=position_ids[::group_size, :n_prompt], use_cache=True)
         kv_cache = prompt.past_key_values
-        kv_cache.batch_repeat_interleave(group_size)  # repeat_interleave per layer: differentiable
+        kv_cache.batch_repeat_interleave(group_size)
         rest = model(input_ids=input_ids[:, n_prompt:], attention_mask=attention_mask,
                      position_ids=position_ids[:, n_prompt:], past_key_values=kv_cache).logits
-        # the first completion token is predicted by the prompt's last position
         logits = torch.cat([prompt.logits[:, -1:].repeat_interleave(group_size, 0), rest[:, :-1]], dim=1)
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
         logits = logits[:, -n_completion - 1 : -1]
-    logits = logits.float() / temperature
-    targets = input_ids[:, -n_completion:]
-    log_norm = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
-    entropy = tempered_entropy(logits, 1.0) if with_entropy else None  # logits are already tempered
-    return logp, entropy
+    return _logprobs_of_logits(logits, input_ids[:, -n_completion:], temperature, with_entropy)
+
+
+def _logprobs_of_logits(logits: Tensor, targets: Tensor, temperature: float,
+                        with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """log softmax(logits / temperature) at ``targets`` (gathered, not the whole log-softmax), and the entropy."""
+    z = logits.float() / temperature
+    logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    return logp, tempered_entropy(z, 1.0) if with_entropy else None  # z is already tempered
+
+
+def _head_logprobs(head: torch.nn.Module, hidden: Tensor, targets: Tensor, temperature: float,
+                   with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    return _logprobs_of_logits(head(hidden), targets, temperature, with_entropy)
+
+
+_CHUNKABLE_ATTR = "_harness_chunkable_head"
+
+
+def _chunkable_head(model: torch.nn.Module, input_ids: Tensor) -> int | None:
+    """The vocabulary size V if ``model``'s logits are exactly its output head applied to its decoder's hidden
+    states (so the head can be applied chunk by chunk), else None.
+
+    Decided once per model instance and cached on it: one forward of two tokens through the whole model and through
+    decoder + head, in eval mode (dropout would make the two differ), compared to float tolerance. A model whose
+    forward rescales, soft-caps or otherwise post-processes the head's output, or that has no separate
+    decoder/head, gets None. Swapping a model's head or forward after its first call is not detected."""
+    if _CHUNKABLE_ATTR in model.__dict__:
+        return model.__dict__[_CHUNKABLE_ATTR]
+    vocab = None
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):  # not a transformers model, or one without a generic decoder
+        decoder = head = None
+    if isinstance(decoder, torch.nn.Module) and isinstance(head, torch.nn.Module) and decoder is not model:
+        ids = input_ids[:1, -2:]
+        training = {m: m.training for m in model.modules()}
+        model.eval()
+        try:
+            with torch.no_grad():
+                full = model(input_ids=ids, use_cache=False).logits
+                hidden = getattr(decoder(input_ids=ids, use_cache=False), "last_hidden_state", None)
+                split = head(hidden) if isinstance(hidden, Tensor) else None
+        finally:
+            for m, mode in training.items():
+                m.training = mode
+        if (split is not None and split.shape == full.shape
+                and torch.allclose(split.float(), full.float(), rtol=1e-6, atol=1e-6)):
+            vocab = full.shape[-1]
+    model.__dict__[_CHUNKABLE_ATTR] = vocab
+    return vocab
 
 
 @cache

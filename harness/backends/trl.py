@@ -43,6 +43,7 @@ train.loss.agg                  loss_type grpo | bnpo | dr_grpo (same aggregatio
 train.loss.kl_beta              beta (TRL then computes reference log-probs)
 train.rewards.*                 reward_funcs [format (graded | binary), accuracy, extras...] + reward_weights
 train.save_every                save_steps = save_every × optimizer steps per batch (HF-format checkpoints)
+train.keep_checkpoints          save_total_limit (transformers deletes older checkpoints; each keeps its optimizer)
 gate.*                          the harness loss (and epsilon / sapo temperatures, for TRL's logs)
 ==============================  =====================================================================
 
@@ -79,14 +80,14 @@ from trl import GRPOConfig, GRPOTrainer
 
 from harness import keys as K
 from harness.backends import StepCallback, TrainResult
-from harness.backends.checkpoints import list_checkpoints, resume_checkpoint, write_manifest
-from harness.backends.common import fit_prompts, load_reward, mini_batch_size, start_training
+from harness.backends.checkpoints import list_checkpoints, preflight, resume_checkpoint, write_manifest
+from harness.backends.common import fit_prompts, mini_batch_size, start_training
 from harness.config import to_plain
 from harness.models import load_model_and_tokenizer
 from harness.objective import loss_kwargs, micro_batch_weight, policy_loss
 from harness.prompts import render_prompt
+from harness.rewards import accuracy_rewards, format_rewards, reward_spec
 from harness.schedule import TauSchedule, schedule_from_config
-from harness.scoring import format_score, score_batch
 
 HISTORY_FILE = "harness_history.json"
 CHECKPOINT_PATTERN = r"checkpoint-\d+"  # transformers' checkpoint-<optimizer step>
@@ -366,27 +367,28 @@ def _text(completion: Any) -> str:
 
 
 def format_reward(completions: Sequence[Any], *, mode: str = "graded", **_: Any) -> list[float]:
-    """The format reward of each completion (:func:`harness.scoring.format_score`: the paper's graded eq. 10, or
-    0/1 for the exact ``<think> … </think> <answer> … </answer>`` template)."""
-    return [format_score(_text(c), mode) for c in completions]
+    """:func:`harness.rewards.format_rewards` of TRL's completions."""
+    return format_rewards([_text(c) for c in completions], mode)
 
 
-def accuracy_reward(completions: Sequence[Any], answer: Sequence[str], **_: Any) -> list[float]:
-    """1.0 when the ``<answer>`` span equals the gold (harness.scoring, no fallbacks: as on the native backend)."""
-    texts = [_text(c) for c in completions]
-    return [float(s.correct) for s in score_batch(texts, [str(a) for a in answer], fallbacks=())]
+def accuracy_reward(completions: Sequence[Any], answer: Sequence[str], *, fallbacks: Sequence[str] = (),
+                    **_: Any) -> list[float]:
+    """:func:`harness.rewards.accuracy_rewards` of TRL's completions (the ``<answer>`` span, plus
+    ``train.rewards.accuracy_fallbacks``: as on the native backend)."""
+    return accuracy_rewards([_text(c) for c in completions], answer, fallbacks)
 
 
 def reward_functions(cfg: Any) -> tuple[list[Callable[..., list[float]]], list[float]]:
-    """TRL reward functions and their weights: format, accuracy, then ``train.rewards.extra``
-    (``fn(texts, golds, problems)``, wrapped to TRL's keyword signature)."""
-    r = cfg.train.rewards
-    fmt = partial(format_reward, mode=str(r.get("format", "graded")))
+    """TRL reward functions and their weights (TRL sums them weighted, which is :mod:`harness.rewards`' R): format,
+    accuracy, then ``train.rewards.extra`` (``fn(texts, golds, problems)``, wrapped to TRL's keyword signature)."""
+    spec = reward_spec(cfg.train.rewards)
+    fmt = partial(format_reward, mode=spec.format_mode)
     fmt.__name__ = "format_reward"  # type: ignore[attr-defined]  # TRL logs rewards/<__name__>/mean
-    funcs: list[Callable[..., list[float]]] = [fmt, accuracy_reward]
-    weights = [float(r.format_weight), float(r.accuracy_weight)]
-    for extra in r.extra or []:
-        fn = load_reward(extra.path)
+    acc = partial(accuracy_reward, fallbacks=spec.accuracy_fallbacks)
+    acc.__name__ = "accuracy_reward"  # type: ignore[attr-defined]
+    funcs: list[Callable[..., list[float]]] = [fmt, acc]
+    weights = [spec.format_weight, spec.accuracy_weight]
+    for fn, weight in spec.extra:
 
         def wrapped(completions: Sequence[Any], answer: Sequence[str], problem: Sequence[str], id: Sequence[str],
                     _fn: Callable[..., Sequence[float]] = fn, **_: Any) -> list[float]:
@@ -394,9 +396,9 @@ def reward_functions(cfg: Any) -> tuple[list[Callable[..., list[float]]], list[f
             probs = [{"id": i, "problem": p, "answer": a} for i, p, a in zip(id, problem, answer, strict=True)]
             return [float(v) for v in _fn(texts, list(answer), probs)]
 
-        wrapped.__name__ = str(extra.path).replace(":", ".")
+        wrapped.__name__ = f"{fn.__module__}.{fn.__qualname__}"
         funcs.append(wrapped)
-        weights.append(float(extra.weight))
+        weights.append(weight)
     return funcs, weights
 
 
@@ -481,6 +483,7 @@ def grpo_config_kwargs(cfg: Any, output_dir: str | Path, *, world_size: int | No
         save_strategy="steps",
         save_steps=int(t.save_every * updates),
         save_only_model=False,  # keep optimizer/scheduler/RNG so `resume=true` continues exactly
+        save_total_limit=t.get("keep_checkpoints"),
         remove_unused_columns=False,
         shuffle_dataset=True,
         dataloader_num_workers=0,
@@ -627,6 +630,10 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
 
     model, tokenizer = load_model_and_tokenizer({**to_plain(cfg.model), "path": model_path}, device="cpu",
                                                 cache_dir=cfg.get("cache_dir"))
+    n_saves = len({min(s, t.steps) for s in range(t.save_every, t.steps + t.save_every, t.save_every)})
+    # transformers keeps the optimizer in every checkpoint it keeps: count all of them in full
+    keep = t.get("keep_checkpoints")
+    preflight(model, ckpt_dir, n_saves=n_saves, keep=keep, full_state_kept=True)
     problems = fit_prompts(problems, tokenizer, prompt_cfg, t.get("max_prompt_tokens"))
     dataset = Dataset.from_list([
         {"prompt": render_prompt(tokenizer, p["problem"], prompt_cfg), "answer": str(p["answer"]),

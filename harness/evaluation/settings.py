@@ -256,3 +256,13 @@ def validate_eval_config(eval_cfg: Any, *, data_dir: str | Path | None = None) -
         vllm=vllm,
         lm_eval=lm_eval,
     )
+
+
+def describe_plan(settings: EvalSettings) -> str:
+    """One line saying what will be evaluated: ``gsm8k (first 50 problems, k=1, <= 1024 new tokens), ... at T=0.7
+    on hf``."""
+    parts = []
+    for b in settings.benchmarks:
+        size = "all problems" if b.limit is None else f"first {b.limit} problems"
+        parts.append(f"{b.name} ({size}, k={b.k}, <= {b.max_new_tokens} new tokens)")
+    return f"{', '.join(parts)} at T={settings.temperature:g} on {settings.engine}"

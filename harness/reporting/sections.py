@@ -48,6 +48,13 @@ def overview(data: ExperimentData, record: dict[str, Any]) -> Section:
         rows = [[str(r.get(f"tags.{K.TAG_RUN_NAME}", "")), str(r["run_id"])[:8],
                  str(r.get(f"tags.{K.TAG_FAILURE_REASON}", ""))[:160]] for _, r in failed.iterrows()]
         sec.tables.append(Table(["run", "id", "failure reason"], rows, caption="FAILED cell runs"))
+    warned = d.cells[d.cells[f"tags.{K.TAG_WARNING}"].notna()] if f"tags.{K.TAG_WARNING}" in d.cells else d.cells[:0]
+    if not warned.empty:
+        rows = [[str(r.get(f"tags.{K.TAG_RUN_NAME}", "")), str(r["run_id"])[:8], str(r[f"tags.{K.TAG_WARNING}"])]
+                for _, r in warned.iterrows()]
+        sec.tables.append(Table(["run", "id", "warning"], rows, caption="Warnings: what these runs' numbers mean "
+                                "(a flat curve from a run that had nothing to learn from is not stability)"))
+        record["warnings"] = {r[0]: r[2] for r in rows}
     pruned = runs[(runs["status"] == "KILLED") & runs[f"tags.{K.TAG_CONFIG_HASH}"].notna()]
     if not pruned.empty:
         sec.paragraphs.append(f"{_n(len(pruned), 'run')} stopped early (KILLED: pruned Optuna trials) and left "
