@@ -41,7 +41,10 @@ QWEN25_05B = dict(vocab_size=151936, hidden_size=896, num_hidden_layers=24, num_
                   num_key_value_heads=2, intermediate_size=4864, tie_word_embeddings=True, rope_theta=1e6,
                   max_position_embeddings=32768, rms_norm_eps=1e-6)
 PROMPTS, G, TEMPERATURE, SEED = 8, 8, 0.7, 0
-VARIANTS = {"before": "token_logprobs_reference", "after": "token_logprobs"}
+# "no-grad": the same call without autograd, as the trainer's behaviour and reference log-prob passes run it; there no
+# decoder activations are kept, so the logits are most of the memory.
+VARIANTS = {"before": "token_logprobs_reference", "after": "token_logprobs",
+            "before/no-grad": "token_logprobs_reference", "after/no-grad": "token_logprobs"}
 
 
 def rss_mb() -> float:
@@ -85,14 +88,16 @@ def run_variant(variant: str, prompt_len: int, completion_len: int, threads: int
     model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_05B)).float().train()
     ids, attn, mask = batch(prompt_len, completion_len, QWEN25_05B["vocab_size"])
     fn = getattr(sampling, VARIANTS[variant])
-    if variant == "after":  # its one-time head check (two positions, no grad), outside the measured window
+    if variant.startswith("after"):  # its one-time head check (two positions, no grad), outside the measured window
         sampling._chunkable_head(model, ids)
     gc.collect()
     loaded, loaded_peak = rss_mb(), peak_rss_mb()
     start = time.perf_counter()
-    logp, _ = fn(model, ids, attn, completion_len, TEMPERATURE, group_size=G)
-    loss = (logp * mask).sum() / mask.sum()
-    loss.backward()
+    with torch.set_grad_enabled(not variant.endswith("no-grad")):
+        logp, _ = fn(model, ids, attn, completion_len, TEMPERATURE, group_size=G)
+        loss = (logp * mask).sum() / mask.sum()
+    if loss.requires_grad:
+        loss.backward()
     seconds = time.perf_counter() - start
     torch.save(logp.detach(), out.with_suffix(".pt"))
     out.write_text(json.dumps({"loaded_mb": loaded, "loaded_peak_mb": loaded_peak, "peak_mb": peak_rss_mb(),
@@ -124,7 +129,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in VARIANTS:
-            out = Path(tmp) / variant
+            out = Path(tmp) / variant.replace("/", "-")
             cmd = [sys.executable, __file__, "--variant", variant, "--out", str(out), "--threads", str(args.threads),
                    "--prompt-len", str(args.prompt_len), "--completion-len", str(args.completion_len)]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
@@ -133,17 +138,19 @@ def main() -> None:
                 raise RuntimeError(f"{variant} failed ({done.returncode}):\n{done.stderr[-3000:]}")
             results[variant] = json.loads(out.read_text()) | {"logp": torch.load(out.with_suffix(".pt"))}
 
-    header = f"{'variant':<8} {'peak above load MiB':>20} {'absolute peak MiB':>18} {'fwd+bwd s':>10} " \
+    header = f"{'variant':<14} {'peak above load MiB':>20} {'absolute peak MiB':>18} {'seconds':>8} " \
              f"{'max |Δ log-prob| vs before':>27}"
     print(header)
     print("-" * len(header))
     for variant, r in results.items():
         diff = (r["logp"] - results["before"]["logp"]).abs().max().item()
-        print(f"{variant:<8} {r['peak_mb'] - r['loaded_mb']:>20,.0f} {r['peak_mb']:>18,.0f} {r['seconds']:>10.1f} "
+        print(f"{variant:<14} {r['peak_mb'] - r['loaded_mb']:>20,.0f} {r['peak_mb']:>18,.0f} {r['seconds']:>8.1f} "
               f"{diff:>27.2e}")
-    b, a = results["before"], results["after"]
-    print(f"\nbefore / after: {(b['peak_mb'] - b['loaded_mb']) / (a['peak_mb'] - a['loaded_mb']):.2f}x above load, "
-          f"{b['peak_mb'] / a['peak_mb']:.2f}x absolute (model loaded: {a['loaded_mb']:,.0f} MiB RSS)")
+    print()
+    for suffix, what in (("", "forward + backward"), ("/no-grad", "forward without autograd")):
+        b, a = results["before" + suffix], results["after" + suffix]
+        print(f"{what}: before / after {(b['peak_mb'] - b['loaded_mb']) / (a['peak_mb'] - a['loaded_mb']):.2f}x "
+              f"above load, {b['peak_mb'] / a['peak_mb']:.2f}x absolute (model loaded: {a['loaded_mb']:,.0f} MiB RSS)")
 
 
 def _chunk_positions(vocab: int) -> int:

@@ -130,6 +130,26 @@ def test_paper_and_default_configs_compose(data_dir):
     assert compose([], config_name="evaluate").eval.benchmarks == ["arith"]
 
 
+def test_evaluation_follows_the_task():
+    """`harness run` evaluates the task's own test split (never silently arith), `eval=paper` or an explicit list
+    still win, and a model node that sets eval keys (the SmolLM2 preset) is not overridden by eval's defaults."""
+    from conftest import compose
+
+    expected = {"arith": ["arith"], "gsm8k": ["gsm8k"], "deepmath": ["math500"],
+                "gsm8k_deepmath": ["gsm8k", "math500", "aime24", "aime25"]}
+    for task, benchmarks in expected.items():
+        assert list(compose([f"task={task}"]).eval.benchmarks) == benchmarks, task
+        assert list(compose([f"task={task}"], config_name="evaluate").eval.benchmarks) == benchmarks, task
+    assert list(compose(["task=gsm8k", "eval=paper"]).eval.benchmarks) == ["gsm8k", "math500", "aime24", "aime25"]
+    assert list(compose(["task=gsm8k", "eval.benchmarks=[math500]"]).eval.benchmarks) == ["math500"]
+    smol = compose(["model=smollm2-135m", "task=gsm8k"])
+    assert smol.eval.bench.gsm8k.max_new_tokens == 256 and smol.eval.bench.arith.limit == 200
+    assert smol.train.rewards.accuracy_fallbacks == ["last_number"] and smol.train.rollout_batch_size == 32
+    assert compose(["model=smollm2-135m", "train.rollout_batch_size=64"]).train.rollout_batch_size == 64
+    settings = E.validate_eval_config(smol.eval)
+    assert E.describe_plan(settings) == "gsm8k (all problems, k=1, <= 256 new tokens) at T=0.7 on hf"
+
+
 def test_four_cpu_preset_and_the_models_context_compose(data_dir):
     from conftest import compose
 
