@@ -212,7 +212,8 @@ def test_lost_tracking_server_mid_sweep_then_rerun_uploads_every_metric(tmp_path
 
 def _native_cfg(out: Path, cache_dir: Path, *extra: str):
     cfg = compose(["train.steps=2", "train.rollout_batch_size=16", "train.micro_batch_size=16", "train.save_every=1",
-                   "backend.progress=false", "backend.threads=1", "eval.enabled=false", f"cache_dir={cache_dir}",
+                   "train.keep_checkpoints=null", "backend.progress=false", "backend.threads=1", "eval.enabled=false",
+                   f"cache_dir={cache_dir}",
                    *extra])
     with open_dict(cfg):
         cfg.output_dir = str(out)

@@ -223,9 +223,9 @@ def is_weights_only(path: Path) -> bool:
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int | None, pattern: str = NATIVE_PATTERN) -> list[Path]:
-    """After a checkpoint is saved: keep the newest ``keep`` that verify (None: all), delete the rest, and strip
-    the optimizer, RNG and history state from every kept one but the newest (resuming needs only the newest; the
-    history is in ``train_history.json``). Returns the checkpoints left, oldest first."""
+    """After a checkpoint is saved: keep the newest ``keep`` that verify (None: all, each with its full state) and
+    delete the rest; with a limit, every kept one but the newest is stripped to its weights (resuming needs only the
+    newest; the history is in ``train_history.json``). Returns the checkpoints left, oldest first."""
     found = list_checkpoints(ckpt_dir, pattern)
     kept: list[Path] = []
     for path in reversed(found):
@@ -239,7 +239,7 @@ def prune_checkpoints(ckpt_dir: Path, keep: int | None, pattern: str = NATIVE_PA
             shutil.rmtree(path)
             continue
         kept.append(path)
-    for path in kept[1:]:
+    for path in kept[1:] if keep is not None else []:  # keep=None: every checkpoint stays resumable
         if (path / STATE_FILE).exists():
             (path / STATE_FILE).unlink()
             write_manifest(path)
