@@ -38,3 +38,13 @@ def compose(overrides: list[str], config_name: str = "run"):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def compose_at(output_dir, overrides: list[str]):
+    """:func:`compose` with ``output_dir`` set (a run config the backends can train directly)."""
+    from omegaconf import open_dict
+
+    cfg = compose(overrides)
+    with open_dict(cfg):
+        cfg.output_dir = str(output_dir)
+    return cfg

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import open_dict
 
 from harness.backends.checkpoints import (
     NATIVE_REQUIRED,
@@ -25,17 +24,14 @@ from harness.backends.checkpoints import (
 from harness.backends.native import train
 from harness.cell import validate_cell
 from harness.config import ConfigError
-from tests.conftest import compose
+from tests.conftest import compose_at
 
 SMALL = ["train.steps=3", "train.rollout_batch_size=16", "train.micro_batch_size=16", "train.save_every=1",
          "backend.progress=false", "backend.threads=1", "eval.enabled=false"]
 
 
 def _cfg(tmp_path: Path, cache_dir: Path, *extra: str):
-    cfg = compose([*SMALL, f"cache_dir={cache_dir}", *extra])
-    with open_dict(cfg):
-        cfg.output_dir = str(tmp_path)
-    return cfg
+    return compose_at(tmp_path, [*SMALL, f"cache_dir={cache_dir}", *extra])
 
 
 def _tiny_model():

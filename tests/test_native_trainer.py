@@ -12,17 +12,14 @@ from omegaconf import open_dict
 from harness.backends import TrainResult, get_backend
 from harness.backends.native import group_advantages, prompts_for_step, train
 from harness.objective import aggregate, micro_batch_weight, policy_loss
-from tests.conftest import compose
+from tests.conftest import compose, compose_at
 
 SMALL = ["train.steps=2", "train.rollout_batch_size=32", "train.micro_batch_size=16", "train.save_every=1",
          "backend.progress=false", "backend.threads=1", "eval.enabled=false"]
 
 
 def _cfg(tmp_path: Path, cache_dir: Path, *extra: str):
-    cfg = compose([*SMALL, f"cache_dir={cache_dir}", *extra])
-    with open_dict(cfg):
-        cfg.output_dir = str(tmp_path)
-    return cfg
+    return compose_at(tmp_path, [*SMALL, f"cache_dir={cache_dir}", *extra])
 
 
 def _strip(history):
