@@ -123,7 +123,7 @@ def inadmissible_tag(cfg: DictConfig) -> dict[str, str]:
     """``{inadmissible: <failed properties>}`` for a gate trained with ``gate.allow_inadmissible=true``, else {}."""
     if is_baseline(cfg) or not cfg.gate.get("allow_inadmissible", False):
         return {}
-    from harness.backends.common import inadmissible_properties
+    from harness.gates import inadmissible_properties
 
     failed = inadmissible_properties(cfg.gate)
     return {K.TAG_INADMISSIBLE: "; ".join(failed)[:5000]} if failed else {}

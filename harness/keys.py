@@ -130,6 +130,10 @@ ACC_CI_HIGH = "acc_ci_high"
 N_PROBLEMS = "n_problems"
 N_TOTAL = "n_total"  # problems in the benchmark; above n_problems when eval.limit cut it
 
+# The experiment tag MLflow 3's UI reads to pick an experiment's landing page: a training experiment opens on runs.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
 # Tags of a cell run.
 TAG_GATE = "gate"
 TAG_TAU_POS = "tau_pos"

@@ -139,18 +139,26 @@ def open_store(tracking_cfg: Any) -> Store:
     name = str(tracking_cfg.experiment)
     with migration_lock(uri):
         client = MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name(name)
-        if exp is not None:
+        try:
+            experiment_id = experiment_id_for(client, name)
+        except MlflowException:  # another driver (on another store process) created it meanwhile
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
             experiment_id = exp.experiment_id
-        else:
-            try:
-                experiment_id = client.create_experiment(name)
-            except MlflowException:  # another driver (on another store process) created it meanwhile
-                exp = client.get_experiment_by_name(name)
-                if exp is None:
-                    raise
-                experiment_id = exp.experiment_id
     return Store(uri, name, experiment_id, client)
+
+
+def experiment_id_for(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created if missing, marked as a model-training experiment
+    (:data:`harness.keys.EXPERIMENT_KIND`): without that tag MLflow 3's UI opens it on the GenAI overview (traces,
+    latency, tokens: all empty) instead of the runs table with its parent/child tree."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, tags={K.TAG_EXPERIMENT_KIND: K.EXPERIMENT_KIND})
+    if exp.tags.get(K.TAG_EXPERIMENT_KIND) is None:  # a store written before experiments carried their kind
+        client.set_experiment_tag(exp.experiment_id, K.TAG_EXPERIMENT_KIND, K.EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def open_store_or_offline(tracking_cfg: Any) -> Store:
@@ -484,8 +492,7 @@ class RunLogger:
     def _connect(self) -> None:
         if self.store.experiment_id is None:  # the store was down when the cell started
             name = self.store.experiment
-            exp = self.client.get_experiment_by_name(name)
-            self.store.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
+            self.store.experiment_id = experiment_id_for(self.client, name)
         spec = self.spec
         if spec is None:
             return

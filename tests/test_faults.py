@@ -439,7 +439,7 @@ def test_bad_config_exits_2_with_one_line_and_no_traceback(override, message, tm
 
 
 def test_smooth_gate_with_eps_warns_it_is_unused(caplog):
-    from harness.backends.common import validate_gate_config
+    from harness.gates import validate_gate_config
 
     with caplog.at_level("WARNING"):
         validate_gate_config(compose(["gate=erf", "gate.eps_high=0.28"]).gate)

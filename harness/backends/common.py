@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from harness.config import ConfigError
-from harness.gates import WIDTH_MODES, ClipGate, check_admissible, get_gate
+from harness.gates import validate_gate_config
 from harness.objective import AGG_MODES, RATIO_LEVELS, loss_kwargs, policy_loss
 from harness.rewards import reward_spec
 
@@ -22,66 +22,10 @@ DEVICES = ("auto", "cpu", "cuda")  # backend.device (native also takes cuda:N)
 SAVE_DTYPES = ("float32", "bfloat16", "float16")  # train.save_dtype (null: as trained)
 BACKEND_FLAGS = ("bf16", "share_prompt", "skip_zero_advantage", "progress", "disable_dropout",
                  "gradient_checkpointing", "use_vllm", "vllm_enable_sleep_mode", "vllm_importance_sampling_correction")
-# Values of the gate nodes in conf/gate/: a smooth gate given another ε (or clip another τ) is warned about.
-DEFAULT_EPS, DEFAULT_TAUS = (0.2, 0.2), (1.0, 1.05)
-_admissibility: dict[tuple[str, Any], list[str]] = {}  # (gate name, nu) -> failed properties (checks take ~0.1 s)
-_warned: set[str] = set()
 
 
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
-
-
-def inadmissible_properties(g: Any) -> list[str]:
-    """The admissibility properties (arXiv 2602.19345, section 4; :func:`harness.gates.check_admissible`) that the
-    gate node ``g`` fails, with their details; empty for an admissible gate and for ``clip``, the baseline that is
-    known not to be one."""
-    key = (str(g.name), g.get("nu"))
-    if key not in _admissibility:
-        gate = get_gate(g.name, eps_low=g.eps_low, eps_high=g.eps_high, nu=g.get("nu"))
-        failed = [] if isinstance(gate, ClipGate) else [f"{r.name} ({r.detail})" for r in check_admissible(gate)
-                                                      if not r.passed]
-        _admissibility[key] = failed
-    return _admissibility[key]
-
-
-def validate_gate_config(g: Any) -> None:
-    """The ``gate`` node: τ, ε, width, the gate itself and its admissibility (``ConfigError`` naming the key; an
-    inadmissible gate only with ``gate.allow_inadmissible=true``, then warned about). A smooth gate given another ε,
-    or clip another τ, is warned about: those keys do nothing there."""
-    for key in ("tau_pos", "tau_neg"):
-        if not (_number(g[key]) and g[key] > 0):
-            raise ConfigError(f"gate.{key} must be a finite number > 0, got {g[key]!r}")
-    for key in ("eps_low", "eps_high"):
-        if not (_number(g[key]) and g[key] >= 0):
-            raise ConfigError(f"gate.{key} must be a finite number >= 0, got {g[key]!r}")
-    if not g.eps_low < 1:
-        raise ConfigError(f"gate.eps_low must be < 1 (the clip range starts at 1 - eps_low > 0), got {g.eps_low!r}")
-    if g.width not in WIDTH_MODES:
-        raise ConfigError(f"gate.width must be one of {', '.join(WIDTH_MODES)}, got {g.width!r}")
-    allow = g.get("allow_inadmissible", False)
-    if not isinstance(allow, bool):
-        raise ConfigError(f"gate.allow_inadmissible must be true or false, got {allow!r}")
-    get_gate(g.name, eps_low=g.eps_low, eps_high=g.eps_high, nu=g.get("nu"))
-    if g.name == "clip" and (g.tau_pos, g.tau_neg) != DEFAULT_TAUS:
-        _warn_once(f"gate.tau_pos={g.tau_pos}, gate.tau_neg={g.tau_neg} are unused by gate=clip (τ applies to "
-                   "smooth gates; clip's range is gate.eps_low / gate.eps_high)")
-    if g.name != "clip" and (g.eps_low, g.eps_high) != DEFAULT_EPS:
-        _warn_once(f"gate.eps_low={g.eps_low}, gate.eps_high={g.eps_high} are unused by the smooth gate "
-                   f"{g.name!r} (ε applies to gate=clip only)")
-    failed = inadmissible_properties(g)
-    if failed and not allow:
-        raise ConfigError(f"gate.name={g.name} is not admissible: it fails {'; '.join(failed)}. Use an admissible "
-                          "gate (harness gates check NAME), or gate.allow_inadmissible=true to train it anyway")
-    if failed:
-        _warn_once(f"gate.name={g.name} is not admissible (fails {'; '.join(failed)}); training it anyway "
-                   "(gate.allow_inadmissible=true; the run is tagged inadmissible)")
 
 
 def validate_backend_keys(bk: Any) -> None:

@@ -1,0 +1,20 @@
+"""The MLflow experiment a user opens: marked as model training, so the UI lands on the runs table."""
+
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from harness import keys as K
+from harness.tracking import open_store
+
+
+def test_experiments_are_marked_as_model_training_new_and_old(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = open_store(OmegaConf.create({"uri": uri, "experiment": "fresh"}))
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_experiment(store.experiment_id).tags[K.TAG_EXPERIMENT_KIND] == "custom_model_development"
+
+    old_id = client.create_experiment("written-before-the-kind-tag")
+    assert K.TAG_EXPERIMENT_KIND not in client.get_experiment(old_id).tags
+    store = open_store(OmegaConf.create({"uri": uri, "experiment": "written-before-the-kind-tag"}))
+    assert store.experiment_id == old_id
+    assert client.get_experiment(old_id).tags[K.TAG_EXPERIMENT_KIND] == "custom_model_development"
