@@ -86,6 +86,9 @@ TRAIN = "train"
 EVAL = "eval"
 EVAL_INITIAL = "eval_initial"  # the starting checkpoint, evaluated by the same settings
 MEAN_ACCURACY = "mean_accuracy"
+# The mean over benchmarks of the strict accuracy on each benchmark's selection half (harness.stats.split_problems):
+# what anything that selects (harness tune, a best τ) optimises, so the test half stays unseen.
+MEAN_SELECTION_ACCURACY = "mean_selection_accuracy"
 TRAIN_TIME_S = "train_time_s"
 LEARNING_SIGNAL = "learning_signal"  # a cell summary's counts of steps without signal (harness.stability)
 EVAL_TIME_S = "eval_time_s"
@@ -127,6 +130,10 @@ def tune_key(gate: str, stat: str) -> str:
 ACC = "acc"
 ACC_CI_LOW = "acc_ci_low"
 ACC_CI_HIGH = "acc_ci_high"
+STRICT_ACC = "strict_acc"  # the <answer> span only, as the paper extracts (acc: with the boxed / last-number fallbacks)
+STRICT_ACC_CI_LOW = "strict_acc_ci_low"
+STRICT_ACC_CI_HIGH = "strict_acc_ci_high"
+SELECTION_STRICT_ACC = "selection_strict_acc"  # strict accuracy on the benchmark's selection half
 N_PROBLEMS = "n_problems"
 N_TOTAL = "n_total"  # problems in the benchmark; above n_problems when eval.limit cut it
 

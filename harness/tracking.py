@@ -670,8 +670,9 @@ class RunLogger:
         for bench, metrics in (summary.get("benchmarks") or {}).items():
             for key, value in metrics.items():
                 flat[K.eval_key(bench, key, prefix)] = value
-        if K.MEAN_ACCURACY in summary:
-            flat[K.mean_accuracy_key(prefix)] = summary[K.MEAN_ACCURACY]
+        for key in (K.MEAN_ACCURACY, K.MEAN_SELECTION_ACCURACY):
+            if key in summary:
+                flat[f"{prefix}/{key}"] = summary[key]
         self.log_metrics({k: v for k, v in flat.items() if k not in (held or set())})
         out_dir = summary.get("out_dir")
         if out_dir and Path(out_dir).is_dir():

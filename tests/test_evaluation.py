@@ -50,6 +50,11 @@ def test_benchmark_metrics_on_known_records():
     assert m["mean_tokens"] == pytest.approx((7 * 10 + 20) / 8)
     assert m["acc_ci_low"] <= m["acc"] <= m["acc_ci_high"]
     assert m["fallback_none_rate"] == pytest.approx(1 / 8) and m["fallback_last_number_rate"] == pytest.approx(1 / 8)
+    # "a" and "b" both fall in the selection half (a fixed coin per id); "e" (all strict-correct) in the test half
+    assert stats.in_selection_half("a") and stats.in_selection_half("b") and not stats.in_selection_half("e")
+    m = E.benchmark_metrics(records + [_record("e", i, True) for i in range(4)], 4, n_boot=50)
+    assert m["strict_acc"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
+    assert m["selection_strict_acc"] == pytest.approx((0.5 + 0.0) / 2)
     assert all(isinstance(v, int | float) for v in m.values())  # tracking.log_eval logs every number
 
 

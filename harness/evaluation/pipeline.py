@@ -30,12 +30,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from harness import keys as K
 from harness.data import load_task
 from harness.evaluation.engines import Completion, GenJob, LmEvalEngine, Sampling, VllmEngine, make_engine
 from harness.evaluation.settings import POOLED_BENCHMARKS, BenchSpec, EvalSettings, validate_eval_config
 from harness.prompts import PromptConfig, prompt_config, render_prompt
 from harness.scoring import has_format, score_batch
-from harness.stats import bootstrap_ci, pass_at_k
+from harness.stats import bootstrap_ci, in_selection_half, pass_at_k
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,9 @@ def benchmark_metrics(
     for name, per in (("acc", acc_p), ("strict_acc", strict_p)):
         lo, hi = bootstrap_ci(per, n_boot=n_boot, level=level, seed=seed)
         out[f"{name}_ci_low"], out[f"{name}_ci_high"] = lo, hi
+    # What a tuner or a τ choice may look at: the selection half only (the report tests on the other half).
+    out[K.SELECTION_STRICT_ACC] = _mean([a for pid, a in zip(by_problem, strict_p, strict=True)
+                                         if in_selection_half(pid)])
     for kk in ks:
         per = [pass_at_k(len(g), sum(bool(r["correct"]) for r in g), kk) for g in groups]
         out[f"pass_at_{kk}"] = _mean(per)
@@ -350,6 +354,7 @@ def evaluate(
             write_jsonl(out / "samples" / f"{prep.spec.name}.jsonl", records)
     # The mean over the benchmarks asked for, before pooled ones are added (they would count problems twice).
     summary["mean_accuracy"] = _mean([m["acc"] for m in summary["benchmarks"].values()])
+    summary[K.MEAN_SELECTION_ACCURACY] = _mean([m[K.SELECTION_STRICT_ACC] for m in summary["benchmarks"].values()])
     for name, (metrics, records) in pooled_benchmarks(scored, settings, seed=seed).items():
         parts = POOLED_BENCHMARKS[name]
         metrics["n_total"] = sum(summary["benchmarks"][p]["n_total"] for p in parts)
