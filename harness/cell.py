@@ -1,21 +1,19 @@
 """A sweep cell: one composed run config, trained with one backend, evaluated, logged as one MLflow run.
 
-Everything about a cell lives here: the grid that makes cells (:func:`cell_overrides`), their names and config
-hashes, their output directories, the checks before any compute (:func:`validate_cell`), the work itself
-(:func:`run_cell`: train → evaluate, the cell's own files) and the one tracked form of it that ``harness run``,
-the gate sweeper and the tuner all use (:func:`run_tracked`).
+A cell's identity lives here: its name, config hash, output directory, MLflow tags and params. So do the checks
+before any compute (:func:`validate_cell`), the work itself (:func:`run_cell`: train → evaluate, the cell's own
+files) and the one tracked form of it that ``harness run``, the gate sweeper and the tuner all use
+(:func:`run_tracked`), with its later upload (:func:`upload_cell`). The grid that makes cells is
+:mod:`harness.sweeping.grid`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-import os
-import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness import keys as K
 from harness.backends import StepCallback, get_backend
-from harness.config import RunIncomplete, config_errors, to_plain
+from harness.config import config_errors, to_plain
 
-TAU_MODES = ("tied", "separate")
 ROLES = ("cell", "baseline")
 EVAL_SEED_STRIDE = 1_000_003  # more samples than any benchmark has (1319 problems x k)
 BASELINE_GATE = "base"  # the gate tag of a baseline run: the starting checkpoint, no RL
@@ -135,64 +132,6 @@ def cell_params(cfg: DictConfig) -> dict[str, str]:
 
     container = OmegaConf.to_container(cfg, resolve=True)
     return flatten({k: v for k, v in container.items() if k != "hydra"})
-
-
-# ------------------------------------------------------------------------------------------------ the grid
-
-
-def tied_tau_neg(tau_pos: float, scale: float) -> float:
-    """τ_neg of a tied pair: τ_pos · scale (SAPO's asymmetry kept at every τ), rounded so that 4 · 1.05 is 4.2."""
-    return round(tau_pos * scale, 10)
-
-
-def override_value(value: str) -> str:
-    """A string as a Hydra override value: bare when it only has safe characters, else single-quoted."""
-    if re.fullmatch(r"[\w./:@+-]+", value) and "//" not in value:
-        return value
-    if "'" in value or "\\" in value:
-        raise ValueError(f"cannot pass {value!r} as a Hydra override value (quote or backslash in it)")
-    return f"'{value}'"
-
-
-def gate_overrides(gate: str) -> list[str]:
-    """Overrides that select a gate (a custom ``pkg.module:F`` spec goes through ``gate=custom``)."""
-    if ":" in gate:
-        return ["gate=custom", f"gate.name={override_value(gate)}"]
-    return [f"gate={gate}"]
-
-
-def cell_overrides(gates: Sequence[str], taus: Sequence[float], seeds: Sequence[int], *, tau_mode: str = "tied",
-                   tau_neg_scale: float = 1.05, tau_neg: Sequence[float] = (),
-                   tau_pairs: Sequence[Sequence[float]] = ()) -> list[list[str]]:
-    """The override list of every cell of a gate × τ × seed grid. ``clip`` ignores τ, so it gets one cell per
-    seed; ``tau_mode=tied`` pairs τ_pos with :func:`tied_tau_neg`, ``separate`` crosses τ_pos with ``tau_neg``;
-    explicit ``tau_pairs`` ([[τ_pos, τ_neg], ...]) replace the τ grid."""
-    pairs_given = [tuple(float(v) for v in p) for p in tau_pairs]
-    if any(len(p) != 2 or min(p) <= 0 for p in pairs_given):
-        raise ValueError(f"hydra.sweeper.tau_pairs must be [[tau_pos, tau_neg], ...] of numbers > 0, got "
-                         f"{[list(p) for p in tau_pairs]}")
-    if tau_mode not in TAU_MODES:
-        raise ValueError(f"hydra.sweeper.tau_mode must be one of {', '.join(TAU_MODES)}, got {tau_mode!r}")
-    if tau_mode == "separate" and not tau_neg and not pairs_given:
-        raise ValueError("hydra.sweeper.tau_mode=separate needs a hydra.sweeper.tau_neg grid")
-    if not gates or not seeds:
-        raise ValueError("hydra.sweeper.gates and hydra.sweeper.seeds must not be empty")
-    cells = []
-    for gate, seed in itertools.product(gates, seeds):
-        base = [*gate_overrides(gate), f"seed={seed}"]
-        if gate == "clip":
-            cells.append(base)
-            continue
-        if pairs_given:
-            pairs = pairs_given
-        elif not taus:
-            raise ValueError("hydra.sweeper.taus (or tau_pairs) must not be empty when a smooth gate is swept")
-        elif tau_mode == "tied":
-            pairs = [(t, tied_tau_neg(t, tau_neg_scale)) for t in taus]
-        else:
-            pairs = list(itertools.product(taus, tau_neg))
-        cells += [[*base, f"gate.tau_pos={tp}", f"gate.tau_neg={tn}"] for tp, tn in pairs]
-    return cells
 
 
 # ------------------------------------------------------------------------------------------------ the work
@@ -423,37 +362,3 @@ def upload_cell(cfg: DictConfig, store: Any, *, run_name: str | None = None, par
     if run.online:
         run.call(tracking.supersede_stale_runs, store, chash, run.run_id)
     return run.run_id, run.online
-
-
-def process_rank() -> int:
-    """This process's rank in a multi-process launch (``accelerate launch``/``torchrun`` set ``RANK``), else 0."""
-    return int(os.environ.get("RANK", "0") or 0)
-
-
-def run_task(cfg: DictConfig) -> None:
-    """``harness run``: one cell, logged to MLflow unless ``tracking.enabled=false`` (a single run is never
-    skipped), its summary printed. Launched on several GPUs (``accelerate launch -m harness.cli run
-    backend=trl ...``), every rank trains and only rank 0 evaluates and logs."""
-    validate_cell(cfg)
-    if process_rank() != 0:
-        get_backend(cfg.backend.name)(cfg, None)
-        return
-    if not cfg.tracking.get("enabled", True):
-        summary = run_cell(cfg)
-    else:
-        from harness import tracking
-
-        store = tracking.check_store(cfg.tracking)  # before any compute: fails in seconds, naming tracking.uri
-        if cfg.get("resume") and tracking.read_pending(cfg.output_dir) is not None and local_result(cfg.output_dir):
-            run_id, uploaded = upload_cell(cfg, store)  # finished while the store was away: upload, no retraining
-            summary = json.loads((Path(cfg.output_dir) / K.SUMMARY_FILE).read_text())
-            if not uploaded:
-                summary["pending_upload"] = store.error
-        else:
-            run_id, summary = run_tracked(cfg, store, supersede_dead=True)
-        summary["mlflow_run_id"] = run_id
-    print(json.dumps({k: v for k, v in summary.items() if k != K.TRAIN}, indent=2, default=str))
-    if summary.get("pending_upload"):
-        raise RunIncomplete(f"the run awaits upload to tracking.uri ({summary['pending_upload']}); its results are "
-                            f"in {cfg.output_dir}: once the store answers, run the same command with resume=true "
-                            f"output_dir={cfg.output_dir} to upload them without retraining", exit_code=3)

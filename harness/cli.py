@@ -1,7 +1,8 @@
 """The ``harness`` command: ``harness <subcommand> [args]``.
 
-Each subcommand lives in the module of its concept and is imported lazily, so ``harness gates``
-does not pay for importing MLflow or transformers.
+Each subcommand's work lives in the module of its concept and is imported lazily, so ``harness gates``
+does not pay for importing MLflow or transformers; ``harness run``'s task (:func:`run_task`) is here, over
+:mod:`harness.cell`.
 """
 
 from __future__ import annotations
@@ -9,14 +10,19 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import json
 import os
 import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from harness import keys as K
 from harness.config import CONF_DIR, SWEEPS_DIR, ConfigError, RunIncomplete, sigterm_as_exit
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 # subcommand -> ("module:function", one-line help). The function takes the remaining argv.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -135,16 +141,51 @@ def hydra_app(config_dir: Path, config_name: str, task: Callable[[Any], Any], ar
     return 0
 
 
+def process_rank() -> int:
+    """This process's rank in a multi-process launch (``accelerate launch``/``torchrun`` set ``RANK``), else 0."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def run_task(cfg: DictConfig) -> None:
+    """``harness run``: one cell, logged to MLflow unless ``tracking.enabled=false`` (a single run is never
+    skipped), its summary printed. Launched on several GPUs (``accelerate launch -m harness.cli run
+    backend=trl ...``), every rank trains and only rank 0 evaluates and logs."""
+    from harness.backends import get_backend
+    from harness.cell import local_result, run_cell, run_tracked, upload_cell, validate_cell
+
+    validate_cell(cfg)
+    if process_rank() != 0:
+        get_backend(cfg.backend.name)(cfg, None)
+        return
+    if not cfg.tracking.get("enabled", True):
+        summary = run_cell(cfg)
+    else:
+        from harness import tracking
+
+        store = tracking.check_store(cfg.tracking)  # before any compute: fails in seconds, naming tracking.uri
+        if cfg.get("resume") and tracking.read_pending(cfg.output_dir) is not None and local_result(cfg.output_dir):
+            run_id, uploaded = upload_cell(cfg, store)  # finished while the store was away: upload, no retraining
+            summary = json.loads((Path(cfg.output_dir) / K.SUMMARY_FILE).read_text())
+            if not uploaded:
+                summary["pending_upload"] = store.error
+        else:
+            run_id, summary = run_tracked(cfg, store, supersede_dead=True)
+        summary["mlflow_run_id"] = run_id
+    print(json.dumps({k: v for k, v in summary.items() if k != K.TRAIN}, indent=2, default=str))
+    if summary.get("pending_upload"):
+        raise RunIncomplete(f"the run awaits upload to tracking.uri ({summary['pending_upload']}); its results are "
+                            f"in {cfg.output_dir}: once the store answers, run the same command with resume=true "
+                            f"output_dir={cfg.output_dir} to upload them without retraining", exit_code=3)
+
+
 def run_main(argv: list[str]) -> int:
     """``harness run [overrides]``: one cell (conf/run.yaml)."""
-    from harness.cell import run_task
-
     return hydra_app(CONF_DIR, "run", run_task, argv, "harness run")
 
 
 def sweep_main(argv: list[str]) -> int:
     """``harness sweep [NAME] [overrides]``: run ``sweeps/NAME.yaml`` (default: gates) as a Hydra multirun."""
-    from harness.sweep import cell_task
+    from harness.sweeping.gate_sweeper import cell_task
 
     name = "gates"
     if argv and "=" not in argv[0] and not argv[0].startswith("-"):
@@ -160,7 +201,7 @@ def sweep_main(argv: list[str]) -> int:
 
 def tune_main(argv: list[str]) -> int:
     """``harness tune [overrides]``: tune τ of the gate(s) with Optuna on ``sweeps/tune.yaml``."""
-    from harness.tuning.trial import trial_task
+    from harness.sweeping.trial import trial_task
 
     mode = [] if _INSPECT_FLAGS & set(argv) else ["-m"]
     return hydra_app(SWEEPS_DIR, "tune", trial_task, [*mode, *argv], "harness tune")

@@ -201,3 +201,10 @@ HASH_IGNORED = ("output_dir", "cells_dir", "resume", "cache_dir", "data_dir", "t
 GROUP_IGNORED_PREFIXES = ("output_dir", "resume", "cache_dir", "data_dir", "tracking.", "backend.progress",
                           "backend.threads", "sweep", "sweep_name", "tune.", "cells_dir", "seed",
                           "gate.allow_inadmissible", "train.keep_checkpoints")
+
+# ----------------------------------------------------------------------------------------------------- tuning
+
+# The temperatures of a ``harness tune`` trial: the names of its Optuna parameters (tau_neg only when
+# tune.tau_mode=separate) and of its user attributes (both always: the pair the trial's cell trained with).
+TRIAL_TAU_POS = "tau_pos"
+TRIAL_TAU_NEG = "tau_neg"

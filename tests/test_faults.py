@@ -354,7 +354,7 @@ def test_inadmissible_custom_gate_is_refused_before_compute(tmp_path, cache_dir)
 
 
 def test_inadmissible_gate_trains_when_allowed_warned_and_tagged(tmp_path, cache_dir, caplog, monkeypatch):
-    from harness.cell import run_task
+    from harness.cli import run_task
 
     (tmp_path / "badgates.py").write_text(BAD_GATES)
     monkeypatch.syspath_prepend(str(tmp_path))

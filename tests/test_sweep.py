@@ -15,10 +15,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from harness import tracking
-from harness.cell import cell_dir, cell_name, cell_overrides, config_hash, validate_cell
+from harness.cell import cell_dir, cell_name, config_hash, validate_cell
 from harness.config import CONF_DIR, SWEEPS_DIR
-from harness.sweep import cell_task
-from harness.sweeper import expand_arguments
+from harness.sweeping.base import expand_arguments
+from harness.sweeping.gate_sweeper import cell_task
+from harness.sweeping.grid import TIED_TAU_NEG_SCALE, cell_overrides
 from tests.conftest import REPO
 
 # A cell that trains 2 steps and evaluates 8 problems x 2 samples: seconds on a CPU.
@@ -72,11 +73,20 @@ def test_tau_modes_and_seed_axis():
     assert ["gate=sigmoid", "seed=1", "gate.tau_pos=2.0", "gate.tau_neg=3.0"] in separate
     custom = cell_overrides(["tests.custom_gate_module:F"], [1.0], [0])
     assert custom == [["gate=custom", "gate.name=tests.custom_gate_module:F", "seed=0", "gate.tau_pos=1.0",
-                       "gate.tau_neg=1.05"]]
+                       "gate.tau_neg=1.2"]]
     with pytest.raises(ValueError, match="tau_mode must be one of tied, separate"):
         cell_overrides(["sigmoid"], [1.0], [0], tau_mode="both")
     with pytest.raises(ValueError, match="tau_neg grid"):
         cell_overrides(["sigmoid"], [1.0], [0], tau_mode="separate")
+
+
+def test_one_tied_tau_neg_scale_default():
+    """The grid, the gate sweeper's node and the tied sweeps in sweeps/ share the paper's τ_neg / τ_pos = 12 / 10."""
+    from harness.sweeping.gate_sweeper import gate_sweeper_settings
+
+    assert gate_sweeper_settings({}).tau_neg_scale == TIED_TAU_NEG_SCALE == 1.2
+    for name in ("gates", "adaptive"):
+        assert compose_sweep(name, [], hydra_config=True).hydra.sweeper.tau_neg_scale == TIED_TAU_NEG_SCALE
 
 
 def test_command_line_sweeps_multiply_cells():
@@ -165,7 +175,7 @@ def test_paper_temperature_sweep_composes_the_temperature_study():
 
 
 def test_tau_pairs_accept_ints_from_the_command_line():
-    from harness.sweep import gate_sweeper_settings
+    from harness.sweeping.gate_sweeper import gate_sweeper_settings
 
     assert gate_sweeper_settings({"tau_pairs": [[10, 12]]}).tau_pairs == [[10, 12]]
     sw = compose_sweep("gates", ["hydra.sweeper.tau_pairs=[[10,12]]"], hydra_config=True).hydra.sweeper
@@ -183,7 +193,7 @@ def test_tau_pairs_replace_the_grid_and_are_checked():
 
 
 def test_one_baseline_job_per_model_and_evaluation():
-    from harness.sweep import baseline_jobs
+    from harness.sweeping.grid import baseline_jobs
 
     jobs = [["gate=erf", "seed=0"], ["gate=clip", "seed=1"], ["gate=erf", "seed=0", "eval.bench.arith.k=2"]]
     composed = [compose_sweep("gates", j) for j in jobs]
@@ -206,7 +216,7 @@ def nan_reward(texts, golds, problems):
 
 def test_a_nonzero_rank_trains_without_evaluating_or_logging(tmp_path, cache_dir, monkeypatch):
     """Under `accelerate launch` every rank runs `harness run`: rank 0 evaluates and logs, the others only train."""
-    from harness.cell import run_task
+    from harness.cli import run_task
 
     monkeypatch.setenv("RANK", "1")
     cfg = compose_sweep("gates", [*TINY, f"cache_dir={cache_dir}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from harness import keys as K
 from harness.gates import SIGMOID_HWHM, ClipGate, Gate, effective_tau, get_gate
 
 # Okabe-Ito colour-blind-safe palette; clip in black so it never competes with a smooth gate.
@@ -168,7 +169,7 @@ def study_figure(study: Any, trials: Sequence[Any], complete: Sequence[Any], pru
     from matplotlib.ticker import MaxNLocator
 
     best_number = study.best_trial.number if complete else None
-    tau = {t.number: t.user_attrs.get("tau_pos", t.params.get("tau_pos")) for t in trials}
+    tau = {t.number: t.user_attrs.get(K.TRIAL_TAU_POS, t.params.get(K.TRIAL_TAU_POS)) for t in trials}
     if complete:
         xs = [t.number for t in complete]
         ys = [t.value for t in complete]

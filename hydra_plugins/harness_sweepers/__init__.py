@@ -1,20 +1,20 @@
 """Hydra discovers sweepers only inside the ``hydra_plugins`` namespace: these are thin shims over the
-harness's own classes (harness.sweep, harness.tuning), plus their config-store entries."""
+harness's own classes (:mod:`harness.sweeping`), plus their config-store entries."""
 
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.sweeper import Sweeper
 
-from harness.sweep import GateSweeperConf, GateSweeperImpl
-from harness.tuning.settings import TuneSweeperConf
-from harness.tuning.sweeper import TuneSweeperImpl
+from harness.sweeping.gate_sweeper import GateSweeperConf, GateSweeperImpl
+from harness.sweeping.tune_settings import TuneSweeperConf
+from harness.sweeping.tune_sweeper import TuneSweeperImpl
 
 
 class GateSweeper(GateSweeperImpl, Sweeper):
-    """Every gate × τ × seed cell; see :mod:`harness.sweep`."""
+    """Every gate × τ × seed cell; see :mod:`harness.sweeping.gate_sweeper`."""
 
 
 class TuneSweeper(TuneSweeperImpl, Sweeper):
-    """Optuna ask/tell over τ, one study per gate; see :mod:`harness.tuning`."""
+    """Optuna ask/tell over τ, one study per gate; see :mod:`harness.sweeping.tune_sweeper`."""
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="harness_gates", node=GateSweeperConf, provider="harness")

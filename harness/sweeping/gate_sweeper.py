@@ -3,8 +3,8 @@
 ``harness sweep [NAME] [overrides]`` composes ``sweeps/NAME.yaml`` (default ``gates``), which includes
 ``conf/run.yaml`` and selects :class:`GateSweeperImpl` as the Hydra sweeper. The sweeper
 
-1. expands the cells (:func:`harness.cell.cell_overrides`: smooth gates over the τ grid, ``clip`` once at its ε,
-   times seeds, times any comma-separated command-line overrides),
+1. expands the cells (:mod:`harness.sweeping.grid`: smooth gates over the τ grid, ``clip`` once at its ε, times
+   seeds, times any comma-separated command-line overrides, plus the adaptive-τ cells and one baseline job),
 2. composes and validates every cell's config before any compute starts,
 3. creates the MLflow store, the experiment and one parent run in the driver,
 4. hands the cells to the configured Hydra launcher (basic, joblib, submitit) in batches,
@@ -29,20 +29,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness import tracking
-from harness.cell import (
-    BASELINE_KEYS,
-    TAU_MODES,
-    cell_dir,
-    cell_name,
-    cell_overrides,
-    config_hash,
-    gate_overrides,
-    local_result,
-    run_tracked,
-    upload_cell,
-)
+from harness.cell import cell_dir, cell_name, config_hash, local_result, run_tracked, upload_cell
 from harness.config import config_errors
-from harness.sweeper import SweeperBase, expand_arguments, job_result
+from harness.sweeping.base import SweeperBase, expand_arguments, job_result
+from harness.sweeping.grid import TAU_MODES, TIED_TAU_NEG_SCALE, adaptive_overrides, baseline_jobs, cell_overrides
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +45,7 @@ class GateSweeperConf:
     gates: list[str] = field(default_factory=lambda: ["sigmoid", "erf", "arctan", "softsign", "clip"])
     taus: list[float] = field(default_factory=lambda: [10.0])  # smooth gates' τ grid (τ_pos)
     tau_mode: str = "tied"  # tied: τ_neg = τ·tau_neg_scale | separate: τ_pos grid × tau_neg grid
-    tau_neg_scale: float = 1.2  # the paper's (10, 12)
+    tau_neg_scale: float = TIED_TAU_NEG_SCALE
     tau_neg: list[float] = field(default_factory=list)  # τ_neg grid for tau_mode=separate
     # explicit [[τ_pos, τ_neg], ...]: replaces the grid (typed loosely: OmegaConf refuses ints in nested float lists)
     tau_pairs: list[Any] = field(default_factory=list)
@@ -92,7 +82,8 @@ class GateSweeperImpl(SweeperBase):
             p = gate_sweeper_settings(self.params)
             cells = cell_overrides(p.gates, p.taus, p.seeds, tau_mode=p.tau_mode, tau_neg_scale=p.tau_neg_scale,
                                    tau_neg=p.tau_neg, tau_pairs=p.tau_pairs)
-            cells += adaptive_overrides(p)
+            cells += adaptive_overrides(p.gates, p.taus, p.seeds, p.eur_targets, tau_mode=p.tau_mode,
+                                        tau_neg_scale=p.tau_neg_scale, tau_neg=p.tau_neg, tau_pairs=p.tau_pairs)
             axes = [[f"{key}={v}" for v in values] for key, values in p.axes.items()]
             jobs = [cell + list(axis) + extra for cell in cells for axis in itertools.product(*axes)
                     for extra in expand_arguments(arguments)]
@@ -122,38 +113,6 @@ class GateSweeperImpl(SweeperBase):
             self.write_report(first, store)
         self.raise_if_incomplete(summary)  # after the summary: failed cells exit 1, results awaiting upload exit 3
         return returns
-
-
-def adaptive_overrides(p: GateSweeperConf) -> list[list[str]]:
-    """The ``eur_targets`` cells: every smooth gate × target × seed with ``gate.tau_schedule=eur_target``, τ
-    starting at the grid's first pair."""
-    if not p.eur_targets:
-        return []
-    smooth = [g for g in p.gates if g != "clip"]
-    if not smooth:
-        raise ValueError("hydra.sweeper.eur_targets needs a smooth gate in hydra.sweeper.gates (clip has no τ)")
-    bad = [t for t in p.eur_targets if not 0 < float(t) < 1]
-    if bad:
-        raise ValueError(f"hydra.sweeper.eur_targets must lie in (0, 1), got {bad}")
-    start = cell_overrides(smooth[:1], p.taus[:1], p.seeds[:1], tau_mode=p.tau_mode, tau_neg_scale=p.tau_neg_scale,
-                           tau_neg=p.tau_neg[:1], tau_pairs=p.tau_pairs[:1])[0][-2:]  # the first gate.tau_pos/neg
-    return [[*gate_overrides(g), f"seed={s}", *start, "gate.tau_schedule=eur_target", f"gate.eur_target={float(t)}"]
-            for g in smooth for t in p.eur_targets for s in p.seeds]
-
-
-def baseline_jobs(jobs: Sequence[list[str]], composed: Sequence[DictConfig]) -> list[list[str]]:
-    """One ``role=baseline`` job per distinct (model, evaluation) among the cells that evaluate: the starting
-    checkpoint, evaluated once per sweep whatever the gates, temperatures and seeds."""
-    out, seen = [], set()
-    for job, cfg in zip(jobs, composed, strict=True):
-        if not cfg.eval.get("enabled", True):
-            continue
-        key = json.dumps({k: OmegaConf.to_container(cfg[k], resolve=True) for k in BASELINE_KEYS}, sort_keys=True,
-                         default=str)
-        if key not in seen:
-            seen.add(key)
-            out.append([*job, "role=baseline"])
-    return out
 
 
 STATUSES = ("finished", "skipped", "uploaded", "pending", "failed")  # pending: done before, still awaiting upload

@@ -15,8 +15,8 @@ from omegaconf import DictConfig, open_dict
 from harness import keys as K
 from harness import tracking
 from harness.cell import cell_name, config_hash, run_tracked
-from harness.tuning.settings import objective_value, tune_settings
-from harness.tuning.study import make_pruner, make_storage, trial_id_of
+from harness.sweeping.study import make_pruner, make_storage, trial_id_of
+from harness.sweeping.tune_settings import objective_value, tune_settings
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from harness import keys as K
-from harness.cell import TAU_MODES
+from harness.sweeping.grid import TAU_MODES
 
 PRUNERS = ("none", "median", "hyperband")
 SAMPLERS = ("tpe", "random")

@@ -17,7 +17,7 @@ Optuna ask/tell loop:
    sampler is seeded with ``seed + number of existing trials``, so a resumed study does not re-propose the points
    it already tried.
 4. Trials are asked ``tune.n_jobs`` at a time and handed to the launcher as one batch; each job
-   (:func:`harness.tuning.trial.trial_task`) reopens the study from the storage, builds
+   (:func:`harness.sweeping.trial.trial_task`) reopens the study from the storage, builds
    ``optuna.trial.Trial(study, trial_id)``, trains the cell in an MLflow child run (tags ``study`` and
    ``trial``), reports a moving average of an intermediate training metric after every optimizer step and raises
    ``optuna.TrialPruned`` out of ``on_step`` when the pruner says so (the backend then stops). The driver tells
@@ -43,12 +43,11 @@ from omegaconf import DictConfig
 
 from harness import keys as K
 from harness import tracking
-from harness.cell import gate_overrides, override_value, validate_cell
+from harness.cell import validate_cell
 from harness.config import config_errors, sigterm_as_exit, slug
-from harness.sweeper import SweeperBase, job_result
-from harness.tracking import mask_url
-from harness.tuning.settings import TuneConf, check_objective, tune_settings
-from harness.tuning.study import (
+from harness.sweeping.base import SweeperBase, job_result
+from harness.sweeping.grid import gate_overrides, override_value
+from harness.sweeping.study import (
     Heartbeat,
     count_states,
     distributions,
@@ -64,6 +63,8 @@ from harness.tuning.study import (
     trial_id_of,
     trials_to_ask,
 )
+from harness.sweeping.tune_settings import TuneConf, check_objective, tune_settings
+from harness.tracking import mask_url
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "tune_summary.json"
@@ -221,8 +222,8 @@ class TuneSweeperImpl(SweeperBase):
             for trial in batch:
                 heartbeat.add(trial_id_of(storage, plan.study_name, trial.number))
                 tau_pos, tau_neg = taus_of(trial.params, s)
-                trial.set_user_attr("tau_pos", tau_pos)
-                trial.set_user_attr("tau_neg", tau_neg)
+                trial.set_user_attr(K.TRIAL_TAU_POS, tau_pos)
+                trial.set_user_attr(K.TRIAL_TAU_NEG, tau_neg)
                 trial.set_user_attr("gate", plan.gate)
                 jobs.append(self._trial_overrides(user, plan.gate_overrides, tau_pos, tau_neg, plan.study_name,
                                                   storage_url, trial.number, sweep_dir))
@@ -243,8 +244,8 @@ class TuneSweeperImpl(SweeperBase):
                 result = job_result(ret, job)
                 state = tell(study, storage, trial, result)
                 results.append({"study": plan.study_name, "gate": plan.gate, "trial": trial.number,
-                                "state": state, "tau_pos": trial.user_attrs.get("tau_pos"),
-                                "tau_neg": trial.user_attrs.get("tau_neg"), **result})
+                                "state": state, "tau_pos": trial.user_attrs.get(K.TRIAL_TAU_POS),
+                                "tau_neg": trial.user_attrs.get(K.TRIAL_TAU_NEG), **result})
         return study_summary(study, s)
 
 
@@ -294,7 +295,8 @@ def format_summary(summary: Mapping[str, Any], studies: Mapping[str, Mapping[str
         except Exception as exc:  # the table is a convenience; the summary above already has the numbers
             lines.append(f"  (trials table unavailable: {exc})")
             continue
-        keep = [c for c in ("number", "state", "value", "params_tau_pos", "params_tau_neg", "user_attrs_tau_neg",
-                            "user_attrs_last_step", "duration") if c in df.columns]
+        columns = ("number", "state", "value", f"params_{K.TRIAL_TAU_POS}", f"params_{K.TRIAL_TAU_NEG}",
+                   f"user_attrs_{K.TRIAL_TAU_NEG}", "user_attrs_last_step", "duration")
+        keep = [c for c in columns if c in df.columns]
         lines.append(df[keep].to_string(index=False))
     return "\n".join(lines)

@@ -11,8 +11,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.cell import tied_tau_neg
-from harness.tuning.settings import TuneConf
+from harness import keys as K
+from harness.sweeping.grid import tied_tau_neg
+from harness.sweeping.tune_settings import TuneConf
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +72,23 @@ def distributions(s: TuneConf) -> dict[str, Any]:
     """Optuna distributions of the search space (one parameter when τ is tied)."""
     from optuna.distributions import FloatDistribution
 
-    out = {"tau_pos": FloatDistribution(s.tau_pos.low, s.tau_pos.high, log=s.tau_pos.log)}
+    out = {K.TRIAL_TAU_POS: FloatDistribution(s.tau_pos.low, s.tau_pos.high, log=s.tau_pos.log)}
     if s.tau_mode == "separate":
-        out["tau_neg"] = FloatDistribution(s.tau_neg.low, s.tau_neg.high, log=s.tau_neg.log)
+        out[K.TRIAL_TAU_NEG] = FloatDistribution(s.tau_neg.low, s.tau_neg.high, log=s.tau_neg.log)
     return out
 
 
 def taus_of(params: Mapping[str, float], s: TuneConf) -> tuple[float, float]:
     """(τ_pos, τ_neg) of a trial's parameters."""
-    tau_pos = float(params["tau_pos"])
-    tau_neg = float(params["tau_neg"]) if s.tau_mode == "separate" else tied_tau_neg(tau_pos, s.tau_neg_scale)
+    tau_pos = float(params[K.TRIAL_TAU_POS])
+    tau_neg = float(params[K.TRIAL_TAU_NEG]) if s.tau_mode == "separate" else tied_tau_neg(tau_pos, s.tau_neg_scale)
     return tau_pos, tau_neg
 
 
 def range_corners(s: TuneConf) -> list[tuple[float, float]]:
     """The (τ_pos, τ_neg) pairs at the ends of the search range: validating these validates the whole box."""
     if s.tau_mode == "tied":
-        return [taus_of({"tau_pos": t}, s) for t in (s.tau_pos.low, s.tau_pos.high)]
+        return [taus_of({K.TRIAL_TAU_POS: t}, s) for t in (s.tau_pos.low, s.tau_pos.high)]
     return [(a, b) for a in (s.tau_pos.low, s.tau_pos.high) for b in (s.tau_neg.low, s.tau_neg.high)]
 
 
@@ -226,6 +227,7 @@ def study_summary(study: Any, s: TuneConf) -> dict[str, Any]:
     if complete:
         best = study.best_trial
         out.update({"best_value": best.value, "best_trial": best.number, "best_params": dict(best.params),
-                    "best_tau_pos": best.user_attrs.get("tau_pos"), "best_tau_neg": best.user_attrs.get("tau_neg"),
+                    "best_tau_pos": best.user_attrs.get(K.TRIAL_TAU_POS),
+                    "best_tau_neg": best.user_attrs.get(K.TRIAL_TAU_NEG),
                     "best_run_id": best.user_attrs.get("run_id")})
     return out

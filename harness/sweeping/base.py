@@ -1,7 +1,7 @@
 """What every harness sweeper does around its cells: compose and check them before any compute, open the store and
 the parent run, build the embedded model once, hand jobs to the Hydra launcher, read the jobs' results back, and
-write the report. The gate sweeper (:mod:`harness.sweep`) and the Optuna sweeper (:mod:`harness.tuning`) differ
-only in which cells they launch.
+write the report. The gate sweeper (:mod:`harness.sweeping.gate_sweeper`) and the Optuna sweeper
+(:mod:`harness.sweeping.tune_sweeper`) differ only in which cells they launch.
 """
 
 from __future__ import annotations
