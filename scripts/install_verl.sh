@@ -42,7 +42,7 @@ print("verl", verl.__version__, "harness losses:", ", ".join(names))
 case "$VENV" in /*) PY="$VENV/bin/python" ;; *) PY="$(pwd)/$VENV/bin/python" ;; esac
 check() {
   if [ "${1:-}" = env ]; then
-    (cd / && VERL_USE_EXTERNAL_MODULES=harness.verl_plugin "$PY" -c "$PROBE" 2>/dev/null)
+    (cd / && VERL_USE_EXTERNAL_MODULES=harness.backends.verl_plugin "$PY" -c "$PROBE" 2>/dev/null)
   else
     (cd / && env -u VERL_USE_EXTERNAL_MODULES -u PYTHONPATH "$PY" -c "$PROBE" 2>/dev/null)
   fi
@@ -94,10 +94,10 @@ if check; then
   :
 elif check env; then
   echo "install_verl: WARNING: no verl.plugins entry point (pyproject.toml needs [project.entry-points.\"verl.plugins\"]" \
-       "harness = \"harness.verl_plugin\"); the backend still works through VERL_USE_EXTERNAL_MODULES" >&2
+       "harness = \"harness.backends.verl_plugin\"); the backend still works through VERL_USE_EXTERNAL_MODULES" >&2
 else
   echo "install_verl: verl or the harness plugin does not load in $VENV:" >&2
-  VERL_USE_EXTERNAL_MODULES=harness.verl_plugin "$VENV/bin/python" -c "$PROBE" >&2 || true
+  VERL_USE_EXTERNAL_MODULES=harness.backends.verl_plugin "$VENV/bin/python" -c "$PROBE" >&2 || true
   exit 1
 fi
 echo "install_verl: done in $(( $(date +%s) - start )) s; size $(du -sh "$VENV" | cut -f1)"

@@ -24,8 +24,8 @@ from harness.backends.verl import (
     verl_rows,
     write_parquet,
 )
+from harness.backends.verl_plugin import compute_score, loss_name, registered_loss_names
 from harness.gates import BUILTIN_GATES
-from harness.verl_plugin import compute_score, loss_name, registered_loss_names
 from tests.conftest import REPO, compose
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
@@ -90,8 +90,8 @@ def test_overrides_carry_the_recipe():
     assert ov["+reward.custom_reward_function.reward_kwargs.format_mode"] == "graded"
     assert ov["trainer.total_training_steps"] == "2500"  # x ppo_epochs 2 = the paper's 5,000 optimizer steps
     assert ov[f"{arr}.actor.ppo_micro_batch_size_per_gpu"] == "1"
-    assert ov["reward.custom_reward_function.path"] == "'pkg://harness.verl_plugin'"
-    assert ov["+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES"] == "'harness.verl_plugin'"
+    assert ov["reward.custom_reward_function.path"] == "'pkg://harness.backends.verl_plugin'"
+    assert ov["+ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES"] == "'harness.backends.verl_plugin'"
     assert ov["+ray_kwargs.ray_init.runtime_env.env_vars.HARNESS_VERL_WIDTH"] == "'hwhm'"
     assert "+ray_kwargs.ray_init.address" not in ov
     ov = dict(o.split("=", 1) for o in verl_overrides(_paper_cfg("backend.ray_address=auto", "train.loss.kl_beta=0.01",
@@ -181,7 +181,7 @@ needs_verl = pytest.mark.skipif(not VERL_PYTHON.exists(),
 _PROBE = textwrap.dedent(r'''
     import json, os, sys
     import torch
-    import verl  # loads harness.verl_plugin through VERL_USE_EXTERNAL_MODULES
+    import verl  # loads harness.backends.verl_plugin through VERL_USE_EXTERNAL_MODULES
     from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY, agg_loss, get_policy_loss_fn
     from verl.workers.config import FSDPActorConfig
     from harness.gates import BUILTIN_GATES
@@ -300,7 +300,7 @@ def probe(tmp_path_factory) -> dict:
                                model_path="/models/policy", max_prompt_length=256)
     path = tmp_path_factory.mktemp("probe") / "overrides.json"
     path.write_text(json.dumps(overrides))
-    proc = _run_verl(_PROBE, str(path), env={"VERL_USE_EXTERNAL_MODULES": "harness.verl_plugin"})
+    proc = _run_verl(_PROBE, str(path), env={"VERL_USE_EXTERNAL_MODULES": "harness.backends.verl_plugin"})
     line = [x for x in proc.stdout.splitlines() if x.startswith("PROBE")]
     assert proc.returncode == 0 and line, proc.stderr[-4000:]
     return json.loads(line[-1][len("PROBE"):])
@@ -334,10 +334,10 @@ def test_verl_config_accepts_the_overrides(probe: dict):
     assert c["loss_mode"] == "harness_softsign" and c["ppo_epochs"] == 2 and c["n"] == 8
     assert c["loss_agg_mode"] == "seq-mean-token-mean" and c["response_length"] == 512
     assert (c["tau_pos"], c["tau_neg"]) == (1.0, 1.05)
-    assert c["reward_fn"] == ["pkg://harness.verl_plugin", "compute_score"]
+    assert c["reward_fn"] == ["pkg://harness.backends.verl_plugin", "compute_score"]
     assert c["reward_kwargs"] == {"format_weight": 0.5, "accuracy_weight": 1.0, "format_mode": "graded",
                                   "accuracy_fallbacks": []}
-    assert c["env_vars"]["VERL_USE_EXTERNAL_MODULES"] == "harness.verl_plugin"
+    assert c["env_vars"]["VERL_USE_EXTERNAL_MODULES"] == "harness.backends.verl_plugin"
     assert c["actor_dataclass"] == "FSDPActorConfig"
     assert probe["reward"] == {"score": 1.5, "format": 1.0, "accuracy": 1.0}
 
@@ -364,7 +364,7 @@ def test_entry_point_registers_every_gate_in_a_fresh_process(tmp_path: Path):
     dist = tmp_path / "harness_verl_entry_point-0.0.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: harness-verl-entry-point\nVersion: 0.0.0\n")
-    (dist / "entry_points.txt").write_text("[verl.plugins]\nharness = harness.verl_plugin\n")
+    (dist / "entry_points.txt").write_text("[verl.plugins]\nharness = harness.backends.verl_plugin\n")
     proc = _run_verl(_REGISTERED, env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])})
     assert _names(proc) == EXPECTED
     # and nothing registers without it (so the assertion above is about the entry point)
@@ -377,7 +377,7 @@ def test_installed_entry_point(tmp_path: Path):
     check = ("from importlib.metadata import entry_points as e; "
              "print('EP' + ','.join(x.value for x in e(group='verl.plugins')))")
     proc = _run_verl(check, env={"PYTHONPATH": ""})
-    if "harness.verl_plugin" not in proc.stdout:
+    if "harness.backends.verl_plugin" not in proc.stdout:
         pytest.skip("the harness is not installed with its verl.plugins entry point in the verl environment")
     assert _names(_run_verl(_REGISTERED, env={"PYTHONPATH": ""})) == EXPECTED
 

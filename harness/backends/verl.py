@@ -9,10 +9,10 @@ only writes files and starts that interpreter, it never imports verl. The pieces
    tokenizer's chat template, the same call :func:`harness.prompts.render_prompt` makes —,
    ``reward_model.ground_truth``, ``extra_info``);
 2. loss: ``actor.policy_loss.loss_mode=harness_<gate>``, registered in every verl process by
-   :mod:`harness.verl_plugin` (entry point ``verl.plugins``, with ``VERL_USE_EXTERNAL_MODULES`` and
+   :mod:`harness.backends.verl_plugin` (entry point ``verl.plugins``, with ``VERL_USE_EXTERNAL_MODULES`` and
    ``actor_rollout_ref.model.external_lib`` as fallbacks, passed to the Ray workers through
    ``ray_kwargs.ray_init.runtime_env.env_vars``);
-3. reward: ``reward.custom_reward_function`` = :func:`harness.verl_plugin.compute_score`;
+3. reward: ``reward.custom_reward_function`` = :func:`harness.backends.verl_plugin.compute_score`;
 4. metrics: verl's ``file`` logger (JSON lines at ``<output_dir>/verl_metrics.jsonl``), read while the
    run goes and turned into the history / ``on_step`` calls;
 5. checkpoints: ``actor.checkpoint.save_contents`` includes ``hf_model``, so every
@@ -73,7 +73,7 @@ from harness.backends import StepCallback, TrainResult
 from harness.backends.common import mini_batch_size, start_training, validate_train_config
 from harness.config import REPO_ROOT, to_plain
 
-PLUGIN_MODULE = "harness.verl_plugin"
+PLUGIN_MODULE = "harness.backends.verl_plugin"
 METRICS_FILE = "verl_metrics.jsonl"
 LOG_FILE = "verl.log"
 DATA_SOURCE_PREFIX = "harness/"
@@ -126,9 +126,9 @@ def _hydra_quoted(text: str) -> str:
 
 
 def loss_env(cfg: Any) -> dict[str, str]:
-    """Environment variables that carry what verl's config cannot (read by :mod:`harness.verl_plugin`)."""
+    """Environment variables that carry what verl's config cannot (read by :mod:`harness.backends.verl_plugin`)."""
+    from harness.backends.verl_plugin import ENV_GATE, ENV_LOG_RATIO_CLIP, ENV_NU, ENV_RATIO_LEVEL, ENV_WIDTH
     from harness.gates import known_gates
-    from harness.verl_plugin import ENV_GATE, ENV_LOG_RATIO_CLIP, ENV_NU, ENV_RATIO_LEVEL, ENV_WIDTH
 
     env = {
         ENV_WIDTH: str(cfg.gate.width),
@@ -153,7 +153,7 @@ def verl_overrides(
     no model, no verl import). ``model_path`` defaults to ``cfg.model.path`` (else the preset name),
     ``train_file`` to ``<output_dir>/verl_data/train.parquet``, ``max_prompt_length`` to
     ``backend.max_prompt_length`` (else 512). ``backend.extra_overrides`` are appended last (they win)."""
-    from harness.verl_plugin import loss_name
+    from harness.backends.verl_plugin import loss_name
 
     t, g, bk = cfg.train, cfg.gate, cfg.backend
     if t.rollout_batch_size % t.num_generations:
@@ -194,7 +194,7 @@ def verl_overrides(
         ("data.seed", int(cfg.seed)),
         # model
         (f"{arr}.model.path", model_path),
-        (f"{arr}.model.external_lib", "harness.verl_plugin"),
+        (f"{arr}.model.external_lib", "harness.backends.verl_plugin"),
         (f"{arr}.model.use_remove_padding", bool(bk.get("use_remove_padding", True))),
         (f"{arr}.model.enable_gradient_checkpointing", bool(bk.get("enable_gradient_checkpointing", True))),
         # actor: the gate, its parameters, aggregation, PPO epochs = updates per rollout batch

@@ -46,9 +46,9 @@ The KL penalty is not part of this loss in verl: verl adds it itself (``actor.us
 
 How the module gets loaded in every process (driver, trainer and rollout workers): the ``verl.plugins``
 entry point (``import verl`` loads it; load errors are swallowed by verl, so the launcher also sets the
-fallback ``VERL_USE_EXTERNAL_MODULES=harness.verl_plugin``, which verl imports loudly).
+fallback ``VERL_USE_EXTERNAL_MODULES=harness.backends.verl_plugin``, which verl imports loudly).
 
-The reward: :func:`compute_score` (``reward.custom_reward_function.path=pkg://harness.verl_plugin``,
+The reward: :func:`compute_score` (``reward.custom_reward_function.path=pkg://harness.backends.verl_plugin``,
 ``name=compute_score``) is the native backend's reward,
 format_weight·format + accuracy_weight·[answer correct] (+ extra reward functions), judged by
 :mod:`harness.scoring`.
