@@ -208,3 +208,27 @@ GROUP_IGNORED_PREFIXES = ("output_dir", "resume", "cache_dir", "data_dir", "trac
 # tune.tau_mode=separate) and of its user attributes (both always: the pair the trial's cell trained with).
 TRIAL_TAU_POS = "tau_pos"
 TRIAL_TAU_NEG = "tau_neg"
+
+# ------------------------------------------------------------------------------------------------ report reads
+
+# MLflow params (flattened config keys) the report reads: a moving τ's ends (gate.tau_schedule linear / cosine) and
+# the settings the provenance section lists.
+PARAM_TAU_START = "gate.tau_start"
+PARAM_TAU_END = "gate.tau_end"
+PARAM_MODEL_NAME = "model.name"
+PARAM_MODEL_PATH = "model.path"
+PARAM_BACKEND_NAME = "backend.name"
+PARAM_ROLLOUT_TEMPERATURE = "train.rollout_temperature"
+PARAM_LOSS_AGG = "train.loss.agg"
+PARAM_RATIO_LEVEL = "train.loss.ratio_level"
+PARAM_GATE_WIDTH = "gate.width"
+PARAM_EVAL_ENGINE = "eval.engine"
+PARAM_EVAL_TEMPERATURE = "eval.temperature"
+PARAM_EVAL_TOP_P = "eval.top_p"
+# Evaluation metrics per benchmark: the decoding it ran with (samples per problem, the token limit of a sample).
+SAMPLES_PER_PROBLEM = "k"
+MAX_NEW_TOKENS = "max_new_tokens"
+# User attributes of a ``harness tune`` study (its objective and gate) and of a failed trial (why it failed).
+STUDY_OBJECTIVE = "objective"
+STUDY_GATE = "gate"
+TRIAL_FAIL_REASON = "fail_reason"

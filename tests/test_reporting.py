@@ -388,7 +388,7 @@ def test_against_the_paper_section_and_latex_table(store, tmp_path):
     html = reporting.write_report("paperlike", tracking_uri=uri, out_dir=out, log_to_mlflow=False).read_text()
     assert "(g) Against the paper" in html and "not the paper" in html  # the tiny model, not Qwen2.5-7B
     rows = json.loads((out / "report.json").read_text())["against_the_paper"]
-    ref = reporting.sections.paper_reference()
+    ref = reporting.sections.against_the_paper.paper_reference()
     assert [r["paper_row"] for r in rows] == [r["label"] for r in ref["rows"]]
     erf = next(r for r in rows if r["paper_row"] == "+ erf")
     assert erf["ours"] == "erf τ=10/12" and erf["gsm8k"]["paper"] == 82.7 and 0 <= erf["gsm8k"]["ours"] <= 1
@@ -477,3 +477,42 @@ def test_provenance_section_states_what_a_rerun_needs(report):
     assert prov["τ scaling (gate.width)"] == ["raw"]
     html = report["html"]
     assert "<h2>(k) Provenance" in html and "version: torch" in html and "git commit" in html
+
+
+def test_a_failing_section_becomes_a_note_and_one_that_does_not_apply_is_left_out(store, tmp_path, monkeypatch):
+    """build_sections walks SECTIONS in page order: a section that raises is a note titled by its function (the
+    others and their report.json numbers are still there), a section that returns None is not shown."""
+    from harness.reporting.data import load_experiment
+    from harness.reporting.render import Section
+
+    def broken_section(data):
+        raise RuntimeError("no such column")
+
+    def not_here(data):
+        return None
+
+    def numbers(data):
+        sec = Section("numbers")
+        sec.record["numbers"] = [1, 2]
+        return sec
+
+    monkeypatch.setattr(reporting, "SECTIONS", (broken_section, not_here, numbers))
+    record: dict = {}
+    sections = reporting.build_sections(load_experiment("bare", store["uri"], tmp_path), record)
+    assert [s.title for s in sections] == ["broken section", "numbers"]
+    assert sections[0].notes == ["This section failed: RuntimeError: no such column"]
+    assert record == {"numbers": [1, 2]}
+
+
+def test_the_verdict_and_power_sections_read_one_set_of_comparisons(store, tmp_path):
+    """The verdict's comparisons are computed once, on the experiment data, and both sections read those rows."""
+    from harness.reporting.data import load_experiment
+    from harness.reporting.sections import power, verdict
+
+    data = load_experiment("gates", store["uri"], tmp_path)
+    family = data.verdict_comparisons
+    assert family and data.verdict_comparisons is family
+    assert verdict.verdict(data).record["comparisons"] is family
+    rows = power.power_section(data).record["power"]
+    assert [(r["benchmark"], r["a"], r["b"], r["mde"]) for r in rows] == [
+        (r["benchmark"], r["a"], r["b"], r["mde"]) for r in family]

@@ -1,8 +1,13 @@
 """The comparison report of an MLflow experiment: ``harness report EXPERIMENT`` and :func:`write_report`.
 
-:mod:`~harness.reporting.data` reads the experiment (explicit client), :mod:`~harness.reporting.sections` and
-:mod:`~harness.reporting.tuning_section` build one section each, :mod:`~harness.reporting.figures` draws and
-:mod:`~harness.reporting.render` writes HTML and Markdown. ``reports/README.md`` says how each number is computed.
+:mod:`~harness.reporting.data` reads the experiment (explicit client) and computes once what several sections
+share; :mod:`~harness.reporting.comparisons` holds the statistics of a paired comparison;
+:mod:`~harness.reporting.sections` lists the sections in page order, one module each
+(:mod:`~harness.reporting.sections.verdict`, ``overview``, ``gate_shapes``, ``training_curves``, ``accuracy_table``,
+``paired``, ``tau_sensitivity``, ``optuna_tuning``, ``against_the_paper``, ``scorecard``, ``power``, ``adaptive``,
+``provenance``); :mod:`~harness.reporting.figures` draws, :mod:`~harness.reporting.render` writes HTML and Markdown
+and :mod:`~harness.reporting.latex` the accuracy table as LaTeX. ``reports/README.md`` says how each number is
+computed.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,28 +25,17 @@ import numpy as np
 
 from harness import keys as K
 from harness.config import slug
-from harness.reporting import sections as S
-from harness.reporting.adaptive_section import adaptive_section
 from harness.reporting.data import ExperimentData, load_experiment
 from harness.reporting.figures import plot_gate_shapes
-from harness.reporting.provenance_section import provenance_section
+from harness.reporting.latex import latex_table
 from harness.reporting.render import Section, render_html, render_markdown
-from harness.reporting.scorecard import scorecard_section
-from harness.reporting.tuning_section import optuna_section
+from harness.reporting.sections import SECTIONS
+from harness.reporting.sections.power import power_section
 from harness.tracking import mask_url
 
-__all__ = ["SECTIONS", "build_sections", "main", "plot_gate_shapes", "write_report"]
+__all__ = ["SECTIONS", "build_sections", "main", "plot_gate_shapes", "report_head", "write_report"]
 
 log = logging.getLogger(__name__)
-
-# In the order they are built (the verdict is then shown first, above the overview).
-SECTIONS: tuple[Callable[[ExperimentData, dict[str, Any]], Section], ...] = (
-    S.overview, S.verdict, S.gate_shapes, S.training_curves, S.accuracy_table, S.paired, S.tau_sensitivity,
-)
-# After the Optuna section (f) and the paper's (g): the scorecard, power, adaptive τ and provenance.
-LATE_SECTIONS: tuple[Callable[[ExperimentData, dict[str, Any]], Section], ...] = (
-    scorecard_section, S.power_section, adaptive_section, provenance_section,
-)
 
 
 def report_tracking_uri(uri: str | None) -> str:
@@ -50,25 +43,32 @@ def report_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def build_sections(data: ExperimentData, record: dict[str, Any], optuna_storage: str | None = None) -> list[Section]:
-    """Every section, verdict first; a section that raises becomes a note (one broken section must not cost the
-    others)."""
-    builders: list[Callable[[ExperimentData, dict[str, Any]], Section]] = [
-        *SECTIONS, lambda d, r: optuna_section(d, r, optuna_storage)]
-    names = [*(b.__name__ for b in SECTIONS), "optuna_section"]
-    if S.is_paper_experiment(data):
-        builders.append(S.against_the_paper)
-        names.append("against_the_paper")
-    builders += LATE_SECTIONS
-    names += [b.__name__ for b in LATE_SECTIONS]
+def report_head(data: ExperimentData) -> dict[str, Any]:
+    """The opening entries of report.json: the experiment, its store and benchmarks, the warnings its cells finished
+    with (when any) and its run counts (what the overview shows)."""
+    head: dict[str, Any] = {"experiment": data.name, "tracking_uri": data.tracking_uri, "benchmarks": data.benchmarks}
+    if data.run_warnings:
+        head["warnings"] = {name: warning for name, _, warning in data.run_warnings}
+    head["runs"] = data.run_counts
+    return head
+
+
+def build_sections(data: ExperimentData, record: dict[str, Any] | None = None) -> list[Section]:
+    """Every section of :data:`~harness.reporting.sections.SECTIONS` that applies, in page order (the verdict
+    first); a section that raises becomes a note (one broken section must not cost the others). ``record``, when
+    given, receives each section's numbers in the same order (report.json after its :func:`report_head`)."""
     out = []
-    for build, name in zip(builders, names, strict=True):
+    for build in SECTIONS:
         try:
-            out.append(build(data, record))
+            sec = build(data)
         except Exception as exc:
-            log.exception("report section %s failed", name)
-            out.append(Section(name.replace("_", " "), notes=[f"This section failed: {type(exc).__name__}: {exc}"]))
-    out[0], out[1] = out[1], out[0]
+            log.exception("report section %s failed", build.__name__)
+            sec = Section(build.__name__.replace("_", " "), notes=[f"This section failed: {type(exc).__name__}: {exc}"])
+        if sec is None:  # does not apply to this experiment
+            continue
+        out.append(sec)
+        if record is not None:
+            record.update(sec.record)
     return out
 
 
@@ -82,13 +82,12 @@ def write_report(experiment: str, *, tracking_uri: str | None = None, out_dir: s
     uri = report_tracking_uri(tracking_uri)
     out = Path(out_dir) if out_dir is not None else Path.cwd() / "reports" / slug(experiment)
     with tempfile.TemporaryDirectory(prefix="harness-report-") as work:
-        data = load_experiment(experiment, uri, Path(work))
+        data = load_experiment(experiment, uri, Path(work), optuna_storage=optuna_storage)
         out.mkdir(parents=True, exist_ok=True)
         for old in out.glob("fig_*.png"):  # figures of a previous report that this one may not redraw
             old.unlink()
-        record: dict[str, Any] = {"experiment": data.name, "tracking_uri": data.tracking_uri,
-                                  "benchmarks": data.benchmarks}
-        sections = build_sections(data, record, optuna_storage)
+        record = report_head(data)
+        sections = build_sections(data, record)
     title = f"Gate comparison report: {experiment}"
     meta = (f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from MLflow {mask_url(data.tracking_uri)}, experiment "
             f"id {data.experiment_id}; every number is read from MLflow (metrics, histories, per-sample artifacts) "
@@ -101,7 +100,7 @@ def write_report(experiment: str, *, tracking_uri: str | None = None, out_dir: s
     (out / "report.md").write_text(render_markdown(title, sections, meta), encoding="utf-8")
     (out / "report.json").write_text(json.dumps(record, indent=2, default=_json_default), encoding="utf-8")
     if data.acc:
-        (out / "table.tex").write_text(S.latex_table(data), encoding="utf-8")
+        (out / "table.tex").write_text(latex_table(data), encoding="utf-8")
     if log_to_mlflow:
         _log_report(data, out)
     return html_path
@@ -112,10 +111,9 @@ def power_report(experiment: str, *, tracking_uri: str | None = None) -> str:
     and the seeds a 2-point difference needs, then the one-sentence summary."""
     with tempfile.TemporaryDirectory(prefix="harness-report-") as work:
         data = load_experiment(experiment, report_tracking_uri(tracking_uri), Path(work))
-        record: dict[str, Any] = {}
-        sec = S.power_section(data, record)
+        sec = power_section(data)
     lines = [f"power of the verdict's comparisons in {experiment!r} (two-sided, alpha 0.05, 80% power)"]
-    for r in record.get("power", []):
+    for r in data.verdict_comparisons:
         need = r["seeds_needed"] if r["seeds_needed"] is not None else f"- ({r['power_note']})"
         lines.append(f"  {r['benchmark']}: {r['a']} - {r['b']} ({len(r['seeds'])} seeds x {r['n']} problems): "
                      f"SE {r['se']:.4f}, detectable {r['mde']:.3f}; seeds for {r['effect']:g}: {need}")

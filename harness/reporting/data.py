@@ -4,6 +4,10 @@ A *cell* is the latest FINISHED run of one config hash; a *group* is the cells t
 τ × everything else), which is what tables and curves aggregate over. Every metric a section reads goes through
 :meth:`ExperimentData.metric_column` or :meth:`ExperimentData.history` by a name built with :mod:`harness.keys`, and
 is recorded in :attr:`ExperimentData.keys_read` (``tests/test_keys.py`` checks those against a real cell).
+
+What several sections share is computed here once, on first use, and kept: the accuracies
+(:attr:`ExperimentData.acc`), the paired comparisons of the verdict (:attr:`ExperimentData.verdict_comparisons`,
+which the power section and ``harness report --power`` read as well) and the run counts of the report's head.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from harness import keys as K
+from harness.reporting.comparisons import EFFECT, adjust, paired_difference
 from harness.stats import interquartile_mean, per_problem_correct, seed_interval, two_stage_interval
 
 BASELINE = "base"  # harness.cell.BASELINE_GATE: the starting checkpoint's evaluation, no RL
@@ -124,8 +130,8 @@ def group_cells(cells: pd.DataFrame) -> list[Group]:
             if schedule == "eur_target":
                 label = f"{name} EUR→{float_or_none(first.get(f'tags.{K.TAG_EUR_TARGET}')):g}"
             elif schedule != "constant":
-                start = float_or_none(first.get("params.gate.tau_start")) or tp
-                end = float_or_none(first.get("params.gate.tau_end")) or tp
+                start = float_or_none(first.get(f"params.{K.PARAM_TAU_START}")) or tp
+                end = float_or_none(first.get(f"params.{K.PARAM_TAU_END}")) or tp
                 label = f"{name} τ {start:g}→{end:g} ({schedule})"
         groups.append(Group(key, label, gate, tp, tn, eps,
                             rows.sort_values(f"tags.{K.TAG_SEED}").reset_index(drop=True), nu, schedule))
@@ -157,6 +163,7 @@ class ExperimentData:
     groups: list[Group]
     benchmarks: list[str]
     work: Path  # where artifacts are downloaded to
+    optuna_storage: str | None = None  # the studies' storage when given (else the one tagged on the tuning run)
     keys_read: set[str] = field(default_factory=set)
     acc: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (group key, bench) -> accuracy
     _samples: dict[tuple[str, str], list[dict[str, Any]] | None] = field(default_factory=dict)
@@ -191,8 +198,9 @@ class ExperimentData:
     def last_pass(self, row: pd.Series) -> int:
         """k of the last optimizer pass over a rollout batch that has ratio metrics (``train/it{k}/ratio_std``)."""
         ks = []
+        prefix = f"metrics.{K.TRAIN}/"
         for col in row.index:
-            parsed = K.parse_pass_key(col[len("metrics.train/"):]) if col.startswith("metrics.train/") else None
+            parsed = K.parse_pass_key(col[len(prefix):]) if col.startswith(prefix) else None
             if parsed is not None and parsed[1] == K.RATIO_STD and pd.notna(row[col]):
                 ks.append(parsed[0])
         return max(ks, default=1)
@@ -303,9 +311,62 @@ class ExperimentData:
         r = self.metric_column(g.runs, K.train_key(K.REWARD))
         return float(r.mean()) if r is not None and r.notna().any() else float("-inf")
 
+    def compare(self, a: Group, b: Group, bench: str, *, effect: float = EFFECT) -> dict[str, Any] | None:
+        """``a`` minus ``b`` on ``bench``, paired by seed and problem
+        (:func:`~harness.reporting.comparisons.paired_difference`); None without per-sample records or without a
+        problem both have."""
+        ma, mb = self.seed_problem_matrix(a, bench), self.seed_problem_matrix(b, bench)
+        if ma is None or mb is None:
+            return None
+        diff = paired_difference(ma, mb, effect=effect)
+        if diff is None:
+            return None
+        return {"benchmark": bench, "a": a.label, "b": b.label, "gate_a": a.gate, "gate_b": b.gate,
+                "run_ids_a": a.run_ids, "run_ids_b": b.run_ids, **diff}
 
-def load_experiment(experiment: str, tracking_uri: str, work: Path) -> ExperimentData:
-    """Every run of ``experiment`` and its cells grouped by configuration (``ValueError`` if it does not exist)."""
+    @cached_property
+    def verdict_comparisons(self) -> list[dict[str, Any]]:
+        """The verdict's family: per benchmark, the best trained configuration against the best configuration of
+        each other gate, with Holm-adjusted p-values over all of them (``p_holm``, ``survives`` at α = 0.05).
+        Computed once; the verdict, the power section and ``harness report --power`` read these rows."""
+        out: list[dict[str, Any]] = []
+        for bench in self.benchmarks:
+            win = self.best(bench)
+            if win is None:
+                continue
+            for gate in dict.fromkeys(g.gate for g in self.trained if g.gate != win.gate):
+                other = self.best(bench, [g for g in self.trained if g.gate == gate])
+                row = None if other is None else self.compare(win, other, bench)
+                if row is not None:
+                    out.append(row)
+        adjust(out)
+        return out
+
+    # -- what the experiment holds (the head of report.json, shown by the overview) ---------------------------------
+
+    @cached_property
+    def run_counts(self) -> dict[str, Any]:
+        """Cell runs (every status) and how many ended in each status, sweep/tune parent runs, cells (latest
+        FINISHED run per config hash) and configurations."""
+        cell_runs = self.runs[self.runs[f"tags.{K.TAG_CONFIG_HASH}"].notna()]
+        status = cell_runs["status"].value_counts().to_dict() if not cell_runs.empty else {}
+        return {"cell_runs": len(cell_runs), "status": status,
+                "parent_runs": int(self.runs[f"tags.{K.TAG_SWEEP}"].notna().sum()), "cells": len(self.cells),
+                "groups": len(self.groups)}
+
+    @cached_property
+    def run_warnings(self) -> list[tuple[str, str, str]]:
+        """``(run name, run id, warning)`` of every cell that finished with a warning (e.g. no learning signal)."""
+        col = f"tags.{K.TAG_WARNING}"
+        warned = self.cells[self.cells[col].notna()] if col in self.cells else self.cells[:0]
+        return [(str(r.get(f"tags.{K.TAG_RUN_NAME}", "")), str(r["run_id"]), str(r[col]))
+                for _, r in warned.iterrows()]
+
+
+def load_experiment(experiment: str, tracking_uri: str, work: Path, *,
+                    optuna_storage: str | None = None) -> ExperimentData:
+    """Every run of ``experiment`` and its cells grouped by configuration (``ValueError`` if it does not exist);
+    ``optuna_storage``: where its Optuna studies are, when the tuning run's tag does not say (or masks it)."""
     from mlflow.tracking import MlflowClient
 
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).exists():
@@ -338,4 +399,5 @@ def load_experiment(experiment: str, tracking_uri: str, work: Path) -> Experimen
             benches.add(parsed[0])
     order = {b: i for i, b in enumerate(BENCH_ORDER)}
     return ExperimentData(experiment, exp.experiment_id, tracking_uri, client, runs.reset_index(drop=True), cells,
-                          group_cells(cells), sorted(benches, key=lambda b: (order.get(b, len(order)), b)), work)
+                          group_cells(cells), sorted(benches, key=lambda b: (order.get(b, len(order)), b)), work,
+                          optuna_storage)

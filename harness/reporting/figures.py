@@ -163,7 +163,7 @@ def study_figure(study: Any, trials: Sequence[Any], complete: Sequence[Any], pru
                   objective: str) -> Any:
     """One Optuna study: objective by trial, against τ_pos, and the intermediate values the pruner saw."""
     plt = pyplot()
-    color = gate_color(str(study.user_attrs.get("gate", "")))
+    color = gate_color(str(study.user_attrs.get(K.STUDY_GATE, "")))
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.6))
     maximize = study.direction.name == "MAXIMIZE"
     from matplotlib.ticker import MaxNLocator

@@ -1,5 +1,5 @@
-"""The report's building blocks (sections of paragraphs, notes, tables and figures) and their two renderings:
-one self-contained HTML page and its Markdown twin."""
+"""The report's building blocks (sections of paragraphs, notes, tables and figures, and the numbers each adds to
+report.json) and their two renderings: one self-contained HTML page and its Markdown twin."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import html
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Section:
     notes: list[str] = field(default_factory=list)  # what is missing or approximate
     tables: list[Table] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)  # its numbers for report.json, at full precision
 
 
 _CSS = """

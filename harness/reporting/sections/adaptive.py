@@ -8,9 +8,10 @@ import math
 from typing import Any
 
 from harness import keys as K
-from harness.reporting.comparisons import adjust, compare
+from harness.reporting.comparisons import adjust
 from harness.reporting.data import ExperimentData, Group, float_or_none
 from harness.reporting.render import Section, Table
+from harness.reporting.sections.text import seed_interval_text
 from harness.stability import over_seeds
 
 
@@ -33,31 +34,22 @@ def trajectory(data: ExperimentData, g: Group) -> dict[str, Any]:
             "tau_last_range": (min(last), max(last)) if last else None, "eur_late": over_seeds(eur, bounds=(0.0, 1.0))}
 
 
-def _interval(v: dict[str, Any], fmt: str = ".3g") -> str:
-    if not math.isfinite(v["mean"]):
-        return "—"
-    text = f"{v['mean']:{fmt}}"
-    if v["n_seeds"] > 1:
-        text += f" [{v['ci_low']:{fmt}}, {v['ci_high']:{fmt}}]"
-    return text
-
-
-def adaptive_section(data: ExperimentData, record: dict[str, Any]) -> Section:
+def adaptive_section(data: ExperimentData) -> Section:
     """Moving-τ configurations against the best fixed τ of their gate (module docstring)."""
     sec = Section("(j) Adaptive temperature against the best fixed τ")
     moving = [g for g in data.trained if g.smooth and not g.fixed_tau]
-    record["adaptive"] = {"trajectories": [], "comparisons": []}
+    sec.record["adaptive"] = {"trajectories": [], "comparisons": []}
     if not moving:
         sec.notes.append("No configuration with a moving τ (gate.tau_schedule): see sweeps/adaptive.yaml.")
         return sec
     trajectories = [trajectory(data, g) for g in moving]
-    record["adaptive"]["trajectories"] = trajectories
+    sec.record["adaptive"]["trajectories"] = trajectories
     rows = []
     for t in trajectories:
         rng = t["tau_last_range"]
         rows.append([t["group"], t["schedule"], "—" if t["eur_target"] is None else f"{t['eur_target']:g}",
-                     _interval(t["tau_first"]), _interval(t["tau_last"]),
-                     "—" if rng is None else f"{rng[0]:.3g}–{rng[1]:.3g}", _interval(t["eur_late"], ".3f")])
+                     seed_interval_text(t["tau_first"]), seed_interval_text(t["tau_last"]),
+                     "—" if rng is None else f"{rng[0]:.3g}–{rng[1]:.3g}", seed_interval_text(t["eur_late"], ".3f")])
     sec.tables.append(Table(["configuration", "schedule", "EUR target", "τ_pos at step 1", "τ_pos at the last step",
                              "last τ_pos, min–max over seeds", "EUR, second half of training"], rows,
                             caption="Mean over seeds [Student-t 95% interval over seeds]. EUR: the last pass over "
@@ -70,7 +62,7 @@ def adaptive_section(data: ExperimentData, record: dict[str, Any]) -> Section:
             if best is None:
                 missing.append(f"{g.label} on {bench}: no fixed-τ {g.gate} configuration evaluated")
                 continue
-            c = compare(data, g, best, bench)
+            c = data.compare(g, best, bench)
             if c is None:
                 missing.append(f"{g.label} vs {best.label} on {bench}: no per-sample records")
                 continue
@@ -105,5 +97,5 @@ def adaptive_section(data: ExperimentData, record: dict[str, Any]) -> Section:
         "finding, while 'fixed τ better' may partly be that selection. 'Undecided' means the interval includes 0; "
         "the number is the difference this many seeds and problems could detect with 80% power, so a smaller true "
         "difference is not ruled out.")
-    record["adaptive"]["comparisons"] = comparisons
+    sec.record["adaptive"]["comparisons"] = comparisons
     return sec

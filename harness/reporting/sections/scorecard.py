@@ -10,6 +10,7 @@ from harness import keys as K
 from harness.reporting.data import ExperimentData, Group
 from harness.reporting.figures import gate_color, png, pyplot
 from harness.reporting.render import Figure, Section, Table
+from harness.reporting.sections.text import seed_interval_text
 from harness.stability import METRIC_RANGE, SCORECARD, over_seeds, run_scorecard
 
 # The per-step series a scorecard reads: history name -> (metric, per-pass?)
@@ -33,26 +34,17 @@ def group_scorecard(data: ExperimentData, g: Group) -> dict[str, Any]:
     return {"group": g.label, "gate": g.gate, "run_ids": g.run_ids, "per_run": per_run, "metrics": summary}
 
 
-def _cell(v: dict[str, Any]) -> str:
-    if not math.isfinite(v["mean"]):
-        return "—"
-    text = f"{v['mean']:.3g}"
-    if v["n_seeds"] > 1 and math.isfinite(v["ci_low"]):
-        text += f" [{v['ci_low']:.3g}, {v['ci_high']:.3g}]"
-    return text
-
-
-def scorecard_section(data: ExperimentData, record: dict[str, Any]) -> Section:
+def scorecard_section(data: ExperimentData) -> Section:
     """The stability scorecard (definitions: harness.stability and reports/README.md)."""
     sec = Section("(h) Stability scorecard")
     groups = [g for g in data.trained if not g.runs.empty]
     cards = [group_scorecard(data, g) for g in groups]
     cards = [c for c in cards if any(math.isfinite(v["mean"]) for v in c["metrics"].values())]
-    record["scorecard"] = cards
+    sec.record["scorecard"] = cards
     if not cards:
         sec.notes.append("No training histories: no scorecard.")
         return sec
-    rows = [[c["group"], *(_cell(c["metrics"][m]) for m, _ in SCORECARD)] for c in cards]
+    rows = [[c["group"], *(seed_interval_text(c["metrics"][m]) for m, _ in SCORECARD)] for c in cards]
     collapsed = {i for i, c in enumerate(cards) if c["metrics"]["collapse_events"]["mean"] > 0}
     sec.tables.append(Table(["configuration", *(label for _, label in SCORECARD)], rows, worse=collapsed,
                             caption="Mean over seeds [Student-t 95% interval over seeds]; red: a collapse event in "
@@ -99,4 +91,3 @@ def _figure(cards: list[dict[str, Any]]) -> Any:
         ax.set_visible(False)
     fig.tight_layout()
     return fig
-

@@ -25,14 +25,14 @@ def _join(values: Iterable[str]) -> str:
     return ", ".join(values) if values else "—"
 
 
-def provenance_section(data: ExperimentData, record: dict[str, Any]) -> Section:
+def provenance_section(data: ExperimentData) -> Section:
     """Code, packages, hardware, seeds, decoding and loss settings of the cells in this report."""
     sec = Section("(k) Provenance")
     cells = data.cells
     prov: dict[str, Any] = {}
     if cells.empty:
         sec.notes.append("No finished cell: nothing to describe.")
-        record["provenance"] = prov
+        sec.record["provenance"] = prov
         return sec
     versions: dict[str, set[str]] = {}
     for blob in _values(cells, f"tags.{K.TAG_VERSIONS}"):
@@ -45,21 +45,21 @@ def provenance_section(data: ExperimentData, record: dict[str, Any]) -> Section:
     prov["git_dirty"] = _values(cells, f"tags.{K.TAG_GIT_DIRTY}")
     prov["host"] = _values(cells, f"tags.{K.TAG_HOST}")
     prov["seeds"] = sorted({s for g in data.trained for s in g.seeds}, key=lambda s: (len(s), s))
-    params = {"model": "params.model.name", "model path": "params.model.path", "backend": "params.backend.name",
-              "rollout temperature": "params.train.rollout_temperature", "aggregation": "params.train.loss.agg",
-              "ratio level": "params.train.loss.ratio_level", "τ scaling (gate.width)": "params.gate.width",
-              "evaluation engine": "params.eval.engine", "evaluation temperature": "params.eval.temperature",
-              "evaluation top-p": "params.eval.top_p"}
-    for label, col in params.items():
-        prov[label] = _values(cells, col)
+    params = {"model": K.PARAM_MODEL_NAME, "model path": K.PARAM_MODEL_PATH, "backend": K.PARAM_BACKEND_NAME,
+              "rollout temperature": K.PARAM_ROLLOUT_TEMPERATURE, "aggregation": K.PARAM_LOSS_AGG,
+              "ratio level": K.PARAM_RATIO_LEVEL, "τ scaling (gate.width)": K.PARAM_GATE_WIDTH,
+              "evaluation engine": K.PARAM_EVAL_ENGINE, "evaluation temperature": K.PARAM_EVAL_TEMPERATURE,
+              "evaluation top-p": K.PARAM_EVAL_TOP_P}
+    for label, param in params.items():
+        prov[label] = _values(cells, f"params.{param}")
     decoding = {}
     for b in data.benchmarks:
-        k = data.metric_column(cells, K.eval_key(b, "k"))
-        m = data.metric_column(cells, K.eval_key(b, "max_new_tokens"))
+        k = data.metric_column(cells, K.eval_key(b, K.SAMPLES_PER_PROBLEM))
+        m = data.metric_column(cells, K.eval_key(b, K.MAX_NEW_TOKENS))
         decoding[b] = {"k": sorted({int(x) for x in k.dropna()}) if k is not None else [],
                        "max_new_tokens": sorted({int(x) for x in m.dropna()}) if m is not None else []}
     prov["decoding"] = decoding
-    record["provenance"] = prov
+    sec.record["provenance"] = prov
     rows = [["git commit", _join(c[:12] for c in prov["git_commit"]) + (
                 " (uncommitted changes in some cells)" if "true" in prov["git_dirty"] else "")],
             ["hardware", _join(prov["host"])], ["seeds", _join(prov["seeds"])]]
