@@ -134,6 +134,8 @@ STRICT_ACC = "strict_acc"  # the <answer> span only, as the paper extracts (acc:
 STRICT_ACC_CI_LOW = "strict_acc_ci_low"
 STRICT_ACC_CI_HIGH = "strict_acc_ci_high"
 SELECTION_STRICT_ACC = "selection_strict_acc"  # strict accuracy on the benchmark's selection half
+# Fields of a per-sample evaluation record (eval/samples/<benchmark>.jsonl) that the report scores by.
+RECORD_CORRECT, RECORD_STRICT_CORRECT = "correct", "strict_correct"
 N_PROBLEMS = "n_problems"
 N_TOTAL = "n_total"  # problems in the benchmark; above n_problems when eval.limit cut it
 
@@ -211,8 +213,8 @@ TRIAL_TAU_NEG = "tau_neg"
 
 # ------------------------------------------------------------------------------------------------ report reads
 
-# MLflow params (flattened config keys) the report reads: a moving τ's ends (gate.tau_schedule linear / cosine) and
-# the settings the provenance section lists.
+# MLflow params (flattened config keys) the report reads: a moving τ's ends (gate.tau_schedule linear / cosine),
+# the settings the provenance section lists, and the batch size and reward weights of the scorecard's volatility.
 PARAM_TAU_START = "gate.tau_start"
 PARAM_TAU_END = "gate.tau_end"
 PARAM_MODEL_NAME = "model.name"
@@ -225,6 +227,9 @@ PARAM_GATE_WIDTH = "gate.width"
 PARAM_EVAL_ENGINE = "eval.engine"
 PARAM_EVAL_TEMPERATURE = "eval.temperature"
 PARAM_EVAL_TOP_P = "eval.top_p"
+PARAM_ROLLOUT_BATCH_SIZE = "train.rollout_batch_size"
+PARAM_FORMAT_WEIGHT = "train.rewards.format_weight"
+PARAM_ACCURACY_WEIGHT = "train.rewards.accuracy_weight"
 # Evaluation metrics per benchmark: the decoding it ran with (samples per problem, the token limit of a sample).
 SAMPLES_PER_PROBLEM = "k"
 MAX_NEW_TOKENS = "max_new_tokens"

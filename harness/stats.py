@@ -67,12 +67,13 @@ def bootstrap_se(values: Sequence[float], *, n_boot: int = 1000, seed: int = 0) 
     return float(means.std(ddof=1))
 
 
-def per_problem_correct(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+def per_problem_correct(records: Sequence[Mapping[str, Any]], field: str = "correct") -> dict[str, float]:
     """Item scores :math:`a_p`: mean correctness per ``problem_id`` over all of its records (the k samples; pooled
-    over seeds too when records of several runs are passed)."""
+    over seeds too when records of several runs are passed); ``field``: ``"correct"`` (lenient: with the boxed and
+    last-number fallbacks) or ``"strict_correct"`` (the ``<answer>`` span only)."""
     acc: dict[str, list[float]] = {}
     for r in records:
-        acc.setdefault(str(r["problem_id"]), []).append(float(bool(r["correct"])))
+        acc.setdefault(str(r["problem_id"]), []).append(float(bool(r[field])))
     return {pid: sum(v) / len(v) for pid, v in acc.items()}
 
 

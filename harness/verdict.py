@@ -148,7 +148,8 @@ def gate_verdict(arms_by_bench: Mapping[str, Sequence[Arm]], *, tested: Sequence
                 family.append(row)
         benches[bench] = {"chosen": {g: a.label for g, a in chosen.items()}, "selected": selected,
                           "n_selection": len(selection), "n_test": len(test), "pairing": pairing, "rows": rows,
-                          "one_seed": any(not r["ranked"] for r in rows)}
+                          "one_seed": bool(rows) and not any(r["ranked"] for r in rows),
+                          "unranked": [(r["gate_a"], r["gate_b"]) for r in rows if not r["ranked"]]}
     for row, p in zip(family, holm([r["p_value"] for r in family]) if family else [], strict=True):
         row.update(p_holm=p, survives=p < alpha, family_size=len(family))
     for info in benches.values():

@@ -30,7 +30,7 @@ from harness.reporting.figures import plot_gate_shapes
 from harness.reporting.latex import latex_table
 from harness.reporting.render import Section, render_html, render_markdown
 from harness.reporting.sections import SECTIONS
-from harness.reporting.sections.power import power_section
+from harness.reporting.sections.power import power_section, power_text
 from harness.tracking import mask_url
 
 __all__ = ["SECTIONS", "build_sections", "main", "plot_gate_shapes", "report_head", "write_report"]
@@ -113,10 +113,10 @@ def power_report(experiment: str, *, tracking_uri: str | None = None) -> str:
         data = load_experiment(experiment, report_tracking_uri(tracking_uri), Path(work))
         sec = power_section(data)
     lines = [f"power of the verdict's comparisons in {experiment!r} (two-sided, alpha 0.05, 80% power)"]
-    for r in data.verdict_comparisons:
-        need = r["seeds_needed"] if r["seeds_needed"] is not None else f"- ({r['power_note']})"
-        lines.append(f"  {r['benchmark']}: {r['a']} - {r['b']} ({len(r['seeds'])} seeds x {r['n']} problems): "
-                     f"SE {r['se']:.4f}, detectable {r['mde']:.3f}; seeds for {r['effect']:g}: {need}")
+    for r in sec.record["power"]:
+        lines.append(f"  {r['benchmark']}: {r['gate_a']} - {r['gate_b']} ({r['seeds'][0]} and {r['seeds'][1]} seeds x "
+                     f"{r['n']} problems, seeds {r['design']}): SE {r['se']:.4f}, detectable {r['mde']:.3f}, power "
+                     f"for {r['effect']:g} {r['power_at_effect']:.0%}; seeds for {r['effect']:g}: {power_text(r)}")
     lines += sec.paragraphs or sec.notes
     return "\n".join(lines)
 

@@ -1,59 +1,45 @@
-"""Paired comparisons between configurations: the statistics of one pair, and Holm's correction over a family.
+"""What a comparison of the verdict can detect, and Holm's correction over a table's own family.
 
-Two configurations X and Y are compared on one benchmark through their seeds × problems accuracy matrices: seeds are
-paired by seed value (every configuration of a sweep trains seed s on the same prompts in the same order, so seed s
-of X and seed s of Y share that randomness; seeds without a partner are dropped, and with no common seed at all they
-are paired in numeric order), problems by id, and the S × n matrix of differences goes through
-:func:`harness.stats.two_stage_interval` (seed and problem variance both in the interval) and
-:func:`harness.stats.power_analysis`. :meth:`harness.reporting.data.ExperimentData.compare` names the pair; the
-verdict's family (:attr:`harness.reporting.data.ExperimentData.verdict_comparisons`) is, per benchmark, the best
-configuration against the best configuration of every other gate, with Holm's correction over the whole family.
+The comparisons themselves are :mod:`harness.verdict`'s (problems paired, seeds paired only where earned, selection
+on one half of the problems and testing on the other); :func:`power_of` says, for one of them, how large a true
+difference its design finds with 80% power and how many seeds a 2-point difference needs — for the two-stage test that
+is actually run (:func:`harness.stats.two_stage_power`, by simulation from the fitted variance components), with the
+seeds-needed range that the uncertainty of the seed variance allows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
+from harness.stats import (
+    expected_components,
+    fitted_components,
+    holm,
+    minimum_detectable_effect,
+    seeds_needed_range,
+    two_stage_power,
+)
+from harness.verdict import ALPHA, EFFECT
 
-from harness.stats import holm, power_analysis, probability_of_improvement, two_stage_interval
-
-ALPHA = 0.05
-EFFECT = 0.02  # the difference (2 accuracy points) the power statement asks about
-
-# (seeds in numeric order, problem ids, S × n accuracies): ExperimentData.seed_problem_matrix
-SeedProblemMatrix = tuple[list[str], list[str], np.ndarray]
+POWER = 0.8
 
 
-def paired_difference(a: SeedProblemMatrix, b: SeedProblemMatrix, *, effect: float = EFFECT) -> dict[str, Any] | None:
-    """``a`` minus ``b``, paired by seed and problem (module docstring): the seeds and problems used, the two-stage
-    interval and p-value of the mean difference, P(a > b) over seeds and the power statement; None when the two
-    have no problem in common."""
-    (seeds_a, probs_a, xa), (seeds_b, probs_b, xb) = a, b
-    common = [s for s in seeds_a if s in seeds_b]
-    if common:
-        ia, ib = [seeds_a.index(s) for s in common], [seeds_b.index(s) for s in common]
-        pairing = "by seed"
-    else:
-        m = min(len(seeds_a), len(seeds_b))
-        ia, ib, common = list(range(m)), list(range(m)), [f"{seeds_a[i]}~{seeds_b[i]}" for i in range(m)]
-        pairing = "by seed order (no common seed)"
-    problems = sorted(set(probs_a) & set(probs_b))
-    if not problems:
-        return None
-    pa = [probs_a.index(p) for p in problems]
-    pb = [probs_b.index(p) for p in problems]
-    d = xa[np.ix_(ia, pa)] - xb[np.ix_(ib, pb)]
-    ts = two_stage_interval(d)
-    pw = power_analysis(d, alpha=ALPHA, effect=effect)
-    acc_a, acc_b = xa[ia].mean(axis=1), xb[ib].mean(axis=1)
-    return {"seeds": common, "pairing": pairing, "n": len(problems),
-            "diff": ts["mean"], "ci_low": ts["ci_low"], "ci_high": ts["ci_high"], "se": ts["se"], "p_value":
-            ts["p_value"], "seed_variance_included": ts["seed_variance_included"],
-            "poi": probability_of_improvement(acc_a, acc_b), "mde": pw["mde"], "effect": effect,
-            "seeds_needed": pw["seeds_needed"], "power_reachable": pw["reachable"],
-            "power_note": pw.get("reason", ""), "excludes_0": ts["ci_low"] > 0 or ts["ci_high"] < 0}
+def power_of(row: Mapping[str, Any], *, effect: float = EFFECT, alpha: float = ALPHA) -> dict[str, Any]:
+    """For one ranked comparison of :func:`harness.verdict.compare_arms` (its ``design`` and ``components``): the
+    minimum detectable effect at :data:`POWER` (``mde``), the power to find ``effect`` (``power_at_effect``), and the
+    seeds per configuration that ``effect`` needs (``seeds_needed``: point, and ``seeds_needed_low`` /
+    ``seeds_needed_high`` at the 5% / 95% quantiles of the seed variance; None where the problem term alone is too
+    large, ``power_note`` then says so). The test is two-sided at ``alpha``, one comparison before the family's
+    correction."""
+    kind, comp = row["design"], row["components"]
+    fitted = fitted_components(kind, comp)
+    need = seeds_needed_range(kind, comp, effect, alpha=alpha, power=POWER)
+    note = "" if need["point"] is not None else f"the problem term alone (n = {row['n']}) is too large for {effect:g}"
+    return {"effect": effect, "alpha": alpha, "mde": minimum_detectable_effect(kind, fitted, alpha=alpha, power=POWER),
+            "power_at_effect": two_stage_power(kind, expected_components(kind, **fitted), effect, alpha=alpha),
+            "seeds_needed": need["point"], "seeds_needed_low": need["low"], "seeds_needed_high": need["high"],
+            "power_note": note}
 
 
 def adjust(rows: Sequence[dict[str, Any]], alpha: float = ALPHA) -> None:

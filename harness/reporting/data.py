@@ -26,8 +26,10 @@ import numpy as np
 import pandas as pd
 
 from harness import keys as K
-from harness.reporting.comparisons import EFFECT, adjust, paired_difference
-from harness.stats import interquartile_mean, per_problem_correct, seed_interval, two_stage_interval
+from harness.evaluation.settings import POOLED_BENCHMARKS
+from harness.reporting.comparisons import power_of
+from harness.stats import interquartile_mean, per_problem_correct, seed_interval, split_problems, two_stage_interval
+from harness.verdict import Arm, compare_arms, gate_verdict
 
 BASELINE = "base"  # harness.cell.BASELINE_GATE: the starting checkpoint's evaluation, no RL
 GATE_ORDER = (BASELINE, "sigmoid", "erf", "arctan", "softsign", "softsign_abs", "clip")
@@ -231,16 +233,18 @@ class ExperimentData:
 
     # -- derived -------------------------------------------------------------------------------------------------
 
-    def seed_problem_matrix(self, group: Group, bench: str) -> tuple[list[str], list[str], np.ndarray] | None:
+    def seed_problem_matrix(self, group: Group, bench: str, field: str = K.RECORD_STRICT_CORRECT
+                            ) -> tuple[list[str], list[str], np.ndarray] | None:
         """The group's per-seed, per-problem accuracies on ``bench`` from the logged per-sample records: (seeds in
         numeric order, the problems every seed has, an S × n array of the mean correctness over each problem's k
-        samples), or None when a run has no per-sample artifact."""
+        samples; strict by default, ``field=K.RECORD_CORRECT`` for lenient), or None when a run has no per-sample
+        artifact."""
         per_seed: list[tuple[str, dict[str, float]]] = []
         for _, row in group.runs.iterrows():
             records = self.samples(str(row["run_id"]), bench)
             if records is None:
                 return None
-            per_seed.append((str(row.get(f"tags.{K.TAG_SEED}")), per_problem_correct(records)))
+            per_seed.append((str(row.get(f"tags.{K.TAG_SEED}")), per_problem_correct(records, field)))
         per_seed.sort(key=lambda item: float_or_none(item[0]) if float_or_none(item[0]) is not None else math.inf)
         problems = sorted(set.intersection(*(set(p) for _, p in per_seed))) if per_seed else []
         if not problems:
@@ -248,11 +252,13 @@ class ExperimentData:
         return [s for s, _ in per_seed], problems, np.array([[p[q] for q in problems] for _, p in per_seed])
 
     def group_accuracy(self, group: Group, bench: str, level: float = 0.95) -> dict[str, Any] | None:
-        """Accuracy of a group on a benchmark with its 95% CI. One seed: the evaluator's bootstrap over problems,
-        exactly as logged. Several: :func:`harness.stats.two_stage_interval` on the seeds × problems matrix of the
-        per-sample records (seed and problem variance both in it), plus the IQM over seeds from 4 seeds on; without
-        per-sample records, :func:`harness.stats.seed_interval` of the logged per-seed intervals (labelled)."""
-        acc_col = self.metric_column(group.runs, K.eval_key(bench, K.ACC))
+        """Strict accuracy (the ``<answer>`` span, as the paper extracts) of a group on a whole benchmark with its
+        95% CI, and the lenient accuracy beside it (``lenient_acc``). One seed: the evaluator's bootstrap over
+        problems, exactly as logged. Several: :func:`harness.stats.two_stage_interval` on the seeds × problems matrix
+        of the per-sample records (seed and problem variance both in it), plus the IQM over seeds from 4 seeds on;
+        without per-sample records, :func:`harness.stats.seed_interval` of the logged per-seed intervals
+        (labelled)."""
+        acc_col = self.metric_column(group.runs, K.eval_key(bench, K.STRICT_ACC))
         if acc_col is None:
             return None
         rows = group.runs[acc_col.notna()]
@@ -270,15 +276,16 @@ class ExperimentData:
                                "run_ids": list(rows["run_id"]),
                                "n_problems": None if n_problems is None else float_or_none(n_problems.iloc[0]),
                                "n_total": None if n_total is None else float_or_none(n_total.iloc[0])}
-        acc = column(K.ACC)
+        acc = column(K.STRICT_ACC)
         out["seed_acc"] = acc
+        out["lenient_acc"] = float(np.nanmean(column(K.ACC)))
         if len(rows) == 1:
-            out.update(acc=acc[0], ci_low=column(K.ACC_CI_LOW)[0], ci_high=column(K.ACC_CI_HIGH)[0],
+            out.update(acc=acc[0], ci_low=column(K.STRICT_ACC_CI_LOW)[0], ci_high=column(K.STRICT_ACC_CI_HIGH)[0],
                        ci_kind="bootstrap over problems (one seed)")
             return out
         matrix = self.seed_problem_matrix(group, bench)
         if matrix is None:
-            out.update(seed_interval(acc, column(K.ACC_CI_LOW), column(K.ACC_CI_HIGH), level=level))
+            out.update(seed_interval(acc, column(K.STRICT_ACC_CI_LOW), column(K.STRICT_ACC_CI_HIGH), level=level))
             out["ci_kind"] = "per-seed CIs combined (no per-sample records)"
             return out
         seeds, _, a = matrix
@@ -298,10 +305,26 @@ class ExperimentData:
     def baseline(self) -> Group | None:
         return next((g for g in self.groups if g.is_baseline), None)
 
+    def selection_accuracy(self, group: Group, bench: str) -> float:
+        """Strict accuracy of a group on the selection half of ``bench`` (:func:`harness.stats.split_problems`),
+        over its seeds: what every choice of a configuration looks at, so the test half stays unseen. Without
+        per-sample records, the logged selection-half accuracy; NaN when neither exists."""
+        matrix = self.seed_problem_matrix(group, bench)
+        if matrix is not None:
+            selection, _ = split_problems(matrix[1])
+            if selection:
+                return float(matrix[2][:, [matrix[1].index(p) for p in selection]].mean())
+        col = self.metric_column(group.runs, K.eval_key(bench, K.SELECTION_STRICT_ACC))
+        return float(col.mean()) if col is not None and col.notna().any() else math.nan
+
     def best(self, bench: str, groups: Sequence[Group] | None = None) -> Group | None:
-        """The trained group with the highest accuracy on ``bench`` (among ``groups`` when given)."""
+        """The trained group (among ``groups`` when given) with the highest :meth:`selection_accuracy` on
+        ``bench``: a choice made on the selection half, never on the problems a difference is tested on."""
         cands = [g for g in (groups if groups is not None else self.trained) if (g.key, bench) in self.acc]
-        return max(cands, key=lambda g: self.acc[(g.key, bench)]["acc"]) if cands else None
+        scored = [(g, self.selection_accuracy(g, bench)) for g in cands]
+        scored = [(g, v) for g, v in scored if math.isfinite(v)] or [(g, self.acc[(g.key, bench)]["acc"])
+                                                                      for g in cands]
+        return max(scored, key=lambda gv: gv[1])[0] if scored else None
 
     def score(self, g: Group) -> float:
         """How good a group is overall: mean accuracy over benchmarks, else the final training reward."""
@@ -311,36 +334,53 @@ class ExperimentData:
         r = self.metric_column(g.runs, K.train_key(K.REWARD))
         return float(r.mean()) if r is not None and r.notna().any() else float("-inf")
 
-    def compare(self, a: Group, b: Group, bench: str, *, effect: float = EFFECT) -> dict[str, Any] | None:
-        """``a`` minus ``b`` on ``bench``, paired by seed and problem
-        (:func:`~harness.reporting.comparisons.paired_difference`); None without per-sample records or without a
+    def arm(self, group: Group, bench: str) -> Arm | None:
+        """A group on ``bench`` as the verdict sees it (:class:`harness.verdict.Arm`, strict scores), or None
+        without per-sample records."""
+        matrix = self.seed_problem_matrix(group, bench)
+        if matrix is None:
+            return None
+        seeds, problems, scores = matrix
+        return Arm(group.label, group.gate, tuple(seeds), tuple(problems), scores)
+
+    def compare(self, a: Group, b: Group, bench: str, *, test_half: bool = False) -> dict[str, Any] | None:
+        """``a`` minus ``b`` on ``bench`` (:func:`harness.verdict.compare_arms`: problems paired, seeds paired only
+        where the verdict's pairing test found a shared seed effect on this benchmark); on the test half only with
+        ``test_half`` (when ``b`` or ``a`` was chosen by :meth:`best`). None without per-sample records or without a
         problem both have."""
-        ma, mb = self.seed_problem_matrix(a, bench), self.seed_problem_matrix(b, bench)
-        if ma is None or mb is None:
+        arm_a, arm_b = self.arm(a, bench), self.arm(b, bench)
+        if arm_a is None or arm_b is None:
             return None
-        diff = paired_difference(ma, mb, effect=effect)
-        if diff is None:
+        problems = sorted(set(arm_a.problems) & set(arm_b.problems))
+        if test_half:
+            problems = split_problems(problems)[1]
+        if not problems:
             return None
-        return {"benchmark": bench, "a": a.label, "b": b.label, "gate_a": a.gate, "gate_b": b.gate,
-                "run_ids_a": a.run_ids, "run_ids_b": b.run_ids, **diff}
+        pairing = self.verdict["benchmarks"].get(bench, {}).get("pairing", {})
+        row = compare_arms(arm_a, arm_b, problems, paired_seeds=bool(pairing.get("paired")))
+        return {"benchmark": bench, "run_ids_a": a.run_ids, "run_ids_b": b.run_ids, "test_half": test_half,
+                "seed_variance_included": row["ranked"], **row}
+
+    @cached_property
+    def verdict(self) -> dict[str, Any]:
+        """:func:`harness.verdict.gate_verdict` over every benchmark with per-sample records (pooled benchmarks
+        reported, not tested). Computed once; the verdict, the power section, table (d) and ``harness report
+        --power`` read it."""
+        arms = {b: [a for g in self.trained if (a := self.arm(g, b)) is not None] for b in self.benchmarks}
+        arms = {b: v for b, v in arms.items() if v}
+        return gate_verdict(arms, tested=[b for b in arms if b not in POOLED_BENCHMARKS])
 
     @cached_property
     def verdict_comparisons(self) -> list[dict[str, Any]]:
-        """The verdict's family: per benchmark, the best trained configuration against the best configuration of
-        each other gate, with Holm-adjusted p-values over all of them (``p_holm``, ``survives`` at α = 0.05).
-        Computed once; the verdict, the power section and ``harness report --power`` read these rows."""
-        out: list[dict[str, Any]] = []
-        for bench in self.benchmarks:
-            win = self.best(bench)
-            if win is None:
-                continue
-            for gate in dict.fromkeys(g.gate for g in self.trained if g.gate != win.gate):
-                other = self.best(bench, [g for g in self.trained if g.gate == gate])
-                row = None if other is None else self.compare(win, other, bench)
-                if row is not None:
-                    out.append(row)
-        adjust(out)
-        return out
+        """Every pair of gates of the verdict, benchmark by benchmark (ranked or not, tested or pooled)."""
+        return [r for info in self.verdict["benchmarks"].values() for r in info["rows"]]
+
+    @cached_property
+    def verdict_power(self) -> list[dict[str, Any]]:
+        """For each comparison of the verdict's family: what its design can detect
+        (:func:`harness.reporting.comparisons.power_of`)."""
+        return [{**{k: r[k] for k in ("benchmark", "a", "b", "gate_a", "gate_b", "n", "design", "se")},
+                 "seeds": (r["seeds_a"], r["seeds_b"]), **power_of(r)} for r in self.verdict["family"]]
 
     # -- what the experiment holds (the head of report.json, shown by the overview) ---------------------------------
 

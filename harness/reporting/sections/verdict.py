@@ -1,6 +1,7 @@
-"""Report section: the verdict, shown first. Per benchmark the best configuration, and which of its differences to
-the best configuration of every other gate survive Holm's correction over the whole family
-(:attr:`harness.reporting.data.ExperimentData.verdict_comparisons`), then what the data cannot decide."""
+"""Report section: the verdict, shown first (:attr:`harness.reporting.data.ExperimentData.verdict`, the procedure
+of :mod:`harness.verdict`). Per benchmark: which gate leads, which pairs of gates are ordered after Holm's correction
+over the whole family, and which the data cannot order; how the configurations were chosen and tested; whether seeds
+were paired and why; what one seed cannot tell."""
 
 from __future__ import annotations
 
@@ -14,9 +15,7 @@ from harness.reporting.sections.text import plural
 
 
 def verdict(data: ExperimentData) -> Section:
-    """One sentence per benchmark: the best configuration, and which of its differences to the best configuration
-    of every other gate survive Holm's correction over the whole family (paired by seed and problem, seed and
-    problem variance in the intervals), then what the data cannot decide."""
+    """One paragraph per benchmark (module docstring), then one sentence on the family and the halves."""
     sec = Section("Verdict")
     sec.record["verdict"] = []
     sec.record["comparisons"] = []
@@ -30,65 +29,81 @@ def verdict(data: ExperimentData) -> Section:
         else:
             sec.paragraphs.append("No evaluation and no training metrics: no verdict.")
         return sec
-    family = data.verdict_comparisons
-    sec.record["comparisons"] = family
-    for b in data.benchmarks:
-        win = data.best(b)
-        if win is None:
+    v = data.verdict
+    sec.record["comparisons"] = data.verdict_comparisons
+    for bench in data.benchmarks:
+        info = v["benchmarks"].get(bench)
+        if info is None:
+            sec.paragraphs.append(f"**{bench}**: no per-sample records, so no comparison.")
             continue
-        wa = data.acc[(win.key, b)]
-        rows = [r for r in family if r["benchmark"] == b]
-        entry: dict[str, Any] = {"benchmark": b, "winner": win.label, "winner_gate": win.gate, **_ci(wa),
-                                 "n_seeds": wa["n_seeds"]}
-        runner = data.best(b, [g for g in data.trained if g.gate != win.gate])
-        tie = runner is not None and data.acc[(runner.key, b)]["acc"] == wa["acc"]
-        # equal accuracies (e.g. every configuration at 0 in a smoke run): no configuration is "best"
-        if tie:
-            text = (f"**{b}**: **{win.label}** and **{runner.label}** tie at the top ({_fmt_ci(wa)}, "
-                    f"{plural(wa['n_seeds'], 'seed')})")
-        else:
-            text = f"**{b}**: best is **{win.label}** ({_fmt_ci(wa)}, {plural(wa['n_seeds'], 'seed')})"
-        if runner is not None:
-            ra = data.acc[(runner.key, b)]
-            entry.update(runner_up=runner.label, runner_up_gate=runner.gate, runner_up_acc=ra["acc"],
-                         runner_up_ci_low=ra["ci_low"], runner_up_ci_high=ra["ci_high"],
-                         separated=wa["ci_low"] > ra["ci_high"])
-        if not rows:
-            text += ("; no other gate has per-sample records to compare with." if runner is not None else
-                     "; no other gate was evaluated, so nothing to separate it from.")
-        else:
-            ahead = [r for r in rows if r["survives"]]
-            tied = [r for r in rows if not r["survives"]]
-            m = rows[0]["family_size"]
-            text += f". Paired by seed and problem, Holm-corrected over the {plural(m, 'comparison')} of this verdict: "
-            if ahead:
-                text += "it is ahead of " + "; ".join(
-                    f"{r['b']} by {r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] (adjusted p = "
-                    f"{r['p_holm']:.3g})" for r in ahead)
-                text += "; " if tied else "."
-            if tied:
-                text += ("the data cannot tell it from " if ahead else "no difference survives: the data cannot "
-                         "tell it from ") + ", ".join(
-                    f"{r['b']} ({r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}], adjusted p = "
-                    f"{r['p_holm']:.2g})" for r in tied) + "."
-            entry["survive"] = [r["b"] for r in ahead]
-            entry["undecided"] = [r["b"] for r in tied]
-            if not all(r["seed_variance_included"] for r in rows):
-                text += " One seed per configuration: run-to-run (seed) variance is not in these intervals."
-            mdes = [r["mde"] for r in rows if math.isfinite(r["mde"])]
-            if mdes and max(mdes) == 0:
-                text += " Every paired difference is exactly 0 (identical scores): there is no variance to judge by."
-            elif mdes:
-                text += (f" With these seeds and problems the smallest difference detectable at 80% power is "
-                         f"{min(mdes):.3f}–{max(mdes):.3f}.")
+        rows = info["rows"]
+        entry: dict[str, Any] = {"benchmark": bench, "leader": info["leader"], "chosen": info["chosen"],
+                                 "selected": info["selected"], "n_selection": info["n_selection"],
+                                 "n_test": info["n_test"], "pairing": info["pairing"],
+                                 "ahead": [[r["gate_a"], r["gate_b"]] for r in rows if r.get("survives")],
+                                 "undecided": [[r["gate_a"], r["gate_b"]] for r in rows if not r.get("survives")]}
         sec.record["verdict"].append(entry)
-        sec.paragraphs.append(text)
+        sec.paragraphs.append(bench_text(bench, info))
+    sec.paragraphs.append(family_text(v, data))
     return sec
 
 
-def _ci(a: Mapping[str, Any]) -> dict[str, float]:
-    return {"acc": a["acc"], "ci_low": a["ci_low"], "ci_high": a["ci_high"]}
+def bench_text(bench: str, info: Mapping[str, Any]) -> str:
+    """The verdict on one benchmark in words."""
+    rows = info["rows"]
+    if not rows:
+        return f"**{bench}**: one gate evaluated, nothing to compare it with."
+    if info["one_seed"]:
+        shown = "; ".join(f"{r['gate_a']} − {r['gate_b']} {_fmt(r)}" for r in rows)
+        return (f"**{bench}**: one seed per configuration, so no gate is ranked: a difference between two single "
+                f"training runs mixes the gate with the luck of each run, and one run per gate cannot tell them "
+                f"apart. Differences over problems only (not attributable to the gate): {shown}. A ranking needs at "
+                "least 2 seeds per configuration; the power section says how many a 2-point difference needs.")
+    tested = [r for r in rows if "p_holm" in r]
+    if not tested:
+        return (f"**{bench}** (pooled, reported but not tested again): "
+                + "; ".join(f"{r['gate_a']} − {r['gate_b']} {_fmt(r)}" for r in rows) + ".")
+    ahead = [r for r in tested if r["survives"]]
+    undecided = [r for r in tested if not r["survives"]]
+    if info["leader"]:
+        text = f"**{bench}**: **{info['leader']}** leads, ahead of every other gate: "
+    elif ahead:
+        text = f"**{bench}**: no gate leads; ordered pairs: "
+    else:
+        text = f"**{bench}**: no difference between gates survives the correction. "
+    if ahead:
+        text += "; ".join(f"{r['gate_a']} ahead of {r['gate_b']} by {_fmt(r)}, adjusted p = {r['p_holm']:.2g}"
+                          for r in ahead) + ". "
+    if undecided:
+        text += ("The data cannot order " + "; ".join(
+            f"{r['gate_a']} and {r['gate_b']} ({_fmt(r)}, adjusted p = {r['p_holm']:.2g})" for r in undecided) + ". ")
+    if all(r["diff"] == 0 and r["ci_low"] == r["ci_high"] for r in tested):
+        text += "Every difference is exactly 0 (identical scores): there is no variance to judge by. "
+    unranked = [r for r in rows if not r["ranked"]]
+    if unranked:
+        text += ("Not ranked, one side has a single seed (differences over problems only): " + "; ".join(
+            f"{r['gate_a']} − {r['gate_b']} {_fmt(r)}" for r in unranked) + ". ")
+    text += f"Seeds {'paired' if info['pairing']['paired'] else 'not paired'}: {info['pairing']['reason']}."
+    return text
 
 
-def _fmt_ci(a: Mapping[str, Any]) -> str:
-    return f"{a['acc']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]"
+def family_text(v: Mapping[str, Any], data: ExperimentData) -> str:
+    """How the configurations were chosen and tested, and the family the correction ran over."""
+    benches = v["benchmarks"].values()
+    selected = [b for b, info in v["benchmarks"].items() if info["selected"]]
+    text = (f"Strict accuracy (the <answer> span, as the paper extracts). One Holm family of "
+            f"{plural(v['family_size'], 'comparison')} (every pair of gates on every tested benchmark, "
+            f"α = {v['alpha']:g}; a pooled benchmark is reported, not tested twice). ")
+    if selected:
+        n = sum(info["n_selection"] for info in benches if info["selected"])
+        m = sum(info["n_test"] for info in benches if info["selected"])
+        text += (f"Each gate's configuration was chosen on the selection half of each benchmark ({n} problems) and "
+                 f"every difference, interval and p-value above uses the test half only ({m} problems), so the "
+                 "choice cannot flatter the comparison.")
+    else:
+        text += "Every gate has one configuration, so nothing was selected and every problem is tested."
+    return text
+
+
+def _fmt(r: Mapping[str, Any]) -> str:
+    return f"{r['diff']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
