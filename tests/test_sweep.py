@@ -139,8 +139,8 @@ def test_paper_sweep_composes_the_papers_recipe():
     sw = cfg.hydra.sweeper
     cells = cell_overrides(sw.gates, sw.taus, sw.seeds, tau_mode=sw.tau_mode, tau_neg_scale=sw.tau_neg_scale,
                            tau_pairs=sw.tau_pairs)
-    assert len(cells) == 5
-    for c in cells:
+    assert len(cells) == 5 * 3 and list(sw.seeds) == [0, 1, 2]  # 3 seeds: one seed ranks nothing
+    for c in cells[::3]:
         composed = compose_sweep("paper", c)
         assert composed.gate.eps_low == composed.gate.eps_high == 0.2
         if composed.gate.name != "clip":
@@ -169,8 +169,8 @@ def test_paper_temperature_sweep_composes_the_temperature_study():
     cells = cell_overrides(sw.gates, sw.taus, sw.seeds, tau_mode=sw.tau_mode, tau_neg_scale=sw.tau_neg_scale,
                            tau_pairs=sw.tau_pairs)
     gates = [compose_sweep("paper_temperature", c).gate for c in cells]
-    pairs = sorted((g.tau_pos, g.tau_neg) for g in gates)
-    assert pairs == [(1.0, 1.05), (5.0, 6.0), (10.0, 12.0), (13.0, 15.0)]
+    pairs = sorted({(g.tau_pos, g.tau_neg) for g in gates})
+    assert pairs == [(1.0, 1.05), (5.0, 6.0), (10.0, 12.0), (13.0, 15.0)] and len(cells) == 4 * 3
     assert {c[0] for c in cells} == {"gate=erf"}
 
 

@@ -61,7 +61,7 @@ def test_tune_config_composes_with_defaults():
     assert cfg.hydra.sweeper._target_ == "hydra_plugins.harness_sweepers.TuneSweeper"
     s = tune_settings(cfg)
     assert (s.n_trials, s.n_jobs, s.pruner, s.direction) == (8, 1, "median", "maximize")
-    assert s.objective == "eval/mean_accuracy" and s.storage is None and s.study_name is None
+    assert s.objective == "eval/mean_selection_accuracy" and s.storage is None and s.study_name is None
     assert (s.tau_pos.low, s.tau_pos.high, s.tau_pos.log) == (0.25, 8.0, True)
     assert list(distributions(s)) == ["tau_pos"]  # tied: one parameter
     assert cfg.gate.name == "sigmoid" and cfg.tracking.experiment == "tune"
@@ -106,6 +106,8 @@ def test_objective_checks_and_values():
     summary = {"train": {"reward": 1.25}, "eval": {"mean_accuracy": 0.5, "benchmarks": {"arith": {"acc": 0.5}}}}
     assert objective_value(summary, "train/reward") == 1.25
     assert objective_value(summary, "eval/mean_accuracy") == 0.5
+    summary["eval"]["mean_selection_accuracy"] = 0.25
+    assert objective_value(summary, "eval/mean_selection_accuracy") == 0.25
     assert objective_value(summary, "eval/arith/acc") == 0.5
     with pytest.raises(KeyError, match="no evaluation"):
         objective_value({"train": {}}, "eval/mean_accuracy")

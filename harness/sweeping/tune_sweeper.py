@@ -24,8 +24,9 @@ Optuna ask/tell loop:
    Optuna the outcome: COMPLETE with the objective, PRUNED, or FAIL with the reason in the trial's user attrs.
 5. At the end: best τ per gate and the trials table on stdout, ``<sweep dir>/tune_summary.json``, and the report.
 
-The objective is a metric of the cell summary: ``eval/mean_accuracy`` (default), ``eval/<benchmark>/<metric>``,
-or ``train/<key>`` (the final step's value; ``train/reward`` is the cheap proxy when ``eval.enabled=false``).
+The objective is a metric of the cell summary: ``eval/mean_selection_accuracy`` (default: strict accuracy on
+the selection half of each benchmark, so the report's test half stays unseen), ``eval/mean_accuracy``,
+``eval/<benchmark>/<metric>`` or ``train/<key>`` (the final step's value; ``train/reward`` is the cheap proxy when ``eval.enabled=false``).
 """
 
 
