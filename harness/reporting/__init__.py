@@ -57,7 +57,7 @@ def build_sections(data: ExperimentData, record: dict[str, Any] | None = None) -
     """Every section of :data:`~harness.reporting.sections.SECTIONS` that applies, in page order (the verdict
     first); a section that raises becomes a note (one broken section must not cost the others). ``record``, when
     given, receives each section's numbers in the same order (report.json after its :func:`report_head`)."""
-    out = []
+    out, empty = [], []
     for build in SECTIONS:
         try:
             sec = build(data)
@@ -66,10 +66,24 @@ def build_sections(data: ExperimentData, record: dict[str, Any] | None = None) -
             sec = Section(build.__name__.replace("_", " "), notes=[f"This section failed: {type(exc).__name__}: {exc}"])
         if sec is None:  # does not apply to this experiment
             continue
-        out.append(sec)
+        if is_empty(sec):
+            empty.append(sec)
+        else:
+            out.append(sec)
         if record is not None:
             record.update(sec.record)
+    if empty:
+        out.append(Section("Not shown: nothing to report in this experiment", paragraphs=[
+            "; ".join(f"{s.title.split(' ', 1)[-1] if s.title.startswith('(') else s.title} "
+                      f"({' '.join(s.notes) or 'empty'})" for s in empty) + "."]))
     return out
+
+
+def is_empty(sec: Section) -> bool:
+    """A section with nothing but notes saying what is missing (no Optuna study, no moving τ): it collapses into the
+    one line at the end of the page instead of a boxed section. A failed section stays where it is."""
+    failed = any(n.startswith("This section failed") for n in sec.notes)
+    return sec.title != "Verdict" and not failed and not (sec.paragraphs or sec.tables or sec.figures)
 
 
 def write_report(experiment: str, *, tracking_uri: str | None = None, out_dir: str | Path | None = None,
