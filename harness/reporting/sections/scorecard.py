@@ -6,29 +6,45 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import pandas as pd
+
 from harness import keys as K
-from harness.reporting.data import ExperimentData, Group
+from harness.reporting.data import ExperimentData, Group, float_or_none
 from harness.reporting.figures import gate_color, png, pyplot
 from harness.reporting.render import Figure, Section, Table
 from harness.reporting.sections.text import seed_interval_text
 from harness.stability import METRIC_RANGE, SCORECARD, over_seeds, run_scorecard
 
 # The per-step series a scorecard reads: history name -> (metric, per-pass?)
-SERIES = {"reward": (K.REWARD, False), "reward_format": (K.REWARD_FORMAT, False), "entropy": (K.ENTROPY, False),
-          "grad_norm": (K.GRAD_NORM, False), "response_length": (K.RESPONSE_LENGTH, False), "eur": (K.EUR, True),
+SERIES = {"reward": (K.REWARD, False), "reward_std": (K.REWARD_STD, False), "reward_format": (K.REWARD_FORMAT, False),
+          "entropy": (K.ENTROPY, False), "grad_norm": (K.GRAD_NORM, False),
+          "response_length": (K.RESPONSE_LENGTH, False), "eur": (K.EUR, True),
           "abs_ratio_dev_p95": (K.ABS_RATIO_DEV_P95, True), "ratio_max": (K.RATIO_MAX, True)}
 
 
+def _param(row: pd.Series, key: str) -> float | None:
+    return float_or_none(row.get(f"params.{key}"))
+
+
+def run_history(data: ExperimentData, row: pd.Series) -> dict[str, list[float]]:
+    """One run's scorecard series on one step axis (the MLflow steps; NaN where a series was not logged)."""
+    k = data.last_pass(row)
+    by_step = pd.DataFrame({name: data.history(str(row["run_id"]), K.train_key(metric, k if per_pass else None))
+                            for name, (metric, per_pass) in SERIES.items()}).sort_index()
+    return {K.STEP: [float(s) for s in by_step.index], **{name: by_step[name].to_list() for name in SERIES}}
+
+
 def group_scorecard(data: ExperimentData, g: Group) -> dict[str, Any]:
-    """Per-run scorecards of a configuration and, per metric, the mean over its seeds with a t interval."""
+    """Per-run scorecards of a configuration and, per metric, the mean over its seeds with a t interval. The
+    reward volatility's batch size is the run's ``train.rollout_batch_size``; a step without a logged reward SD
+    takes the variance bound of rewards in [0, format weight + accuracy weight]."""
     per_run = []
     for _, row in g.runs.iterrows():
-        k = data.last_pass(row)
-        series = {}
-        for name, (metric, per_pass) in SERIES.items():
-            h = data.history(str(row["run_id"]), K.train_key(metric, k if per_pass else None))
-            series[name] = h.sort_index().to_list()
-        per_run.append(run_scorecard(series))
+        rollouts = _param(row, K.PARAM_ROLLOUT_BATCH_SIZE)
+        weights = (_param(row, K.PARAM_FORMAT_WEIGHT), _param(row, K.PARAM_ACCURACY_WEIGHT))
+        reward_max = sum(1.0 if w is None else w for w in weights)
+        per_run.append(run_scorecard(run_history(data, row), rollouts=None if rollouts is None else int(rollouts),
+                                     reward_range=(0.0, reward_max)))
     summary = {m: over_seeds([r[m] for r in per_run], bounds=METRIC_RANGE.get(m, (-math.inf, math.inf)))
                for m, _ in SCORECARD}
     return {"group": g.label, "gate": g.gate, "run_ids": g.run_ids, "per_run": per_run, "metrics": summary}
@@ -51,10 +67,14 @@ def scorecard_section(data: ExperimentData) -> Section:
                                     "at least one seed. Per-pass metrics are from the last pass over each batch."))
     sec.paragraphs.append(
         "How stable each configuration trained, one number per run (its steps are not independent draws), then the "
-        "mean over its seeds: EUR level and trend, entropy change and trend (entropy collapse is the failure most "
-        "RL-for-LLM papers watch), reward volatility after removing the trend, gradient-norm spikes, ratio tails, "
-        "response-length drift, and collapse events (the reward's moving average falling 0.5 below its running "
-        "best, or the format rate falling below 0.5 after reaching 0.9).")
+        "mean over its seeds: EUR level and trend, entropy change and trend (trends per training step; entropy "
+        "collapse is the failure most RL-for-LLM papers watch), reward volatility as a multiple of the batch's "
+        "sampling noise (1: the reward moves no more than sampling its rollouts makes it), gradient-norm spikes per "
+        "100 steps, "
+        "ratio tails (the p95 over steps of each step's largest ratio, not the run's maximum), response-length "
+        "drift, and collapse events (the reward's 10-step moving average falling 0.5 below its running best, or "
+        "the format rate's falling below 0.5 after reaching 0.9; the running best starts after one full window, "
+        "so a lucky first batch does not count).")
     sec.figures.append(Figure("fig_scorecard.png", png(_figure(cards)),
                               "Each scorecard metric per configuration: dots are seeds, the bar the mean with its "
                               "seed-level 95% interval."))
