@@ -23,6 +23,14 @@ Then the default cell (``harness run``'s own train config: 256 rollouts, 4 mini-
 harness's ``native`` and ``trl`` backends side by side, seconds per rollout batch, and the TRL backend without its
 cached sampler and zero-advantage skip (target: trl within 3x of native). ``--default-cell only`` runs just these.
 
+What a change costs the default cell (target: at most 10% slower), side by side on a shared, noisy machine:
+
+    python benchmarks/bench_trainer.py --against HEAD~1 [--rounds 6] [--steps 6]
+
+runs the default cell's native row for the working tree and for that git revision (its files from ``git archive``, the
+same model, data and cache), alternately, ``--rounds`` times each in fresh processes, and prints both medians and
+their ratio (working tree / revision) with the ratio of each round.
+
 GPU runs and other models (``benchmarks/gpu_check.py`` uses these; the defaults above are unchanged):
 
     python benchmarks/bench_trainer.py --device cuda [--no-bf16] [--model-shape qwen2.5-0.5b] [--max-new 128]
@@ -42,9 +50,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
+import os
 import shutil
+import statistics
+import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -262,6 +275,50 @@ def print_default_cell(steps: int, threads: int, cache_dir: str) -> dict[str, di
     return rows
 
 
+# A child process that times the default cell's native row with the harness package of another tree (this file's
+# functions, that tree's harness, conf and tests/conftest.py).
+_ROW_IN_TREE = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("bench_trainer", {bench!r})
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+sys.path.insert(0, {tree!r})
+import harness
+assert harness.__file__.startswith({tree!r}), harness.__file__
+print("ROW", json.dumps(bench.default_cell_row({steps}, {threads}, {cache_dir!r}, "backend=native")))
+"""
+
+
+def against_revision(rev: str, rounds: int, steps: int, threads: int, cache_dir: str) -> dict[str, list[float]]:
+    """Seconds per rollout batch of the default cell's native row for the working tree and for git revision ``rev``,
+    alternating (the order flips every round), ``rounds`` each; printed with their medians and ratio."""
+    base = Path(tempfile.mkdtemp(prefix="bench-rev-"))
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(base, filter="data")
+    trees = {"working tree": REPO, rev: base}
+    seconds: dict[str, list[float]] = {label: [] for label in trees}
+    try:
+        for k in range(rounds):
+            for label, tree in (list(trees.items()) if k % 2 == 0 else list(trees.items())[::-1]):
+                code = _ROW_IN_TREE.format(bench=str(Path(__file__).resolve()), tree=str(tree), steps=steps,
+                                           threads=threads, cache_dir=cache_dir)
+                out = subprocess.run([sys.executable, "-c", code], cwd=tree, capture_output=True, text=True,
+                                     env={**os.environ, "PYTHONPATH": ""})
+                rows = [line for line in out.stdout.splitlines() if line.startswith("ROW ")]
+                if out.returncode or not rows:
+                    raise RuntimeError(f"default cell at {label} failed:\n{out.stderr[-3000:]}")
+                seconds[label].append(json.loads(rows[0][4:])["step"])
+                print(f"round {k + 1} {label:14s} {seconds[label][-1]:6.3f} s/batch", flush=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    new, old = statistics.median(seconds["working tree"]), statistics.median(seconds[rev])
+    per_round = ", ".join(f"{a / b:.3f}" for a, b in zip(seconds["working tree"], seconds[rev], strict=True))
+    print(f"default cell, native, {threads} threads, {steps} timed batches per run, {rounds} rounds: working tree "
+          f"{new:.3f} s/batch, {rev} {old:.3f} s/batch (medians): {new / old:.3f}x (per round: {per_round})")
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> None:
     global PROMPTS, MAX_NEW, MICRO, DEVICE, BF16
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -280,7 +337,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--default-cell", choices=["after", "only", "skip"], default="after",
                         help="the default cell's rows (native and TRL backends, 256 rollouts): after the rows above, "
                              "only them, or not (tiny model only)")
+    parser.add_argument("--against", metavar="REV", default=None,
+                        help="only the default cell's native row, working tree vs this git revision, alternately")
+    parser.add_argument("--rounds", type=int, default=6, help="runs of each side with --against")
     args = parser.parse_args(argv)
+    if args.against is not None:
+        against_revision(args.against, args.rounds, args.steps, args.threads, args.cache_dir)
+        return
     PROMPTS, MAX_NEW, MICRO, DEVICE, BF16 = args.prompts, args.max_new, args.micro, args.device, not args.no_bf16
     import torch
 

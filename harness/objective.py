@@ -30,7 +30,16 @@ unclipped branch),
 .. math::  \mathrm{EUR} = \frac{1}{B}\sum_b \frac{\sum_{j \in b}\sum_t M_{jt}\, w_{jt}}{\sum_{j \in b}\sum_t M_{jt}}
 
 a token mean within each group, then a mean over the B groups with tokens. Without ``groups`` it is the token mean
-of w over the batch. For clip, EUR = 1 − clip fraction.
+of w over the batch. For clip, w is 1 minus the clip indicator, so EUR is one minus the *per-group* clip fraction
+averaged over groups; ``clip_frac`` is a token mean over the batch, and the two agree only when every group has as
+many tokens (groups of 10 and 100 tokens with 0 and 10 clipped: EUR 0.95, 1 − clip_frac 0.909).
+
+EUR averages over every prompt of the step, zero-variance groups included: their advantages are 0, so they add
+nothing to the loss and a backend may leave them out of the forward/backward passes, but their tokens still have
+ratios (A = 0 takes the A ≤ 0 branch: τ_neg, or the lower clip bound) and eq. 12 counts them. ``trained`` tells
+:func:`policy_loss` which rows went through the update: the other diagnostics cover those rows' tokens, EUR every
+row's. Where nothing has moved since the behaviour log-probs were taken (the first optimizer step on a batch),
+r = 1 and f'(1) = 1 for every gate, so a group's contribution there is exactly 1.
 
 Because every smooth gate has :math:`f_\tau(1) = 1`, at r = 1 every gate's loss equals the GRPO
 surrogate :math:`-A`: logged losses are comparable across gates (SAPO's own
@@ -83,6 +92,7 @@ def policy_loss(
     norm_length: int | None = None,
     nu: float | None = None,
     groups: Tensor | None = None,
+    trained: Tensor | None = None,
     diagnostics: bool = True,
 ) -> tuple[Tensor, dict[str, float]]:
     """Gated policy-gradient loss (see the module docstring for the math).
@@ -104,12 +114,18 @@ def policy_loss(
         nu: tail index of the ``student`` gate family (ignored by the other gates).
         groups: optional (B,) integer prompt index of each row (rows of one prompt share it): the EUR diagnostic
             is then eq. 12's group mean; without it, the token mean. Does not change the loss.
+        trained: optional (B,) bool, the rows that went through the update (None: every row). The ratio
+            statistics, gate weights, ``clip_frac`` and ``kl`` cover these rows' tokens; EUR covers every row, as eq.
+            12 averages over every prompt of the step (rows left out of the passes, e.g. zero-variance groups, still
+            have ratios). Does not change the loss.
         diagnostics: compute the diagnostics dict (plain floats over masked tokens).
 
     Returns:
         ``(loss, diagnostics)``; diagnostics hold ratio statistics, mean and 95th percentile of |r − 1|, mean gate
         weight, fractions of tokens with w < 0.5 / w < 0.1, the EUR (and ``clip_frac`` for clip), each also split by
-        advantage sign with suffixes ``_pos`` / ``_neg``, plus ``kl`` when a reference is given.
+        advantage sign with suffixes ``_pos`` / ``_neg`` (A = 0 counts as ``_neg``, as it takes τ_neg), plus ``kl``
+        when a reference is given. Without trained tokens (a step where every group has zero variance) only the
+        EUR keys are present.
     """
     g = get_gate(gate, eps_low=eps_low, eps_high=eps_high, nu=nu)
     mask, advantages = _validate(logp, old_logp, advantages, mask, ref_logp, tau_pos, tau_neg,
@@ -147,12 +163,14 @@ def policy_loss(
     loss = aggregate(per_token, mask, agg, norm_length)
     if not diagnostics:
         return loss, {}
-    if groups is not None and tuple(groups.shape) != tuple(logp.shape[:1]):
-        raise ValueError(f"groups must have shape (B,)={tuple(logp.shape[:1])}, got {tuple(groups.shape)}")
+    for key, rows in (("groups", groups), ("trained", trained)):
+        if rows is not None and tuple(rows.shape) != tuple(logp.shape[:1]):
+            raise ValueError(f"{key} must have shape (B,)={tuple(logp.shape[:1])}, got {tuple(rows.shape)}")
+    stats_mask = mask if trained is None else mask & trained.to(mask.device).bool().unsqueeze(-1)
     with torch.no_grad():
-        diag = _diagnostics(g, ratio.detach(), adv, tau, mask, pos, groups)
-        if kl is not None:
-            diag[KL] = float(aggregate(kl.detach(), mask, "token-mean"))
+        diag = _diagnostics(g, ratio.detach(), adv, tau, mask, pos, groups, stats_mask)
+        if kl is not None and bool(stats_mask.any()):
+            diag[KL] = float(aggregate(kl.detach(), stats_mask, "token-mean"))
     return loss, diag
 
 
@@ -237,31 +255,39 @@ def effective_update_ratio(weight: Tensor, sel: Tensor, groups: Tensor | None = 
 
 
 def _diagnostics(g: Gate, ratio: Tensor, adv: Tensor, tau: Tensor | None, mask: Tensor,
-                 pos: Tensor, groups: Tensor | None = None) -> dict[str, float]:
+                 pos: Tensor, groups: Tensor | None = None, stats_mask: Tensor | None = None) -> dict[str, float]:
+    """The diagnostics of :func:`policy_loss`: statistics over the tokens of ``stats_mask`` (default ``mask``), EUR
+    over every token of ``mask``."""
     weight = g.weight(ratio, adv, tau)
     clipped = g.clipped(ratio, adv) if isinstance(g, ClipGate) else None
+    stats_mask = mask if stats_mask is None else stats_mask
     out: dict[str, float] = {}
-    for suffix, sel in (("", mask), ("_pos", mask & pos), ("_neg", mask & ~pos)):
+    for suffix, sign in (("", None), ("_pos", pos), ("_neg", ~pos)):
+        every = mask if sign is None else mask & sign
+        sel = stats_mask if sign is None else stats_mask & sign
         n = int(sel.sum())
-        if n == 0:
-            continue
-        r = ratio[sel].double()
-        w = weight[sel].double()
-        dev = (r - 1.0).abs()
-        small = r.numel() <= 16_000_000  # torch.quantile's input limit
-        nan = r.new_tensor(float("nan"))
-        # q on r's device: torch.quantile refuses a CPU q for a CUDA input
-        q = torch.quantile(r, torch.tensor([0.05, 0.95], dtype=r.dtype, device=r.device)) if small else None
-        stats = torch.stack([
-            r.mean(), r.std(unbiased=False), r.min(), r.max(),
-            q[0] if q is not None else nan,
-            q[1] if q is not None else nan,
-            dev.mean(), torch.quantile(dev, 0.95) if small else nan,
-            w.mean(), (w < 0.5).double().mean(), (w < 0.1).double().mean(),
-        ]).tolist()
-        out.update({f"{k}{suffix}": v for k, v in zip(RATIO_STATS, stats, strict=True)})
-        out[f"{DIAG_TOKENS}{suffix}"] = float(n)
-        out[f"{EUR}{suffix}"] = effective_update_ratio(weight, sel, groups)
-        if clipped is not None:
+        if n > 0:
+            stats = _ratio_stats(ratio[sel].double(), weight[sel].double())
+            out.update({f"{k}{suffix}": v for k, v in zip(RATIO_STATS, stats, strict=True)})
+            out[f"{DIAG_TOKENS}{suffix}"] = float(n)
+        if bool(every.any()):
+            out[f"{EUR}{suffix}"] = effective_update_ratio(weight, every, groups)
+        if clipped is not None and n > 0:
             out[f"{CLIP_FRAC}{suffix}"] = float(clipped[sel].double().mean())
     return out
+
+
+def _ratio_stats(r: Tensor, w: Tensor) -> list[float]:
+    """:data:`~harness.keys.RATIO_STATS` of a set of tokens' ratios ``r`` and gate weights ``w`` (1-D, float64)."""
+    dev = (r - 1.0).abs()
+    small = r.numel() <= 16_000_000  # torch.quantile's input limit
+    nan = r.new_tensor(float("nan"))
+    # q on r's device: torch.quantile refuses a CPU q for a CUDA input
+    q = torch.quantile(r, torch.tensor([0.05, 0.95], dtype=r.dtype, device=r.device)) if small else None
+    return torch.stack([
+        r.mean(), r.std(unbiased=False), r.min(), r.max(),
+        q[0] if q is not None else nan,
+        q[1] if q is not None else nan,
+        dev.mean(), torch.quantile(dev, 0.95) if small else nan,
+        w.mean(), (w < 0.5).double().mean(), (w < 0.1).double().mean(),
+    ]).tolist()

@@ -275,3 +275,54 @@ def test_mini_batches_map_onto_steps_per_generation(tmp_path, cache_dir: Path):
             assert key in h and math.isfinite(h[key]), key
     assert any(h["it1/abs_ratio_dev"] > 1e-4 for h in result.history)
     assert any(h["it2/abs_ratio_dev"] > h["it1/abs_ratio_dev"] for h in result.history)
+
+
+# ----------------------------------------------------------------------------- EUR: TRL and native on one batch
+
+
+def test_eur_agrees_with_the_native_backend_on_the_same_batch(tmp_path, cache_dir: Path, monkeypatch):
+    """A native step recorded per pass (every completion's log-probs, behaviour log-probs, advantages, mask) goes
+    through the TRL backend's own code, ``_compute_loss`` per micro-batch (the native mini-batches, rows shuffled
+    within them; zero-advantage rows left out of the forward, their log-probs from the measuring forward once the
+    weights have moved, r = 1 before) and ``_finish_window`` per pass: its EUR (eq. 12 over every prompt) equals
+    the native backend's."""
+    from harness.backends.native import train as native_train
+    from harness.objective import loss_kwargs
+    from tests.test_native_trainer import RECORDED, _cfg, record_diagnostics
+
+    calls = record_diagnostics(monkeypatch)
+    cfg = _cfg(tmp_path, cache_dir, *RECORDED, "gate=erf")
+    step = native_train(cfg).history[0]
+    passes = calls[:2]  # the first step's two passes
+    T = passes[0]["logp"].shape[1]
+    adv, mask, old = passes[0]["adv"], passes[0]["mask"].long(), passes[0]["old"]
+    assert torch.equal(passes[1]["old"], old)
+    minis = [torch.randperm(16, generator=torch.Generator().manual_seed(m)) + 16 * m for m in range(2)]
+    mixed = [bool((adv[m] == 0).any() and (adv[m] != 0).any()) for m in minis]
+    assert any(mixed), "the batch needs a micro-batch that mixes zero-variance and learning groups"
+
+    table: list[torch.Tensor] = []  # the current pass's log-probs, looked up by the row id in the prompt
+
+    def forward(model, input_ids, attention_mask, logits_to_keep, **_):
+        logp = table[0][input_ids[:, 0]].clone().requires_grad_(True)
+        return logp, torch.zeros_like(logp), None
+
+    args = SimpleNamespace(steps_per_generation=2, gradient_accumulation_steps=1)
+    trainer = _fake_trainer(HarnessGRPOTrainer, passes[0]["logp"], _get_per_token_logps_and_entropies=forward,
+                            args=args, num_iterations=2, current_gradient_accumulation_steps=1,
+                            harness_loss_kwargs=loss_kwargs(cfg), harness_skip_zero_advantage=True,
+                            accelerator=SimpleNamespace(reduce=lambda t, reduction="sum": t, num_processes=1))
+    for p in range(2):
+        table[:] = [passes[p]["logp"]]
+        for m, rows in enumerate(minis):
+            trainer._step = 2 * p + m  # TRL's micro-step index while it computes a loss
+            inputs = {"prompt_ids": rows[:, None], "prompt_mask": torch.ones(len(rows), 1, dtype=torch.long),
+                      "completion_ids": torch.zeros(len(rows), T, dtype=torch.long), "completion_mask": mask[rows],
+                      "advantages": adv[rows], "old_per_token_logps": old[rows], "harness_group": rows // 8}
+            HarnessGRPOTrainer._compute_loss(trainer, torch.nn.Module(), inputs)
+        trainer._step = 2 * p + 2
+        trainer._finish_window()
+        logged = trainer._harness_pending
+        for key in ("eur", "eur_pos", "eur_neg"):
+            assert logged[f"harness/{key}"] == pytest.approx(step[f"it{p + 1}/{key}"], abs=1e-6), (p, key)
+    assert step["it2/eur"] < 1.0

@@ -195,6 +195,45 @@ def test_shared_prompt_forward_equals_full_forward(cache_dir):
     assert torch.allclose(g1, gG, atol=1e-4 * g1.abs().max().item())
 
 
+def test_measuring_forward_equals_the_plain_one(cache_dir):
+    """distinct_rows_logprobs (each distinct row once, prompts shared by index, small chunks on one CPU thread) gives
+    rows_logprobs' numbers for rows in any order, chunked or not, and leaves the model's modes and the thread count
+    as they were."""
+    from harness.backends.sampling import (
+        distinct_rows_logprobs,
+        eval_no_grad,
+        mask_through_first_eos,
+        rows_logprobs,
+        sample_completions,
+    )
+
+    model, tok, enc = _tiny_prompts(cache_dir, 4)
+    G = 8
+    torch.manual_seed(0)
+    with torch.no_grad():
+        seqs, _ = sample_completions(model, enc.input_ids, enc.attention_mask, num_generations=G, max_new_tokens=24,
+                                     temperature=0.7, top_p=1.0, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
+    comp = seqs[:, enc.input_ids.shape[1]:]
+    mask = mask_through_first_eos(comp, tok.eos_token_id)
+    attn = torch.cat([enc.attention_mask.repeat_interleave(G, 0), mask.long()], dim=1)
+    assert len(torch.unique(seqs, dim=0)) < len(seqs), "the test needs completions that repeat one another"
+    kw = dict(seqs=seqs, attn=attn, n_completion=comp.shape[1], temperature=0.7)
+    rows = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(1))
+    model.train()
+    model.model.layers[0].eval()  # a module with its own mode, which the measuring forward must give back
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        plain = rows_logprobs(model, rows, group_size=1, **kw)
+    for max_rows in (64, 5):
+        with eval_no_grad(model):
+            assert not model.training and not torch.is_grad_enabled()
+            measured = distinct_rows_logprobs(model, rows, max_rows=max_rows, **kw)
+        assert torch.allclose(measured[mask[rows]], plain[mask[rows]], atol=1e-5)
+    assert model.training and not model.model.layers[0].training and model.model.layers[1].training
+    assert torch.get_num_threads() == threads
+
+
 def _tiny_prompts(cache_dir: Path, n: int):
     from harness.data import load_task
     from harness.models import load_model_and_tokenizer, model_prompt_config, resolve_model_path
@@ -301,6 +340,9 @@ def test_skipping_zero_advantage_groups_changes_no_update(tmp_path, cache_dir):
     for a, b in zip(skipped, full, strict=True):
         for key in ("reward", "entropy", "it1/loss", "it2/loss", "it1/grad_norm", "it2/grad_norm"):
             assert math.isclose(a[key], b[key], rel_tol=1e-5, abs_tol=1e-7), key
+        # EUR is over every prompt whether its rows trained or only had their ratios measured (eq. 12)
+        for key in ("it1/eur", "it2/eur", "it1/eur_neg", "it2/eur_neg", "it1/eur_pos", "it2/eur_pos"):
+            assert math.isclose(a[key], b[key], rel_tol=0, abs_tol=1e-6), key
     w_skip = load_file(runs[True].final_checkpoint / "model.safetensors")
     w_full = load_file(runs[False].final_checkpoint / "model.safetensors")
     assert w_skip.keys() == w_full.keys()
@@ -338,9 +380,11 @@ def test_killed_and_resumed_mini_batch_run_matches_uninterrupted(tmp_path, cache
 
 
 def test_no_signal_step_skips_the_passes_and_moves_weights_as_training_every_row(tmp_path, cache_dir):
-    """A step whose groups all have equal rewards trains no row (counted as no_signal, no ratio diagnostics) yet takes
+    """A step whose groups all have equal rewards trains no row (counted as no_signal, no ratio statistics) yet takes
     its optimizer steps with zero gradients, so AdamW's momentum moves the weights exactly as when every row trains
-    with advantage 0 (backend.skip_zero_advantage=false); the run summary warns when most steps are like that."""
+    with advantage 0 (backend.skip_zero_advantage=false); the run summary warns when most steps are like that. Its EUR
+    is still eq. 12 over every prompt: 1 on the first pass (nothing has moved, f'(1) = 1), and on the second what
+    the ratios of the moved weights give, the same as when every row trains."""
     from tests import custom_rewards
 
     no_signal_after_step_1 = ["train.rewards.format_weight=0", "train.rewards.accuracy_weight=0",
@@ -355,7 +399,11 @@ def test_no_signal_step_skips_the_passes_and_moves_weights_as_training_every_row
     assert [h["no_signal"] for h in skipped] == [0.0, 1.0, 1.0] == [h["no_signal"] for h in every_row]
     assert [h["trained_frac"] for h in skipped] == [1.0, 0.0, 0.0]
     assert [h["trained_frac"] for h in every_row] == [1.0, 1.0, 1.0]
-    assert "it2/eur" in skipped[0] and "it2/eur" not in skipped[1]
+    assert "it2/abs_ratio_dev" in skipped[0] and "it2/abs_ratio_dev" not in skipped[1]
+    for a, b in zip(skipped[1:], every_row[1:], strict=True):
+        assert a["it1/eur"] == 1.0 and set(k for k in a if "eur" in k) == {f"it{i}/eur{s}" for i in (1, 2)
+                                                                           for s in ("", "_neg")}
+        assert math.isclose(a["it2/eur"], b["it2/eur"], rel_tol=0, abs_tol=1e-6) and a["it2/eur"] < 1.0
     assert skipped[1]["it2/grad_norm"] == 0.0 and skipped[1]["loss"] == 0.0
     from safetensors.torch import load_file
 
@@ -371,3 +419,68 @@ def test_no_signal_step_skips_the_passes_and_moves_weights_as_training_every_row
     signal = learning_signal(skipped)
     assert signal["steps"] == 3 and signal["no_signal_steps"] == 2
     assert "no learning signal in 2 of 3 steps" in no_signal_warning(signal)
+
+
+# ----------------------------------------------------------------------------- EUR (arXiv 2602.19345 eq. 12)
+
+
+def record_diagnostics(monkeypatch) -> list[dict]:
+    """Record every diagnostics call the native backend makes to policy_loss (one per pass): its per-token log-probs,
+    behaviour log-probs, advantages, mask and group ids, as float64."""
+    from harness.backends import native
+
+    calls: list[dict] = []
+    real = native.policy_loss
+
+    def recording(logp, old_logp, advantages, mask, **kw):
+        if kw.get("diagnostics", True):
+            calls.append({"logp": logp.detach().double().cpu(), "old": old_logp.detach().double().cpu(),
+                          "adv": advantages.detach().double().cpu(), "mask": mask.bool().cpu(),
+                          "groups": kw["groups"].cpu()})
+        return real(logp, old_logp, advantages, mask, **kw)
+
+    monkeypatch.setattr(native, "policy_loss", recording)
+    return calls
+
+
+def eq12(call: dict, weight) -> float:
+    """EUR of one recorded pass, written out: for each prompt, the sum of f'(r) over its completions' tokens over
+    their number, then the mean over the prompts. ``weight(r, A)`` is the gate's f' by hand."""
+    r = torch.exp((call["logp"] - call["old"]).clamp(-20.0, 20.0))
+    w = weight(r, call["adv"][:, None].expand_as(r))
+    per_prompt = []
+    for b in sorted(set(call["groups"].tolist())):
+        rows = call["groups"] == b
+        tokens = call["mask"][rows]
+        per_prompt.append(float(w[rows][tokens].sum()) / int(tokens.sum()))
+    return sum(per_prompt) / len(per_prompt)
+
+
+# 2 steps of 4 prompts x 8 completions, 2 mini-batches per pass (the second one's update sees moved weights), 2
+# passes, a learning rate at which the ratios move enough for every gate to act.
+RECORDED = ("train.steps=2", "train.mini_batch_size=16", "train.lr=1e-3")
+
+
+@pytest.mark.parametrize("gate", ["sigmoid", "erf", "arctan", "softsign", "softsign_abs", "clip"])
+def test_eur_is_eq_12_over_every_prompt_of_a_recorded_step(tmp_path, cache_dir, monkeypatch, gate):
+    """Each pass's logged EUR equals eq. 12 computed here, independently, from the recorded per-token ratios,
+    advantages, masks and group ids of every completion of the step: zero-variance groups, left out of the passes,
+    included with their measured ratios (ratios that moved off 1)."""
+    from tests.test_objective import EPS_HIGH, EPS_LOW, TAU_NEG, TAU_POS, closed_weight
+
+    calls = record_diagnostics(monkeypatch)
+    res = train(_cfg(tmp_path, cache_dir, *RECORDED, f"gate={gate}", f"gate.tau_pos={TAU_POS}",
+                     f"gate.tau_neg={TAU_NEG}", f"gate.eps_low={EPS_LOW}", f"gate.eps_high={EPS_HIGH}",
+                     "gate.width=raw"))
+    assert len(calls) == 4  # 2 steps x 2 passes
+    idle_moved = False
+    for k, call in enumerate(calls):
+        step, it = divmod(k, 2)
+        assert call["logp"].shape[0] == 32 and torch.equal(call["groups"], torch.arange(32) // 8)  # every prompt
+        expected = eq12(call, lambda r, a: closed_weight(gate, r, a))
+        assert res.history[step][f"it{it + 1}/eur"] == pytest.approx(expected, abs=1e-6)
+        idle = call["adv"].view(4, 8).eq(0).all(-1).repeat_interleave(8)
+        r = torch.exp(call["logp"] - call["old"])[idle][call["mask"][idle]]
+        idle_moved |= bool(len(r)) and float((r - 1).abs().max()) > 1e-4
+    assert any(h["trained_frac"] < 1 for h in res.history)  # the steps had zero-variance groups...
+    assert idle_moved  # ...whose ratios were measured, not taken as 1

@@ -602,3 +602,69 @@ def test_paper_softsign_gradient_is_its_closed_form(tau):
     y = tau * (r - 1.0)
     expected = -agg_coef(mask, "seq-mean-token-mean") * (1.0 + y * y) ** -1.5 * r * adv_tok(adv, r)
     assert_close(g, expected, tol=1e-6)
+
+
+def test_eur_is_not_one_minus_the_clip_fraction_when_groups_differ_in_size():
+    """For clip, EUR is one minus the clip fraction of each group, averaged over groups; ``clip_frac`` is one token
+    mean over the batch. A 10-token group with nothing clipped and a 100-token group with 10 tokens clipped:
+    EUR = (1 + 0.9)/2 = 0.95, 1 − clip_frac = 1 − 10/110."""
+    T = 100
+    mask = torch.zeros(2, T, dtype=torch.bool)
+    mask[0, :10] = True
+    mask[1] = True
+    log_r = torch.zeros(2, T, dtype=F64)
+    log_r[1, :10] = math.log(1.5)  # clipped at 1 + ε for A > 0
+    adv = torch.tensor([1.0, 1.0], dtype=F64)
+    _, d = policy_loss(log_r, torch.zeros(2, T, dtype=F64), adv, mask, gate="clip", groups=torch.tensor([0, 1]))
+    assert d["eur"] == pytest.approx(0.95, abs=1e-12)
+    assert d["clip_frac"] == pytest.approx(10 / 110, abs=1e-12)
+    assert 1.0 - d["clip_frac"] == pytest.approx(0.909, abs=1e-3)
+    # the same groups with equal token counts: then the two agree
+    _, even = policy_loss(log_r[[1, 1]], torch.zeros(2, T, dtype=F64), adv, mask[[1, 1]], gate="clip",
+                          groups=torch.tensor([0, 1]))
+    assert even["eur"] == pytest.approx(1.0 - even["clip_frac"], abs=1e-12)
+
+
+@pytest.mark.parametrize("gate", ALL_GATES)
+def test_eur_covers_every_row_the_statistics_only_the_trained_ones(gate):
+    """``trained`` marks the rows that went through the update (e.g. zero-variance groups left out of the passes
+    are not): EUR is eq. 12 over every row, A = 0 rows included (and in ``eur_neg``), written out by hand; every
+    other diagnostic is what the trained rows alone give; the loss does not change."""
+    gen = torch.Generator().manual_seed(5)
+    B, T, G = 12, 6, 4
+    logp = -2.0 * torch.rand(B, T, generator=gen, dtype=F64)
+    old = logp - 0.6 * (torch.rand(B, T, generator=gen, dtype=F64) - 0.5)
+    lengths = torch.tensor([6, 1, 4, 3, 2, 6, 5, 1, 3, 6, 2, 4])
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.0, 0.0, 0.0, 0.0, 1.2, -0.1, 0.7, -0.8], dtype=F64)
+    groups = torch.arange(B) // G
+    trained = adv.view(-1, G).ne(0).any(-1).repeat_interleave(G)  # prompt 1 had zero reward variance
+    kw = dict(gate=gate, tau_pos=TAU_POS, tau_neg=TAU_NEG, eps_low=EPS_LOW, eps_high=EPS_HIGH)
+    loss, d = policy_loss(logp, old, adv, mask, groups=groups, trained=trained, **kw)
+    w = closed_weight(gate, torch.exp(logp - old), adv[:, None].expand(B, T))
+    for suffix, keep in (("", lambda a: True), ("_pos", lambda a: a > 0), ("_neg", lambda a: a <= 0)):
+        per_prompt = []
+        for b in range(B // G):
+            rows = [j for j in range(b * G, (b + 1) * G) if keep(float(adv[j]))]
+            den = sum(int(lengths[j]) for j in rows)
+            if den:
+                per_prompt.append(sum(float(w[j, t]) for j in rows for t in range(int(lengths[j]))) / den)
+        assert d[f"eur{suffix}"] == pytest.approx(sum(per_prompt) / len(per_prompt), abs=1e-12), suffix
+    # the zero-variance prompt counts: leaving its rows out changes EUR
+    _, only = policy_loss(logp[trained], old[trained], adv[trained], mask[trained], groups=groups[trained], **kw)
+    assert abs(only["eur"] - d["eur"]) > 1e-3
+    assert {k: v for k, v in d.items() if not k.startswith("eur")} == {
+        k: v for k, v in only.items() if not k.startswith("eur")}
+    assert d["eur_pos"] == only["eur_pos"]  # every A > 0 row trained
+    assert float(loss) == float(policy_loss(logp, old, adv, mask, diagnostics=False, **kw)[0])
+
+
+def test_eur_without_trained_rows_is_the_only_diagnostic():
+    """A step where every group had zero variance trains no row: EUR (eq. 12 still defines it) is all there is."""
+    logp, old, _, mask = make_batch(4)
+    adv = torch.zeros(mask.shape[0], dtype=F64)
+    _, d = policy_loss(logp, old, adv, mask, gate="erf", groups=torch.arange(6) // 3,
+                       trained=torch.zeros(6, dtype=torch.bool))
+    assert set(d) == {"eur", "eur_neg"} and 0.0 < d["eur"] == d["eur_neg"] < 1.0
+    with pytest.raises(ValueError, match="trained must have shape"):
+        policy_loss(logp, old, adv, mask, trained=torch.ones(3, dtype=torch.bool))

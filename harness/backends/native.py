@@ -10,12 +10,18 @@ One rollout batch per step, read top to bottom in :func:`train`:
    (:func:`harness.scoring.format_reward`: 1 / 0.5 / 0.25 / 0) or the 0/1 exact template (``train.rewards.format``);
 4. group advantages A_i = (R_i − mean_g R) / (std_g R + eps) (``grpo``) or R_i − mean_g R
    (``drgrpo``);
-5. behaviour log-probs log π_old are taken ONCE (by the first update's own forward pass when a pass is one
-   optimizer step; by a no-grad pass before any update when it is several); then ``num_iterations`` passes
+5. behaviour log-probs log π_old are taken ONCE (for the first mini-batch by its first update's own forward pass;
+   for later mini-batches by a no-grad pass before any update); then ``num_iterations`` passes
    over the same batch, each in mini-batches of ``mini_batch_size`` completions (one optimizer step each),
    each accumulating gradients over micro-batches. Once the weights have moved, r = π_θ/π_old ≠ 1 and the
    gate decides how far off-policy tokens count. Groups with all-zero advantages are left out of the passes
-   (they add exactly 0 to the loss and gradient).
+   (they add exactly 0 to the loss and gradient);
+6. diagnostics per pass (:func:`harness.objective.policy_loss`): the ratio statistics over the rows that trained, the
+   EUR (arXiv 2602.19345 eq. 12) over every prompt of the step, zero-variance groups included, also on a step where
+   every group has zero variance (``train/no_signal``; then EUR is the only diagnostic). The rows left out of the
+   passes still have ratios: their log-probs come from no-grad forwards (each distinct completion once) at the
+   behaviour weights and at the weights their mini-batch's update saw; none where those are the behaviour weights
+   (the first optimizer step on the batch: r = 1, f'(1) = 1), none at all with one optimizer step per batch.
 
 The loss is :func:`harness.objective.policy_loss` — the same function every backend calls. The sampler and the
 per-token log-probs live in :mod:`harness.backends.sampling`, checkpoints in :mod:`harness.backends.checkpoints`,
@@ -28,6 +34,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -50,7 +57,14 @@ from harness.backends.checkpoints import (
     set_rng_state,
 )
 from harness.backends.common import fit_prompts, mini_batch_size, start_training
-from harness.backends.sampling import mask_through_first_eos, rows_logprobs, sample_completions, tempered_entropy
+from harness.backends.sampling import (
+    distinct_rows_logprobs,
+    eval_no_grad,
+    mask_through_first_eos,
+    rows_logprobs,
+    sample_completions,
+    tempered_entropy,
+)
 from harness.config import to_plain
 from harness.models import load_model_and_tokenizer, torch_dtype
 from harness.objective import loss_kwargs, micro_batch_weight, policy_loss
@@ -101,6 +115,14 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     if schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def rows_in_place(n_rows: int, parts: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+    """One ``(n_rows, ...)`` tensor from ``(row indices, values)`` pieces that together cover every row once."""
+    out = parts[0][1].new_empty((n_rows, *parts[0][1].shape[1:]))
+    for index, v in parts:
+        out[index.to(out.device)] = v
+    return out
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -224,28 +246,45 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         # row indices of each micro-batch of each mini-batch (active rows only, whole groups, in order)
         micros = [[c for c in torch.split(m[active_row[m]], t.micro_batch_size) if len(c)] for m in minis]
         rows = torch.cat([s for m in micros for s in m] or [torch.zeros(0, dtype=torch.long)])  # rows that train
+        # Rows left out of the passes (whole groups), per mini-batch: no update needs them, but eq. 12's EUR averages
+        # over every prompt of the step, so their ratios are measured where their mini-batch's update would have
+        # seen them. With one optimizer step per batch nothing moves before it, r = 1: no forward at all.
+        idle = [m[~active_row[m]] for m in minis]
+        idle_rows = torch.cat(idle)
+        measure_idle = len(idle_rows) > 0 and (len(minis) > 1 or t.num_iterations > 1)
         # Each prompt's forward is shared by its G completions when micro-batches hold whole groups.
         share = G if bk.get("share_prompt", True) and t.micro_batch_size % G == 0 else 1
 
         logprobs_of = partial(rows_logprobs, seqs=seqs, attn=attn, n_completion=n_comp,
                               temperature=t.rollout_temperature, group_size=share)
+        measured_logprobs_of = partial(distinct_rows_logprobs, seqs=seqs, attn=attn, n_completion=n_comp,
+                                       temperature=t.rollout_temperature, max_rows=t.micro_batch_size)
 
         old_logp: Tensor | None = None
         ref_logp = None
+        no_logp = completion_mask.new_zeros((0, n_comp), dtype=torch.float32)
+        # The first mini-batch's behaviour log-probs are its first update's own forward, detached: the parameters do
+        # not change before its optimizer step, so a separate pass would compute the same numbers. The rows that
+        # train in later mini-batches (which run after optimizer steps), and the rows left out whose ratios are
+        # measured, get theirs now, in one no-grad pass (each distinct row once).
+        later_rows = torch.cat([s for m in micros[1:] for s in m] or [rows[:0]])
+        behaviour_rows = torch.cat([later_rows, idle_rows if measure_idle else idle_rows[:0]])
+        later_old, idle_old = no_logp, completion_mask.new_zeros((len(idle_rows), n_comp), dtype=torch.float32)
         with torch.no_grad(), autocast:
             if ref_model is not None:
                 ref_logp = torch.cat([logprobs_of(ref_model, s) for m in micros for s in m])
-            # With one mini-batch the behaviour log-probs are the first update's own forward, detached: the
-            # parameters do not change before its optimizer step, so a separate pass would compute the same
-            # numbers. With several, later mini-batches of the first pass run after optimizer steps: take π_old now.
-            if len(minis) > 1 and len(rows):
-                old_logp = torch.cat([logprobs_of(model, s) for m in micros for s in m])
+            if len(behaviour_rows):
+                behaviour = measured_logprobs_of(model, behaviour_rows)
+                later_old = behaviour[:len(later_rows)]
+                if measure_idle:
+                    idle_old = behaviour[len(later_rows):]
+        idle_old_of = torch.split(idle_old, [len(m) for m in idle])  # per mini-batch
 
         model.train()
         metrics: dict[str, float] = {}
         for it in range(t.num_iterations):
-            logps, loss_total, grad_norms, offset = [], 0.0, [], 0
-            for mini, mini_micros in zip(minis, micros, strict=True):
+            logps, idle_logps, loss_total, grad_norms, offset = [], [], 0.0, [], 0
+            for j, (mini, mini_micros) in enumerate(zip(minis, micros, strict=True)):
                 optimizer.zero_grad(set_to_none=False)  # zeros: a mini-batch without active rows steps as with all rows
                 mini_mask = completion_mask[mini]
                 for s in mini_micros:
@@ -261,6 +300,13 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
                     (loss * weight).backward()
                     loss_total += float(loss.detach()) * weight / len(minis)
                     logps.append(logp.detach())
+                if measure_idle and len(idle[j]) and (it, j) != (0, 0):  # at (0, 0): the behaviour weights
+                    with eval_no_grad(model), autocast:  # as the behaviour pass: no dropout, no random numbers
+                        idle_logps.append(measured_logprobs_of(model, idle[j]))
+                else:
+                    idle_logps.append(idle_old_of[j])
+                if old_logp is None and len(minis) > 1:  # after the first mini-batch: π_old of every row that trains
+                    old_logp = torch.cat([*logps, later_old])
                 for p in model.parameters():  # before the first backward of a run, gradients are None
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
@@ -269,13 +315,17 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
                     raise FloatingPointError(f"non-finite gradient norm at step {step}, update {it + 1}")
                 optimizer.step()
                 grad_norms.append(float(grad_norm))
-            if logps:
-                if old_logp is None:
-                    old_logp = torch.cat(logps)
-                # Diagnostics of this pass over the rows that trained: each token's ratio as its update saw it.
-                _, diag = policy_loss(torch.cat(logps), old_logp, advantages[rows], completion_mask[rows],
-                                      ref_logp=ref_logp, groups=rows // G, **loss_kw)
-                metrics.update({K.pass_key(it + 1, k): v for k, v in diag.items()})
+            trained_logp = torch.cat(logps) if logps else no_logp
+            if old_logp is None:
+                old_logp = trained_logp
+            # Diagnostics of this pass, each token's ratio as its update saw it: the ratio statistics over the rows
+            # that trained, EUR over every row (eq. 12 averages over every prompt of the step).
+            every_logp = rows_in_place(n_rows, [(rows, trained_logp), (idle_rows, torch.cat(idle_logps))])
+            every_old = rows_in_place(n_rows, [(rows, old_logp), (idle_rows, idle_old)])
+            _, diag = policy_loss(every_logp, every_old, advantages, completion_mask, ref_logp=ref_logp,
+                                  groups=torch.arange(n_rows, device=device) // G, trained=active_row.to(device),
+                                  **loss_kw)
+            metrics.update({K.pass_key(it + 1, k): v for k, v in diag.items()})
             metrics[K.pass_key(it + 1, K.PASS_LOSS)] = loss_total
             metrics[K.pass_key(it + 1, K.PASS_GRAD_NORM)] = sum(grad_norms) / len(grad_norms)
         last_pass = t.num_iterations

@@ -5,6 +5,8 @@ micro-batch × vocabulary), and the entropy of the distribution each token was d
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
@@ -19,10 +21,16 @@ from torch.utils.checkpoint import checkpoint
 # B·T·V·4 bytes per copy (64 rows × 512 tokens: 20 GB each). A [220, hidden] × [hidden, V] product is still large
 # enough to keep the GEMM efficient, and a micro-batch of 64 × 512 tokens is ~150 chunks, so the Python loop is noise.
 LOGIT_CHUNK_ELEMENTS = 2**25
+# A measuring forward this small (distinct rows × tokens × hidden size, in hidden-state elements) runs on one CPU
+# thread: its ops are too small to share out, and with the pool's idle threads asleep (OMP_WAIT_POLICY=PASSIVE, see
+# harness/__init__.py) each parallel region would first wait for them to wake. The zero-variance groups of one
+# mini-batch of the default cell (~15 distinct rows of the tiny model) measure about twice as fast on one thread of two.
+ONE_THREAD_ELEMENTS = 2**18
 
 
 def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, n_completion: int,
                    temperature: float, with_entropy: bool = False, group_size: int = 1, *,
+                   prompt_index: Tensor | None = None,
                    chunk_elements: int = LOGIT_CHUNK_ELEMENTS) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the last ``n_completion`` tokens of each row under ``model`` (logits / temperature,
     matching the sampling distribution), and optionally the per-token entropy (no gradient). With z the logits
@@ -34,7 +42,8 @@ def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     ``group_size`` G > 1 says that consecutive runs of G rows share one prompt (the first
     ``L − n_completion`` tokens): each prompt then goes through the model once, and its keys/values are
     repeated for the G completions (gradients flow back through the repeat). Same numbers as G = 1 up to
-    float rounding, with the prompt's share of the compute divided by G.
+    float rounding, with the prompt's share of the compute divided by G. ``prompt_index`` (B,) is the general
+    form: rows with equal index share their prompt, in any order and any number (keys/values gathered per row).
 
     Memory: the decoder body runs once and returns hidden states; the output head is then applied to at most
     ``chunk_elements // V`` token positions at a time, each chunk under activation checkpointing, so neither the
@@ -46,20 +55,15 @@ def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     vocab = _chunkable_head(model, input_ids)
     if vocab is None:
         return token_logprobs_reference(model, input_ids, attention_mask, n_completion, temperature,
-                                        with_entropy=with_entropy, group_size=group_size)
+                                        with_entropy=with_entropy, group_size=group_size, prompt_index=prompt_index)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     n_prompt = input_ids.shape[1] - n_completion
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    if group_size > 1 and n_prompt > 0:
-        prompt = decoder(input_ids=input_ids[::group_size, :n_prompt],
-                         attention_mask=attention_mask[::group_size, :n_prompt],
-                         position_ids=position_ids[::group_size, :n_prompt], use_cache=True)
-        kv_cache = prompt.past_key_values
-        kv_cache.batch_repeat_interleave(group_size)  # repeat_interleave per layer: differentiable
-        rest = decoder(input_ids=input_ids[:, n_prompt:], attention_mask=attention_mask,
-                       position_ids=position_ids[:, n_prompt:], past_key_values=kv_cache).last_hidden_state
+    if n_prompt > 0 and (group_size > 1 or prompt_index is not None):
+        prompt, rest, spread = _prompt_once(decoder, input_ids, attention_mask, position_ids, n_prompt, group_size,
+                                            prompt_index)
         # the first completion token is predicted by the prompt's last position
-        hidden = torch.cat([prompt.last_hidden_state[:, -1:].repeat_interleave(group_size, 0), rest[:, :-1]], dim=1)
+        hidden = torch.cat([spread(prompt.last_hidden_state[:, -1:]), rest.last_hidden_state[:, :-1]], dim=1)
     else:
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids).last_hidden_state[:, -n_completion - 1 : -1]
@@ -77,26 +81,51 @@ def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
 
 
 def token_logprobs_reference(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, n_completion: int,
-                             temperature: float, with_entropy: bool = False,
-                             group_size: int = 1) -> tuple[Tensor, Tensor | None]:
+                             temperature: float, with_entropy: bool = False, group_size: int = 1,
+                             prompt_index: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """:func:`token_logprobs` from the full causal-LM forward: [B, T, V] logits for the whole batch at once, and what
     autograd keeps of them for backward. The path for models whose logits are not the output head of the decoder's
     hidden states, and the baseline the chunked path is tested and benchmarked against."""
     n_prompt = input_ids.shape[1] - n_completion
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    if group_size > 1 and n_prompt > 0:
-        prompt = model(input_ids=input_ids[::group_size, :n_prompt],
-                       attention_mask=attention_mask[::group_size, :n_prompt],
-                       position_ids=position_ids[::group_size, :n_prompt], use_cache=True)
-        kv_cache = prompt.past_key_values
-        kv_cache.batch_repeat_interleave(group_size)
-        rest = model(input_ids=input_ids[:, n_prompt:], attention_mask=attention_mask,
-                     position_ids=position_ids[:, n_prompt:], past_key_values=kv_cache).logits
-        logits = torch.cat([prompt.logits[:, -1:].repeat_interleave(group_size, 0), rest[:, :-1]], dim=1)
+    if n_prompt > 0 and (group_size > 1 or prompt_index is not None):
+        prompt, rest, spread = _prompt_once(model, input_ids, attention_mask, position_ids, n_prompt, group_size,
+                                            prompt_index)
+        logits = torch.cat([spread(prompt.logits[:, -1:]), rest.logits[:, :-1]], dim=1)
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
         logits = logits[:, -n_completion - 1 : -1]
     return _logprobs_of_logits(logits, input_ids[:, -n_completion:], temperature, with_entropy)
+
+
+def _prompt_once(module: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                 n_prompt: int, group_size: int, prompt_index: Tensor | None) -> tuple[Any, Any, Any]:
+    """Each distinct prompt (the first ``n_prompt`` tokens) through ``module`` once, then every row's completion on
+    its prompt's keys/values: the prompt pass's output (one row per prompt), the completion pass's output (one row
+    per row), and the function that spreads a per-prompt tensor to the rows. The prompts are consecutive runs of
+    ``group_size`` rows, or, with ``prompt_index``, the rows with equal index."""
+    if prompt_index is None:
+        first: Any = slice(None, None, group_size)
+
+        def spread(t: Tensor) -> Tensor:
+            return t.repeat_interleave(group_size, 0)
+    else:
+        rows = torch.arange(len(prompt_index), device=prompt_index.device)
+        first = torch.full((int(prompt_index.max()) + 1,), len(rows), device=rows.device).scatter_reduce(
+            0, prompt_index, rows, "amin")  # each prompt's first row
+
+        def spread(t: Tensor) -> Tensor:
+            return t[prompt_index]
+    prompt = module(input_ids=input_ids[first, :n_prompt], attention_mask=attention_mask[first, :n_prompt],
+                    position_ids=position_ids[first, :n_prompt], use_cache=True)
+    kv_cache = prompt.past_key_values
+    if prompt_index is None:
+        kv_cache.batch_repeat_interleave(group_size)  # repeat_interleave per layer: differentiable
+    else:
+        kv_cache.batch_select_indices(prompt_index)
+    rest = module(input_ids=input_ids[:, n_prompt:], attention_mask=attention_mask,
+                  position_ids=position_ids[:, n_prompt:], past_key_values=kv_cache)
+    return prompt, rest, spread
 
 
 def _logprobs_of_logits(logits: Tensor, targets: Tensor, temperature: float,
@@ -251,6 +280,55 @@ def rows_logprobs(model: torch.nn.Module, rows: Tensor, *, seqs: Tensor, attn: T
                    temperature: float, group_size: int) -> Tensor:
     """:func:`token_logprobs` of the given rows of a rollout batch."""
     return token_logprobs(model, seqs[rows], attn[rows], n_completion, temperature, group_size=group_size)[0]
+
+
+@contextmanager
+def eval_no_grad(model: torch.nn.Module) -> Iterator[None]:
+    """A measuring forward inside training: no gradient, every module in eval mode (no dropout, so no random
+    numbers drawn and no effect on the run), and each module's own training flag restored afterwards."""
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in training.items():
+            m.training = mode
+
+
+def distinct_rows_logprobs(model: torch.nn.Module, rows: Tensor, *, seqs: Tensor, attn: Tensor, n_completion: int,
+                           temperature: float, max_rows: int) -> Tensor:
+    """:func:`rows_logprobs` of a measuring pass (call it without gradient): each distinct row is computed once and
+    copied to its duplicates (the G completions of a prompt often repeat one another word for word: on ``arith``
+    about half the rows of zero-variance groups), each distinct prompt's forward is shared by its rows, and at most
+    ``max_rows`` distinct rows go through the model at a time. The same numbers as :func:`rows_logprobs` up to float
+    rounding. A chunk under :data:`ONE_THREAD_ELEMENTS` on CPU runs on one thread."""
+    width = seqs.shape[1]
+    hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
+    distinct, inverse = torch.unique(torch.cat([seqs[rows], attn[rows]], dim=1), dim=0, return_inverse=True)
+    parts = []
+    for chunk in distinct.split(max_rows):
+        ids, mask = chunk[:, :width], chunk[:, width:]
+        n_prompt = width - n_completion
+        _, prompt_index = torch.unique(torch.cat([ids[:, :n_prompt], mask[:, :n_prompt]], dim=1), dim=0,
+                                       return_inverse=True)
+        small = ids.device.type == "cpu" and 0 < ids.numel() * hidden < ONE_THREAD_ELEMENTS
+        with cpu_threads(1 if small else None):
+            parts.append(token_logprobs(model, ids, mask, n_completion, temperature, prompt_index=prompt_index)[0])
+    return torch.cat(parts)[inverse]
+
+
+@contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op CPU threads set to ``n`` inside (None: unchanged), restored afterwards."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def mask_through_first_eos(completion_ids: Tensor, eos_token_id: int) -> Tensor:

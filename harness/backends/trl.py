@@ -55,10 +55,13 @@ sampler; the LR schedule advances per optimizer step (the native one per rollout
 disabled (``backend.disable_dropout``) so the two passes see the same network.
 
 Diagnostics: every optimizer step the harness diagnostics of that pass (ratio statistics, mean
-|r − 1|, gate weights, ... over the whole accumulation window) are added to TRL's logs as
-``harness/<name>``; once per harness step ``on_step(step, metrics)`` receives the native backend's
-keys (``reward``, ``it1/abs_ratio_dev``, ``it2/abs_ratio_dev``, ``loss``, ``grad_norm``, ...) plus
-TRL's own first-pass logs as ``trl/<name>``.
+|r − 1|, gate weights, ... over the rows of the whole pass that went through the forward) are added to TRL's logs as
+``harness/<name>``; EUR (arXiv 2602.19345 eq. 12) is over every row of the pass, zero-advantage rows left out of
+the forward (``skip_zero_advantage``) included: r = 1 for them while the weights are the behaviour ones (the first
+optimizer step on the generation batch), after that their log-probs come from a no-grad forward (as on the native
+backend, so the two agree on the same batch). Once per harness step ``on_step(step, metrics)`` receives the native
+backend's keys (``reward``, ``it1/abs_ratio_dev``, ``it2/abs_ratio_dev``, ``loss``, ``grad_norm``, ...) plus TRL's
+own first-pass logs as ``trl/<name>``.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ from harness import keys as K
 from harness.backends import StepCallback, TrainResult
 from harness.backends.checkpoints import list_checkpoints, preflight, resume_checkpoint, write_manifest
 from harness.backends.common import fit_prompts, mini_batch_size, start_training
+from harness.backends.sampling import eval_no_grad
 from harness.config import to_plain
 from harness.models import load_model_and_tokenizer
 from harness.objective import loss_kwargs, micro_batch_weight, policy_loss
@@ -208,20 +212,66 @@ class HarnessGRPOTrainer(GRPOTrainer):
         self._harness_sampled_entropy = True
         return [c[m].tolist() for c, m in zip(completion.cpu(), keep.cpu(), strict=True)], None
 
-    def _trained_rows(self, inputs: dict[str, Any]) -> Tensor | None:
-        """With ``skip_zero_advantage``: the rows of this micro-batch that train (advantage ≠ 0), or None for all.
-        A row with A = 0 adds exactly 0 to every gate's loss and gradient, so leaving it out of the forward and
-        backward changes no update (the loss is rescaled to the whole micro-batch); not with a KL term (those rows
-        still carry its gradient) or a MoE load-balancing loss."""
+    def _skips_zero_advantage(self, inputs: dict[str, Any]) -> bool:
+        """Whether rows with A = 0 may be left out of this micro-batch's forward and backward
+        (``skip_zero_advantage``): such a row adds exactly 0 to every gate's loss and gradient, so leaving it out
+        changes no update (the loss is rescaled to the whole micro-batch); not with a KL term (those rows still carry
+        its gradient) or a MoE load-balancing loss. The same answer on every process."""
         multimodal = any(inputs.get(k) is not None for k in _FORWARD_KEYS)
-        skip = getattr(self, "harness_skip_zero_advantage", False)
-        if (not skip or not self.model.training or self.aux_loss_enabled or multimodal
-                or self.harness_loss_kwargs.get("kl_beta", 0.0)):
+        return bool(getattr(self, "harness_skip_zero_advantage", False) and self.model.training
+                    and not self.aux_loss_enabled and not multimodal
+                    and not self.harness_loss_kwargs.get("kl_beta", 0.0))
+
+    def _trained_rows(self, inputs: dict[str, Any]) -> Tensor | None:
+        """With :meth:`_skips_zero_advantage`: the rows of this micro-batch that train (advantage ≠ 0), or None for
+        all of them."""
+        if not self._skips_zero_advantage(inputs):
             return None
         adv = inputs["advantages"]
         nonzero = (adv != 0) if adv.dim() == 1 else (adv != 0).reshape(adv.shape[0], -1).any(-1)
-        # no row active: all of them, as the native backend does (a zero update either way, with its diagnostics)
+        # no row active: all of them (a zero update either way, through the usual forward and backward)
         return None if bool(nonzero.all()) or not bool(nonzero.any()) else nonzero.nonzero().squeeze(-1)
+
+    def _left_out_rows(self, model: Any, inputs: dict[str, Any], rows: Tensor | None) -> tuple[Any, ...] | None:
+        """The diagnostics window entry of the rows of the micro-batch ``inputs`` that :meth:`_trained_rows` left
+        out (None when there are none): eq. 12's EUR averages over every prompt of the step, so their ratios count
+        too. Where the weights are still those the behaviour log-probs were taken with (TRL passed none, or this is
+        the first optimizer step on the generation batch) r = 1; after that, their log-probs come from a no-grad
+        forward in eval mode (no dropout, no random numbers drawn)."""
+        completion_mask = inputs["completion_mask"]
+        n = completion_mask.shape[0]
+        left_out = torch.ones(n, dtype=torch.bool, device=completion_mask.device)
+        left_out[rows if rows is not None else slice(None)] = False
+        old = inputs.get("old_per_token_logps")
+        moved = old is not None and (self._step % (self.args.steps_per_generation * self.num_iterations)
+                                     >= self.args.gradient_accumulation_steps)
+        # Under several processes a forward can be a collective (DDP's buffer broadcast, FSDP / ZeRO-3 gathers):
+        # whenever any process may measure, every process runs one forward, on a row it discards if it has none.
+        together = moved and getattr(self.accelerator, "num_processes", 1) > 1
+        if not bool(left_out.any()) and not together:
+            return None
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        if moved:
+            take = left_out if bool(left_out.any()) else torch.arange(n, device=left_out.device) == 0
+            ids = torch.cat([inputs["prompt_ids"][take], inputs["completion_ids"][take]], dim=1)
+            attention = torch.cat([inputs["prompt_mask"][take], completion_mask[take]], dim=1)
+            # each distinct row once: the completions of a prompt often repeat one another word for word
+            distinct, inverse = torch.unique(torch.cat([ids, attention], dim=1), dim=0, return_inverse=True)
+            with eval_no_grad(model):
+                logp, _, _ = self._get_per_token_logps_and_entropies(
+                    model, distinct[:, :ids.shape[1]], distinct[:, ids.shape[1]:], inputs["completion_ids"].size(1))
+            if not bool(left_out.any()):
+                return None
+            logp = logp[inverse]
+            old = old[left_out].detach()
+        else:
+            on_policy = mask.new_zeros(mask[left_out].shape, dtype=torch.float32)  # TRL's r = 1 without old log-probs
+            logp = old = on_policy if old is None else old[left_out].detach()
+        adv = inputs["advantages"][left_out].detach()
+        adv = (adv.unsqueeze(-1) if adv.dim() == 1 else adv).expand_as(logp).to(logp.dtype)
+        groups = inputs.get("harness_group")
+        return (logp.detach(), old, adv, mask[left_out].detach(), None,
+                None if groups is None else groups[left_out], torch.zeros(len(logp), dtype=torch.bool))
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         """TRL's rollouts, plus each row's prompt index (``harness_group``) for the EUR diagnostic: TRL samples
@@ -258,6 +308,7 @@ class HarnessGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> Tensor:
         rows = self._trained_rows(inputs)
+        micro_batch = inputs
         kept = 1.0
         if rows is not None:  # zero-advantage rows left out; the loss scaled back to the whole micro-batch
             full_mask = inputs["completion_mask"]
@@ -304,7 +355,12 @@ class HarnessGRPOTrainer(GRPOTrainer):
                 per_token_logps.detach(),
                 per_token_logps.detach() if old is None else old.detach(),
                 adv, mask.detach(), None if ref is None else ref.detach(), inputs.get("harness_group"),
+                torch.ones(len(per_token_logps), dtype=torch.bool),
             ))
+            if self._skips_zero_advantage(micro_batch):
+                left_out = self._left_out_rows(model, micro_batch, rows)
+                if left_out is not None:
+                    self._harness_window.append(left_out)
             self._harness_window_loss += float(loss.detach())
         return loss
 
@@ -340,8 +396,10 @@ class HarnessGRPOTrainer(GRPOTrainer):
             return torch.cat([torch.nn.functional.pad(r[i], (0, width - r[i].shape[1])) for r in rows])
 
         logp, old, adv, mask, ref = (cat(i) for i in range(5))
-        groups = None if rows[0][5] is None else torch.cat([r[5] for r in rows])
-        _, diag = policy_loss(logp, old, adv, mask.bool(), ref_logp=ref, groups=groups, **self.harness_loss_kwargs)
+        groups = None if rows[0][5] is None else torch.cat([r[5].to(logp.device) for r in rows])
+        trained = torch.cat([r[6] for r in rows]).to(logp.device)  # EUR: every row; the other statistics: these
+        _, diag = policy_loss(logp, old, adv, mask.bool(), ref_logp=ref, groups=groups, trained=trained,
+                              **self.harness_loss_kwargs)
         self._harness_pending.update({f"harness/{k}": float(v) for k, v in diag.items()})
         self._harness_pending["harness/loss"] = self._harness_window_loss / minis  # mean over mini-batches
         self._harness_window, self._harness_window_loss = [], 0.0
