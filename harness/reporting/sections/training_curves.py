@@ -98,7 +98,8 @@ def training_curves(data: ExperimentData) -> Section:
                               f"seeds, {band}. Ratio statistics are from the last optimizer update of each "
                               f"rollout batch (it{max(last_k.values(), default=1)}), where r ≠ 1. EUR: the mean "
                               "share of a token's full update it contributes (arXiv 2602.19345 eq. 12: f'(r) "
-                              "averaged over each prompt's tokens, then over prompts; clip: 1 − clip fraction)."
+                              "averaged over each prompt's tokens, then over prompts; clip: one minus each prompt's "
+                              "clip fraction, averaged over prompts)."
                               + (" τ_pos: the temperature each step ran at (not smoothed); τ_neg keeps its ratio "
                                  "to τ_pos unless the schedule sets it." if moving else "")))
     if not multi_seed:
