@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from harness import OMP_THREADS_SLEEP
+
 # Rows of the output head per chunk, as a budget of logits elements: chunk_elements // V token positions at a time.
 # 2**25 elements is 128 MiB of float32 logits, ~220 positions for Qwen2.5's 151,936-token vocabulary; a chunk's
 # working set (head output, tempered copy, logsumexp's exponentials, and in backward the recomputed logits and their
@@ -21,11 +23,12 @@ from torch.utils.checkpoint import checkpoint
 # B·T·V·4 bytes per copy (64 rows × 512 tokens: 20 GB each). A [220, hidden] × [hidden, V] product is still large
 # enough to keep the GEMM efficient, and a micro-batch of 64 × 512 tokens is ~150 chunks, so the Python loop is noise.
 LOGIT_CHUNK_ELEMENTS = 2**25
-# A measuring forward this small (distinct rows × tokens × hidden size, in hidden-state elements) runs on one CPU
-# thread: its ops are too small to share out, and with the pool's idle threads asleep (OMP_WAIT_POLICY=PASSIVE, see
-# harness/__init__.py) each parallel region would first wait for them to wake. The zero-variance groups of one
-# mini-batch of the default cell (~15 distinct rows of the tiny model) measure about twice as fast on one thread of two.
-ONE_THREAD_ELEMENTS = 2**18
+# Where torch's idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE, as harness/__init__.py sets it), a measuring
+# forward this small (distinct rows × tokens × hidden size, in hidden-state elements) runs on one CPU thread: its ops
+# are too small to share out, and each parallel region would first wait for the sleeping threads to wake. The
+# zero-variance groups of one mini-batch of the default cell (~15 distinct rows of the tiny model) measure about twice
+# as fast on one thread of two. Where the threads spin, the pool is faster and the switch itself costs: left alone.
+ONE_THREAD_ELEMENTS = 2**18 if OMP_THREADS_SLEEP else 0
 
 
 def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, n_completion: int,
