@@ -26,7 +26,8 @@ Optuna ask/tell loop:
 
 The objective is a metric of the cell summary: ``eval/mean_selection_accuracy`` (default: strict accuracy on
 the selection half of each benchmark, so the report's test half stays unseen), ``eval/mean_accuracy``,
-``eval/<benchmark>/<metric>`` or ``train/<key>`` (the final step's value; ``train/reward`` is the cheap proxy when ``eval.enabled=false``).
+``eval/<benchmark>/<metric>`` or ``train/<key>`` (the final step's value; ``train/reward`` is the cheap proxy
+when ``eval.enabled=false``).
 """
 
 
