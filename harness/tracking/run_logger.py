@@ -1,19 +1,10 @@
-"""MLflow tracking: the store, one parent run per sweep, one child run per cell, all through an explicit
-``MlflowClient`` (no global tracking URI, no active-run state shared between cells of one process).
+"""One run's logging: :class:`RunLogger` (training steps queued and sent by a background thread, evaluations, a
+cell's files), :func:`cell_run` (a cell's run from start to end state) and the pending-upload marker a logger that
+lost its store leaves in the cell's output directory (:data:`harness.keys.PENDING_UPLOAD_FILE`).
 
-A local SQLite store needs no server (``tracking.uri`` default ``sqlite:///mlflow.db`` in the working
-directory); point ``tracking.uri`` at ``http://host:5000`` or a Postgres URL for many nodes (never SQLite on
-NFS). Creating a fresh SQLite store runs MLflow's schema migrations, which crash when two processes run them at
-once, so :func:`open_store` holds a file lock next to the database while it opens it.
-
-Training is never hostage to tracking: :func:`check_store` fails in seconds, naming ``tracking.uri``, before any
-compute; :class:`RunLogger` sends training steps from a background thread, goes offline when the store stops
-answering (the cell trains on and keeps its own files; :data:`harness.keys.PENDING_UPLOAD_FILE` marks its run as
-awaiting upload) and catches up if it answers again; :func:`harness.cell.upload_cell` later uploads what the store
-lacks from the cell's files. HTTP stores get short retries (:data:`HTTP_DEFAULTS`, MLflow's own settings).
-
-What gets logged under which name is :mod:`harness.keys`; what a cell is (its tags, params and config hash) is
-:mod:`harness.cell`.
+Training is never hostage to tracking: the logger goes offline when the store stops answering (the cell trains on
+and keeps its own files) and catches up if it answers again; :func:`harness.cell.upload_cell` later uploads what the
+store lacks from the cell's files.
 """
 
 from __future__ import annotations
@@ -21,14 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import re
-import socket
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,230 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from harness import keys as K
-from harness.config import ConfigError
-from harness.provenance import git_commit
+from harness.tracking.runs import PARENT_RUN_TAG, process_tag, with_context_tags
+from harness.tracking.store import Store, describe, experiment_id_for, mask_url
 
 log = logging.getLogger(__name__)
 
-PARENT_FILE = ".mlflow_parent_run"
-PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag for nested runs
 MAX_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 MAX_PARAMS_PER_BATCH = 100
-# MLflow's defaults (7 retries, exponential backoff, 120 s timeout) hold one request to a lost server for minutes;
-# these give up in seconds (the logger retries on its own schedule, off the training thread). The environment wins.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-CHECK_TIMEOUT_S = 10.0  # check_store's budget for a store that does not answer
-OPEN_TIMEOUT_S = 120.0  # ... and for opening one that answered its probe (a fresh server migrates its database)
-PROBE_TIMEOUT_S = 3.0  # one reachability probe of an HTTP store
 RETRY_S = 15.0  # an offline logger probes the store this often
 FLUSH_S = 30.0  # at the end of a run, how long the steps still queued may take to reach a store that answers
-MIGRATION_LOCK_S = 300.0  # how long to wait for another process migrating the same fresh SQLite store
-KNOWN_SCHEMES = r"^(sqlite|https?|postgresql|mysql|mssql|file|databricks)[:+]"
-
-
-class TrackingUnavailable(ConfigError):
-    """The tracking store cannot be reached or written (a one-line message naming ``tracking.uri``)."""
-
-
-def tracking_uri(tracking_cfg: Any) -> str:
-    """``tracking.uri``, else ``sqlite:///<cwd>/mlflow.db``."""
-    uri = tracking_cfg.get("uri") if tracking_cfg is not None else None
-    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def mask_url(url: str) -> str:
-    """``url`` without its password (for tags, logs and reports)."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
-
-
-def describe(exc: BaseException) -> str:
-    """An exception as one short line: MLflow's span many lines and repeat the URL; a failed connection is said as
-    the operating system said it."""
-    text = " ".join(str(exc).split())
-    errno = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
-    if errno:
-        return f"connection failed ({errno.group(0).strip()})"
-    if "Read timed out" in text or "ReadTimeout" in text:
-        return "no answer (read timed out)"
-    return f"{type(exc).__name__}: {text}"[:300]
-
-
-def use_short_http_retries() -> None:
-    """Set :data:`HTTP_DEFAULTS` in this process's environment (and so its workers') where the user set nothing."""
-    for key, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-
-
-@dataclass
-class Store:
-    """One MLflow store and experiment, opened by :func:`open_store`."""
-
-    uri: str
-    experiment: str
-    experiment_id: str | None
-    client: Any  # mlflow.tracking.MlflowClient
-    error: str | None = None  # why the store does not answer (set by whoever saw it fail); None: it did answer
-
-    @property
-    def online(self) -> bool:
-        return self.error is None
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (None for other stores and in-memory SQLite)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):].split("?")[0]
-    return Path(path) if path and path != ":memory:" else None
-
-
-@contextmanager
-def migration_lock(uri: str) -> Iterator[None]:
-    """Serialise opening (so creating and migrating) one SQLite store across processes: MLflow runs its schema
-    migrations on the first open, and two at once fail ("duplicate column name")."""
-    path = sqlite_path(uri)
-    if path is None:
-        yield
-        return
-    from filelock import FileLock
-
-    with FileLock(str(path) + ".lock", timeout=MIGRATION_LOCK_S):
-        yield
-
-
-def open_store(tracking_cfg: Any) -> Store:
-    """Open the store of ``tracking_cfg`` (creating it runs the SQLite migrations, one process at a time) and its
-    experiment ``tracking.experiment`` (created if missing)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    use_short_http_retries()
-    uri = tracking_uri(tracking_cfg)
-    name = str(tracking_cfg.experiment)
-    with migration_lock(uri):
-        client = MlflowClient(tracking_uri=uri)
-        try:
-            experiment_id = experiment_id_for(client, name)
-        except MlflowException:  # another driver (on another store process) created it meanwhile
-            exp = client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            experiment_id = exp.experiment_id
-    return Store(uri, name, experiment_id, client)
-
-
-def experiment_id_for(client: Any, name: str) -> str:
-    """The id of experiment ``name``, created if missing, marked as a model-training experiment
-    (:data:`harness.keys.EXPERIMENT_KIND`): without that tag MLflow 3's UI opens it on the GenAI overview (traces,
-    latency, tokens: all empty) instead of the runs table with its parent/child tree."""
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        return client.create_experiment(name, tags={K.TAG_EXPERIMENT_KIND: K.EXPERIMENT_KIND})
-    if exp.tags.get(K.TAG_EXPERIMENT_KIND) is None:  # a store written before experiments carried their kind
-        client.set_experiment_tag(exp.experiment_id, K.TAG_EXPERIMENT_KIND, K.EXPERIMENT_KIND)
-    return exp.experiment_id
-
-
-def open_store_or_offline(tracking_cfg: Any) -> Store:
-    """:func:`open_store`, or an offline :class:`Store` (``store.error`` says why) when it does not answer: a sweep
-    cell trains either way."""
-    from mlflow.tracking import MlflowClient
-
-    uri = tracking_uri(tracking_cfg)
-    reason = reachable(uri)
-    if reason is None:
-        try:
-            return open_store(tracking_cfg)
-        except Exception as exc:
-            reason = describe(exc)
-    log.warning("tracking.uri=%s is unusable (%s): training without it; the run awaits upload", mask_url(uri), reason)
-    return Store(uri, str(tracking_cfg.experiment), None, MlflowClient(tracking_uri=uri), error=reason)
-
-
-def reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
-    """Why the store at ``uri`` cannot be used right now, or None. HTTP: one GET of the server's ``/health`` (any
-    answer counts); SQLite: the database's directory exists and a file can be created in it (the database too, when
-    it exists). Other stores are only found out by opening them."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
-                return None
-        except urllib.error.HTTPError:
-            return None  # it answered
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            if isinstance(reason, TimeoutError) or "timed out" in str(reason):
-                return f"no answer within {timeout:g} s"
-            return f"cannot connect ({reason})"
-    path = sqlite_path(uri)
-    if path is None:
-        return None
-    folder = path.parent  # MLflow creates missing folders: the nearest existing one must take them
-    while not folder.is_dir() and folder != folder.parent:
-        if folder.exists():
-            return f"{folder} is not a directory"
-        folder = folder.parent
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".harness-write-check-"):
-            pass
-        if path.exists():
-            with open(path, "r+b"):
-                pass
-    except OSError as exc:
-        return f"not writable ({exc.strerror or exc}: {exc.filename or path})"
-    return None
-
-
-def validate_tracking_config(tracking_cfg: Any) -> None:
-    """The ``tracking`` node's keys, without touching the store (``ConfigError`` naming the key)."""
-    experiment = tracking_cfg.get("experiment")
-    if not isinstance(experiment, str) or not experiment.strip():
-        raise ConfigError(f"tracking.experiment must be a non-empty string, got {experiment!r}")
-    enabled = tracking_cfg.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise ConfigError(f"tracking.enabled must be true or false, got {enabled!r}")
-    uri = tracking_cfg.get("uri")
-    if uri is not None and (not isinstance(uri, str) or not uri.strip()):
-        raise ConfigError(f"tracking.uri must be null (./mlflow.db) or a store URI, got {uri!r}")
-    if isinstance(uri, str) and "://" in uri and not re.match(KNOWN_SCHEMES, uri):
-        raise ConfigError(f"tracking.uri={mask_url(uri)} has an unknown scheme (use sqlite:///PATH, "
-                          "http(s)://HOST:PORT, postgresql://..., mysql://...)")
-
-
-def check_store(tracking_cfg: Any, timeout: float = CHECK_TIMEOUT_S) -> Store:
-    """The store, opened, or :class:`TrackingUnavailable` naming ``tracking.uri``: run it before any compute, so a
-    typo, a read-only path or a server that is down costs seconds (``timeout``), not a training run. A store that
-    answered its probe may take up to :data:`OPEN_TIMEOUT_S` to open (a fresh one creates its tables)."""
-    validate_tracking_config(tracking_cfg)
-    uri = tracking_uri(tracking_cfg)
-    t0 = time.monotonic()
-    reason = reachable(uri, timeout=min(PROBE_TIMEOUT_S, timeout))
-    if reason is not None:
-        raise TrackingUnavailable(f"tracking.uri={mask_url(uri)} is unusable: {reason}")
-    if sqlite_path(uri) is not None:  # a local file, checked above: creating (migrating) a fresh one takes its time
-        try:
-            return open_store(tracking_cfg)
-        except Exception as exc:
-            raise TrackingUnavailable(f"tracking.uri={mask_url(uri)} is unusable: {describe(exc)}") from exc
-    result: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            result["store"] = open_store(tracking_cfg)
-        except BaseException as exc:  # reported to the caller below
-            result["error"] = exc
-
-    thread = threading.Thread(target=target, name="tracking-check", daemon=True)
-    thread.start()
-    probed = uri.startswith(("http://", "https://"))
-    limit = OPEN_TIMEOUT_S if probed else timeout
-    thread.join(max(0.5, limit - (time.monotonic() - t0)))
-    if thread.is_alive():
-        raise TrackingUnavailable(f"tracking.uri={mask_url(uri)} did not answer within {limit:g} s")
-    if "error" in result:
-        raise TrackingUnavailable(f"tracking.uri={mask_url(uri)} is unusable: {describe(result['error'])}")
-    return result["store"]
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -279,141 +49,6 @@ def finite(metrics: Mapping[str, Any]) -> dict[str, float]:
     point breaks every curve drawn from it)."""
     return {k: float(v) for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
-
-
-# ------------------------------------------------------------------------------------------ who owns a run
-
-
-def _start_ticks(pid: int) -> str:
-    """The process's start time in clock ticks since boot (Linux), so a reused pid is not taken for the owner."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def process_tag() -> str:
-    """``host:pid:start``: the process that owns a run (tag :data:`harness.keys.TAG_PROCESS`)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}"
-
-
-def process_alive(tag: str | None) -> bool | None:
-    """Whether the process a :func:`process_tag` names still runs: None when that cannot be told from here (another
-    host, or a run without the tag)."""
-    if not tag or tag.count(":") < 2:
-        return None
-    host, pid_text, start = tag.rsplit(":", 2)
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return None
-    pid = int(pid_text)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    return not start or _start_ticks(pid) in ("", start)
-
-
-def _runs(store: Store, filter_string: str, max_results: int = 1000) -> list[Any]:
-    return list(store.client.search_runs([store.experiment_id], filter_string=filter_string, max_results=max_results))
-
-
-def run_status(store: Store, run_id: str | None) -> str | None:
-    """The status of run ``run_id`` (RUNNING, FINISHED, ...), or None when the store has no such run."""
-    try:
-        return store.client.get_run(run_id).info.status if run_id else None
-    except Exception:  # MLflow's RESOURCE_DOES_NOT_EXIST; a store that is gone fails the next call anyway
-        return None
-
-
-def finished_run(store: Store, chash: str) -> str | None:
-    """Id of a FINISHED run with this config hash, if any."""
-    runs = _runs(store, f"tags.{K.TAG_CONFIG_HASH} = '{chash}' and attributes.status = 'FINISHED'", max_results=1)
-    return runs[0].info.run_id if runs else None
-
-
-def _supersede(store: Store, run_ids: Sequence[str], by: str) -> list[str]:
-    for rid in run_ids:
-        store.client.set_tag(rid, K.TAG_SUPERSEDED_BY, by)
-        store.client.set_terminated(rid, "KILLED")
-    return list(run_ids)
-
-
-def supersede_stale_runs(store: Store, chash: str, run_id: str, *, only_dead: bool = False,
-                         output_dir: str | None = None) -> list[str]:
-    """Mark runs of this config hash left RUNNING (a killed sweep or run) as KILLED, tagged with the run that
-    continues them; returns their ids. A sweep cell takes every such run (two sweeps must never run one cell at once:
-    they would share its output directory). ``only_dead`` (``harness run``) spares runs whose process may still run:
-    it takes those whose process is gone, and, given ``output_dir``, those that wrote there (``resume=true``)."""
-    stale = []
-    for r in _runs(store, f"tags.{K.TAG_CONFIG_HASH} = '{chash}' and attributes.status = 'RUNNING'"):
-        if r.info.run_id == run_id:
-            continue
-        alive = process_alive(r.data.tags.get(K.TAG_PROCESS))
-        same_dir = output_dir is not None and r.data.params.get("output_dir") == str(output_dir)
-        if not only_dead or alive is False or (same_dir and alive is not True):
-            stale.append(r.info.run_id)
-    return _supersede(store, stale, run_id)
-
-
-def supersede_stale_parents(store: Store, run_id: str) -> list[str]:
-    """Mark the parent runs (sweep and tuning drivers) of this experiment that a killed driver left RUNNING as KILLED,
-    tagged with the new parent ``run_id``; drivers that may still run (or run elsewhere) are left alone."""
-    stale = [r.info.run_id for r in _runs(store, f"tags.{K.TAG_SWEEP} != '' and attributes.status = 'RUNNING'")
-             if r.info.run_id != run_id and process_alive(r.data.tags.get(K.TAG_PROCESS)) is False]
-    return _supersede(store, stale, run_id)
-
-
-def kill_children(store: Store, parent_run_id: str) -> list[str]:
-    """Mark the parent's child runs still RUNNING as KILLED (a driver stopped by a signal: its jobs die with it)."""
-    children = [r.info.run_id for r in _runs(store, f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}' and "
-                                                    "attributes.status = 'RUNNING'")]
-    for rid in children:
-        store.client.set_terminated(rid, "KILLED")
-    return children
-
-
-def start_parent(store: Store, *, name: str, tags: Mapping[str, str]) -> str:
-    """Create the sweep's parent run (its jobs may live in other processes: they name it as their parent)."""
-    run = store.client.create_run(store.experiment_id, run_name=name, tags=_resolve_tags(
-        {**tags, K.TAG_GIT_COMMIT: git_commit(), K.TAG_PROCESS: process_tag()}))
-    return run.info.run_id
-
-
-def end_parent(store: Store, run_id: str, summary: Mapping[str, Any], *, status: str | None = None) -> bool:
-    """Log a sweep's counts to its parent run and close it (FAILED when a cell failed, unless ``status`` says).
-    Returns False, with a warning, when the store does not answer: the sweep's results are in its cells' files."""
-    if not store.online:
-        return False
-    try:
-        for key in ("cells", "finished", "skipped", "failed", "uploaded", "seconds"):
-            if key in summary:
-                store.client.log_metric(run_id, K.sweep_key(key), float(summary[key]))
-        store.client.set_terminated(run_id, status or ("FINISHED" if not summary.get("failed") else "FAILED"))
-    except Exception as exc:  # the driver must still print its summary
-        store.error = describe(exc)
-        log.warning("parent run %s was not closed: tracking.uri=%s does not answer (%s)", run_id,
-                    mask_url(store.uri), store.error)
-        return False
-    return True
-
-
-def write_parent(sweep_dir: str | Path, run_id: str) -> None:
-    """Remember the parent run for the sweep's jobs (which may run in other processes or on other nodes)."""
-    (Path(sweep_dir) / PARENT_FILE).write_text(run_id)
-
-
-def read_parent(sweep_dir: str | Path | None) -> str | None:
-    path = Path(sweep_dir) / PARENT_FILE if sweep_dir else None
-    return path.read_text().strip() if path is not None and path.exists() else os.environ.get("HARNESS_PARENT_RUN_ID")
-
-
-def _resolve_tags(tags: Mapping[str, str]) -> dict[str, str]:
-    """``tags`` plus MLflow's context tags (user, source), as the fluent API adds them."""
-    from mlflow.tracking.context.registry import resolve_tags
-
-    return resolve_tags(dict(tags))
 
 
 # ------------------------------------------------------------------------------------------ pending uploads
@@ -498,7 +133,7 @@ class RunLogger:
             return
         if self.run_id is None:
             self.run_id = self.client.create_run(self.store.experiment_id, run_name=spec.name,
-                                                 tags=_resolve_tags(spec.tags)).info.run_id
+                                                 tags=with_context_tags(spec.tags)).info.run_id
             self._spec_done.add("tags")  # set by create_run
             self._log_params(spec.params)
             self._spec_done.add("params")
