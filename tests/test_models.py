@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from harness import models as M
+from harness.models import cache, presets, tiny
 from harness.data import generate_arith
 from harness.prompts import PromptConfig, render_prompt
 from harness.scoring import score
@@ -33,8 +34,8 @@ def fast_model_dir(fast_cache: Path) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer():
     probs = generate_arith("train", 2000)
-    texts = [f"Q: {p['problem']}\nA:" for p in probs] + [M.sft_response(p["think"], p["answer"]) for p in probs]
-    return M.build_tiny_tokenizer(texts, vocab_size=512)
+    texts = [f"Q: {p['problem']}\nA:" for p in probs] + [tiny.sft_response(p["think"], p["answer"]) for p in probs]
+    return tiny.build_tiny_tokenizer(texts, vocab_size=512)
 
 
 def test_digits_are_single_tokens_never_merged(tokenizer) -> None:
@@ -47,14 +48,14 @@ def test_digits_are_single_tokens_never_merged(tokenizer) -> None:
 
 
 def test_tags_are_single_added_tokens_that_survive_decoding(tokenizer) -> None:
-    text = M.sft_response("3+4=7", "7")
+    text = tiny.sft_response("3+4=7", "7")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    for tag in M.TAG_TOKENS:
+    for tag in tiny.TAG_TOKENS:
         tag_ids = tokenizer(tag, add_special_tokens=False)["input_ids"]
         assert len(tag_ids) == 1 and tag_ids[0] in ids
         assert tag not in tokenizer.all_special_tokens
     assert tokenizer.decode([*ids, tokenizer.eos_token_id], skip_special_tokens=True) == text
-    assert tokenizer.eos_token == M.EOS_TOKEN and tokenizer.pad_token == M.PAD_TOKEN
+    assert tokenizer.eos_token == tiny.EOS_TOKEN and tokenizer.pad_token == tiny.PAD_TOKEN
     assert tokenizer.eos_token_id != tokenizer.pad_token_id
 
 
@@ -76,7 +77,7 @@ def test_build_round_trip(fast_model_dir: Path) -> None:
     model, tok = M.load_model_and_tokenizer({"name": "hf", "path": str(fast_model_dir)})
     model2, tok2 = M.load_model_and_tokenizer(str(fast_model_dir), dtype="float32")
     assert model.config.tie_word_embeddings and model.config.num_hidden_layers == 4
-    assert tok.chat_template == M.TINY_CHAT_TEMPLATE and tok.padding_side == "left"
+    assert tok.chat_template == tiny.TINY_CHAT_TEMPLATE and tok.padding_side == "left"
     assert tok.convert_tokens_to_ids("<answer>") == tok2.convert_tokens_to_ids("<answer>") != tok.unk_token_id
     ids = torch.tensor([tok(render_prompt(tok, "Ann has 2 pens.", TINY_PROMPT))["input_ids"]])
     with torch.no_grad():
@@ -90,7 +91,7 @@ def test_cache_is_reused(fast_cache: Path, fast_model_dir: Path, monkeypatch: py
     def boom(*args, **kwargs):
         raise AssertionError("rebuilt a cached model")
 
-    monkeypatch.setattr(M, "build_tiny_model", boom)
+    monkeypatch.setattr(presets, "build_tiny_model", boom)
     again = M.resolve_model_path({"name": "tiny", "path": None, "recipe": FAST_RECIPE}, cache_dir=fast_cache)
     assert Path(again) == fast_model_dir
     assert (fast_model_dir / "build_info.json").stat().st_mtime_ns == stamp
@@ -119,7 +120,7 @@ def test_concurrent_builds_build_once(tmp_path: Path, monkeypatch: pytest.Monkey
         (Path(out_dir) / "build_info.json").write_text("{}")
         return Path(out_dir)
 
-    monkeypatch.setattr(M, "build_tiny_model", fake_build)
+    monkeypatch.setattr(presets, "build_tiny_model", fake_build)
     results: list[str] = []
     threads = [
         threading.Thread(target=lambda: results.append(M.resolve_model_path("tiny", cache_dir=tmp_path)))
@@ -142,7 +143,7 @@ def test_lost_rename_race_keeps_the_winner(tmp_path: Path) -> None:
         (out / "build_info.json").write_text('{"winner": true}')
         (tmp / "build_info.json").write_text('{"winner": false}')
 
-    assert M._build_cached(out, build) == out
+    assert cache.build_cached(out, build) == out
     assert M.read_build_info(out) == {"winner": True}
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ["tiny-x"]
 
@@ -153,7 +154,7 @@ def test_failed_build_leaves_nothing(tmp_path: Path) -> None:
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
-        M._build_cached(tmp_path / "tiny-y", build)
+        cache.build_cached(tmp_path / "tiny-y", build)
     assert [p for p in tmp_path.iterdir() if p.is_dir()] == []
 
 
@@ -228,7 +229,7 @@ def test_config_files_match_presets() -> None:
             assert node["recipe"] == M.DEFAULT_TINY_RECIPE
             assert node["prompt"] == {"template": "{problem}", "system_prompt": None}
         elif node["name"] == "smollm2-135m":
-            assert node["prompt"] == M.SMOLLM2_PROMPT
+            assert node["prompt"] == presets.SMOLLM2_PROMPT
         else:
             assert node["prompt"] == {"template": DEFAULT_TEMPLATE, "system_prompt": DEFAULT_SYSTEM_PROMPT}
     assert M.model_prompt_config("tiny") == TINY_PROMPT
