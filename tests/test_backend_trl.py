@@ -14,13 +14,9 @@ pytest.importorskip("trl")
 
 from trl import GRPOTrainer
 
-from harness.backends.trl import (
-    HarnessGRPOTrainer,
-    accuracy_reward,
-    format_reward,
-    gated_loss,
-    grpo_config_kwargs,
-)
+from harness.backends.trl_config import grpo_config_kwargs
+from harness.backends.trl_rewards import accuracy_reward, format_reward
+from harness.backends.trl_trainer import HarnessGRPOTrainer, gated_loss
 from harness.gates import BUILTIN_GATES
 from harness.objective import aggregate, policy_loss
 from tests.conftest import compose
@@ -199,7 +195,7 @@ def test_config_errors_name_the_key():
         grpo_config_kwargs(cfg, "/tmp/unused")
     cfg = compose(["backend=trl", "backend.device=cpu", "+backend.grpo_config.top_entropy_quantile=0.5",
                    "output_dir=/tmp/unused"])
-    from harness.backends.trl import validate_trl_config
+    from harness.backends.trl_config import validate_trl_config
 
     with pytest.raises(ValueError, match="top_entropy_quantile"):
         validate_trl_config(cfg)
@@ -255,7 +251,7 @@ def test_mini_batches_map_onto_steps_per_generation(tmp_path, cache_dir: Path):
     and the first pass is already off-policy after its first mini-batch."""
     from omegaconf import open_dict
 
-    from harness.backends.trl import grpo_config_kwargs, train
+    from harness.backends.trl import train
 
     cfg = compose(["backend=trl", "backend.device=cpu", "backend.threads=2", "backend.progress=false",
                    "train.steps=2", "train.rollout_batch_size=16", "train.num_generations=8",

@@ -40,7 +40,7 @@ BACKENDS: dict[str, str] = {
 
 # Checks a backend adds to the shared ones (harness.backends.common), run by harness.cell.validate_cell before any
 # model or data is loaded.
-VALIDATORS: dict[str, str] = {"trl": "harness.backends.trl:validate_trl_config"}
+VALIDATORS: dict[str, str] = {"trl": "harness.backends.trl_config:validate_trl_config"}
 
 
 def validate_backend(cfg: Any) -> None:

@@ -1,0 +1,159 @@
+"""Config translation of the TRL backend: the harness config as ``trl.GRPOConfig`` keyword arguments
+(:func:`grpo_config_kwargs`, pure) and the TRL-specific checks ``harness run`` makes before anything is loaded
+(:func:`validate_trl_config`).
+
+Config mapping (harness → ``GRPOConfig``; one harness step = one rollout batch, as on the native
+backend):
+
+==============================  =====================================================================
+harness                         TRL
+==============================  =====================================================================
+train.steps                     max_steps = steps × num_iterations × mini-batches (TRL counts optimizer
+                                steps)
+train.rollout_batch_size        generation_batch_size (= micro × accumulation × processes)
+train.micro_batch_size          per_device_train_batch_size
+(rollout / micro / processes)   steps_per_generation
+train.mini_batch_size           gradient_accumulation_steps = mini / micro / processes (null: rollout,
+                                one optimizer step per pass)
+train.num_generations           num_generations
+train.num_iterations            num_iterations (2: the second pass has r ≠ 1, where gates differ)
+train.max_new_tokens            max_completion_length
+train.rollout_temperature/top_p temperature / top_p (top_k=0: off, as native)
+train.lr, betas, adam_eps       learning_rate, adam_beta1/2, adam_epsilon; weight_decay; max_grad_norm
+train.warmup_steps, lr_schedule warmup_steps × optimizer steps per batch; constant_with_warmup | cosine |
+                                linear
+train.max_prompt_tokens         longer training prompts are left out before TRL sees the dataset
+train.advantage                 scale_rewards = group (grpo) | none (drgrpo)
+train.loss.agg                  loss_type grpo | bnpo | dr_grpo (same aggregation; for TRL's logs)
+train.loss.kl_beta              beta (TRL then computes reference log-probs)
+train.rewards.*                 reward_funcs [format (graded | binary), accuracy, extras...] + reward_weights
+train.save_every                save_steps = save_every × optimizer steps per batch (HF-format checkpoints)
+train.keep_checkpoints          save_total_limit (transformers deletes older checkpoints; each keeps its optimizer)
+gate.*                          the harness loss (and epsilon / sapo temperatures, for TRL's logs)
+==============================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.backends.common import mini_batch_size
+from harness.config import to_plain
+
+TRL_LOSS_TYPE = {"seq-mean-token-mean": "grpo", "token-mean": "bnpo", "seq-mean-token-sum-norm": "dr_grpo"}
+LR_SCHEDULER = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+VLLM_KEYS = ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
+             "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
+             "vllm_max_model_length", "vllm_enable_sleep_mode", "vllm_importance_sampling_correction")
+# TRL features that act inside its own _compute_loss; the harness loss does not implement them.
+UNSUPPORTED = {"top_entropy_quantile": 1.0, "off_policy_mask_threshold": None, "entropy_coef": 0.0,
+               "use_adaptive_entropy": False, "delta": None}
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _use_cpu(device: str) -> bool:
+    if device == "auto":
+        return not torch.cuda.is_available()
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"backend.device={device!r} but CUDA is not available; use 'cpu' or 'auto'")
+        if device != "cuda":
+            raise ValueError(f"backend.device={device!r}: TRL places the model itself; use 'cuda' and choose GPUs "
+                             "with CUDA_VISIBLE_DEVICES (several GPUs: accelerate launch)")
+        return False
+    if device == "cpu":
+        return True
+    raise ValueError(f"backend.device must be auto, cpu or cuda, got {device!r}")
+
+
+def grpo_config_kwargs(cfg: Any, output_dir: str | Path, *, world_size: int | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``trl.GRPOConfig`` for the harness config ``cfg`` (the table in the module
+    docstring). Pure: no model, data or GPU is touched."""
+    t, g, bk = cfg.train, cfg.gate, cfg.backend
+    world = _world_size() if world_size is None else world_size
+    per_update = t.micro_batch_size * world
+    mini = mini_batch_size(t)
+    if mini % per_update:
+        raise ValueError(f"train.mini_batch_size={mini} (null: train.rollout_batch_size) must be divisible by "
+                         f"train.micro_batch_size x processes = {t.micro_batch_size} x {world}")
+    accumulation = mini // per_update
+    updates = t.num_iterations * (t.rollout_batch_size // mini)  # optimizer steps per rollout batch
+    if t.loss.agg not in TRL_LOSS_TYPE:
+        raise ValueError(f"train.loss.agg must be one of {', '.join(TRL_LOSS_TYPE)}, got {t.loss.agg!r}")
+    use_cpu = _use_cpu(str(bk.device))
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        seed=int(cfg.seed),
+        data_seed=int(cfg.seed),
+        max_steps=int(t.steps * updates),
+        per_device_train_batch_size=int(t.micro_batch_size),
+        gradient_accumulation_steps=accumulation,
+        steps_per_generation=t.rollout_batch_size // per_update,  # one generation batch = one rollout batch
+        num_generations=int(t.num_generations),
+        num_iterations=int(t.num_iterations),
+        max_completion_length=int(t.max_new_tokens),
+        temperature=float(t.rollout_temperature),
+        top_p=float(t.top_p),
+        top_k=0,
+        learning_rate=float(t.lr),
+        adam_beta1=float(t.betas[0]),
+        adam_beta2=float(t.betas[1]),
+        adam_epsilon=float(t.get("adam_eps", 1e-8)),
+        weight_decay=float(t.weight_decay),
+        max_grad_norm=float(t.max_grad_norm),
+        lr_scheduler_type=LR_SCHEDULER[t.lr_schedule],
+        warmup_steps=int(t.warmup_steps * updates),
+        optim="adamw_torch",
+        scale_rewards="group" if t.advantage == "grpo" else "none",
+        loss_type=TRL_LOSS_TYPE[t.loss.agg],
+        importance_sampling_level=str(t.loss.ratio_level),
+        beta=float(t.loss.kl_beta),
+        use_bias_correction_kl=False,  # the harness k3 term has no importance weight
+        epsilon=float(g.eps_low),
+        epsilon_high=float(g.eps_high),
+        sapo_temperature_pos=float(g.tau_pos),
+        sapo_temperature_neg=float(g.tau_neg),
+        reward_weights=None,  # set with the reward functions
+        mask_truncated_completions=False,
+        disable_dropout=bool(bk.get("disable_dropout", True)),
+        gradient_checkpointing=bool(bk.get("gradient_checkpointing", False)),
+        use_cpu=use_cpu,
+        bf16=bool(bk.get("bf16", True)) and not use_cpu,  # GRPOConfig defaults bf16=True, which CPUs reject
+        logging_steps=1,
+        logging_first_step=True,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=int(t.save_every * updates),
+        save_only_model=False,  # keep optimizer/scheduler/RNG so `resume=true` continues exactly
+        save_total_limit=t.get("keep_checkpoints"),
+        remove_unused_columns=False,
+        shuffle_dataset=True,
+        dataloader_num_workers=0,
+        disable_tqdm=not bool(bk.get("progress", True)),
+        log_completions=False,
+    )
+    for key in VLLM_KEYS:
+        if key in bk and bk[key] is not None:
+            kwargs[key] = to_plain(bk[key]) if hasattr(bk[key], "items") else bk[key]
+    if kwargs.get("use_vllm") and use_cpu:
+        raise ValueError("backend.use_vllm=true needs a GPU (TRL's vLLM integration is CUDA-only); on CPU leave it off")
+    extra = bk.get("grpo_config") or {}
+    extra = to_plain(extra) if hasattr(extra, "items") else dict(extra)
+    kwargs.update(extra)  # explicit pass-through of any other GRPOConfig field
+    return kwargs
+
+
+def validate_trl_config(cfg: Any) -> None:
+    """Checks on top of the native backend's, before anything is loaded."""
+    grpo_config_kwargs(cfg, "unused")
+    for key, value in (cfg.backend.get("grpo_config") or {}).items():
+        if key in UNSUPPORTED and value != UNSUPPORTED[key]:
+            raise ValueError(f"backend.grpo_config.{key}={value!r}: acts inside TRL's own loss; not supported with the "
+                             f"harness objective (leave it at {UNSUPPORTED[key]!r})")
