@@ -90,7 +90,7 @@ def cell_tags(cfg: DictConfig, chash: str) -> dict[str, str]:
         K.TAG_TAU_NEG: str(cfg.gate.tau_neg) if smooth else "",
         K.TAG_EPS_LOW: "" if smooth or is_baseline(cfg) else str(cfg.gate.eps_low),
         K.TAG_EPS_HIGH: "" if smooth or is_baseline(cfg) else str(cfg.gate.eps_high),
-        K.TAG_WIDTH: str(cfg.gate.width),
+        K.TAG_WIDTH: str(cfg.gate.width) if smooth else "",
         K.TAG_NU: "" if cfg.gate.get("nu") is None or is_baseline(cfg) else str(cfg.gate.nu),
         K.TAG_TAU_SCHEDULE: "" if is_baseline(cfg) else str(cfg.gate.get("tau_schedule", "constant") or "constant"),
         K.TAG_EUR_TARGET: "" if cfg.gate.get("eur_target") is None else str(cfg.gate.eur_target),

@@ -129,8 +129,10 @@ def hydra_app(config_dir: Path, config_name: str, task: Callable[[Any], Any], ar
         if full_error:
             raise
         if is_config_error(exc):
+            from harness.schema import explain_unknown_key
+
             _remove_new_empty_dirs(before, multirun)
-            print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+            print(f"{prog}: error: {explain_unknown_key(one_line(exc))}", file=sys.stderr)
             return 2
         traceback.print_exc()
         return 1

@@ -69,7 +69,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from harness.config import CONF_DIR, ConfigError, import_object
+from harness.config import ConfigError, import_object
 
 BaseFn = Callable[[Tensor], Tensor]
 log = logging.getLogger(__name__)
@@ -503,22 +503,13 @@ def _warn_once(message: str) -> None:
         log.warning(message)
 
 
-@functools.cache
-def node_defaults(option: str, *keys: str) -> tuple[Any, ...]:
-    """The values of ``keys`` in ``conf/gate/<option>.yaml``, the one place the gate defaults are written."""
-    from omegaconf import OmegaConf
-
-    node = OmegaConf.load(CONF_DIR / "gate" / f"{option}.yaml")
-    return tuple(node[k] for k in keys)
-
-
 def inadmissible_properties(g: Any) -> list[str]:
     """The admissibility properties (arXiv 2602.19345, section 4; :func:`check_admissible`) that the
     gate node ``g`` fails, with their details; empty for an admissible gate and for ``clip``, the baseline that is
     known not to be one."""
     key = (str(g.name), g.get("nu"))
     if key not in _admissibility:
-        gate = get_gate(g.name, eps_low=g.eps_low, eps_high=g.eps_high, nu=g.get("nu"))
+        gate = get_gate(g.name, nu=g.get("nu"))
         failed = [] if isinstance(gate, ClipGate) else [f"{r.name} ({r.detail})" for r in check_admissible(gate)
                                                       if not r.passed]
         _admissibility[key] = failed
@@ -526,29 +517,23 @@ def inadmissible_properties(g: Any) -> list[str]:
 
 
 def validate_gate_config(g: Any) -> None:
-    """The ``gate`` node: τ, ε, width, the gate itself and its admissibility (``ConfigError`` naming the key; an
-    inadmissible gate only with ``gate.allow_inadmissible=true``, then warned about). A smooth gate given another ε,
-    or clip another τ, is warned about: those keys do nothing there."""
-    for key in ("tau_pos", "tau_neg"):
-        if not (_number(g[key]) and g[key] > 0):
-            raise ConfigError(f"gate.{key} must be a finite number > 0, got {g[key]!r}")
-    for key in ("eps_low", "eps_high"):
-        if not (_number(g[key]) and g[key] >= 0):
-            raise ConfigError(f"gate.{key} must be a finite number >= 0, got {g[key]!r}")
-    if not g.eps_low < 1:
-        raise ConfigError(f"gate.eps_low must be < 1 (the clip range starts at 1 - eps_low > 0), got {g.eps_low!r}")
-    if g.width not in WIDTH_MODES:
-        raise ConfigError(f"gate.width must be one of {', '.join(WIDTH_MODES)}, got {g.width!r}")
+    """The values of the ``gate`` node (its keys and types are :mod:`harness.schema`'s, checked when the config is
+    composed): clip's ε, a smooth gate's τ and width, the gate itself and its admissibility (``ConfigError`` naming
+    the key; an inadmissible gate only with ``gate.allow_inadmissible=true``, then warned about)."""
+    if g.name == "clip":
+        for key in ("eps_low", "eps_high"):
+            if not (_number(g[key]) and g[key] >= 0):
+                raise ConfigError(f"gate.{key} must be a finite number >= 0, got {g[key]!r}")
+        if not g.eps_low < 1:
+            raise ConfigError(f"gate.eps_low must be < 1 (the clip range starts at 1 - eps_low > 0), got {g.eps_low!r}")
+    else:
+        for key in ("tau_pos", "tau_neg"):
+            if not (_number(g[key]) and g[key] > 0):
+                raise ConfigError(f"gate.{key} must be a finite number > 0, got {g[key]!r}")
+        if g.width not in WIDTH_MODES:
+            raise ConfigError(f"gate.width must be one of {', '.join(WIDTH_MODES)}, got {g.width!r}")
     allow = g.get("allow_inadmissible", False)
-    if not isinstance(allow, bool):
-        raise ConfigError(f"gate.allow_inadmissible must be true or false, got {allow!r}")
-    get_gate(g.name, eps_low=g.eps_low, eps_high=g.eps_high, nu=g.get("nu"))
-    if g.name == "clip" and (g.tau_pos, g.tau_neg) != node_defaults("clip", "tau_pos", "tau_neg"):
-        _warn_once(f"gate.tau_pos={g.tau_pos}, gate.tau_neg={g.tau_neg} are unused by gate=clip (τ applies to "
-                   "smooth gates; clip's range is gate.eps_low / gate.eps_high)")
-    if g.name != "clip" and (g.eps_low, g.eps_high) != node_defaults("clip", "eps_low", "eps_high"):
-        _warn_once(f"gate.eps_low={g.eps_low}, gate.eps_high={g.eps_high} are unused by the smooth gate "
-                   f"{g.name!r} (ε applies to gate=clip only)")
+    get_gate(g.name, nu=g.get("nu"))
     failed = inadmissible_properties(g)
     if failed and not allow:
         raise ConfigError(f"gate.name={g.name} is not admissible: it fails {'; '.join(failed)}. Use an admissible "

@@ -65,11 +65,12 @@ RATIO_LEVELS = ("token", "sequence")
 
 def loss_kwargs(cfg: Any) -> dict[str, Any]:
     """The keyword arguments of :func:`policy_loss` that a run config's ``gate`` and ``train.loss`` nodes set: what
-    every backend passes, so that all of them compute the same loss."""
+    every backend passes, so that all of them compute the same loss. A gate node has only the keys its gate uses
+    (clip: ε; smooth gates: τ and width; the Student-t family: ν), so only those are passed."""
     g, loss = cfg.gate, cfg.train.loss
-    return dict(gate=g.name, tau_pos=g.tau_pos, tau_neg=g.tau_neg, width=g.width, eps_low=g.eps_low,
-                eps_high=g.eps_high, ratio_level=loss.ratio_level, agg=loss.agg, kl_beta=loss.kl_beta,
-                log_ratio_clip=loss.log_ratio_clip, norm_length=loss.norm_length, nu=g.get("nu"))
+    gate_keys = {key: g[key] for key in ("tau_pos", "tau_neg", "width", "eps_low", "eps_high", "nu") if key in g}
+    return dict(gate=g.name, **gate_keys, ratio_level=loss.ratio_level, agg=loss.agg, kl_beta=loss.kl_beta,
+                log_ratio_clip=loss.log_ratio_clip, norm_length=loss.norm_length)
 
 
 def policy_loss(

@@ -108,6 +108,8 @@ class TauSchedule:
 def schedule_from_config(cfg: Any) -> TauSchedule:
     """The :class:`TauSchedule` of a run config (``gate`` and ``train.steps``); ``ValueError`` naming the key."""
     g = cfg.gate
+    if g.name == "clip":  # no temperature: a constant schedule whose τ the clip loss never reads
+        return TauSchedule("constant", 1.0, 1.0, int(cfg.train.steps))
     kind = str(g.get("tau_schedule", "constant") or "constant")
     if kind not in SCHEDULES:
         raise ValueError(f"gate.tau_schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
@@ -119,8 +121,6 @@ def schedule_from_config(cfg: Any) -> TauSchedule:
                         max_step=float(ctl.get("max_step", DEFAULT_MAX_STEP)),
                         tau_min=float(ctl.get("tau_min", DEFAULT_TAU_MIN)),
                         tau_max=float(ctl.get("tau_max", DEFAULT_TAU_MAX)))
-    if kind != "constant" and g.name == "clip":
-        raise ValueError(f"gate.tau_schedule={kind} needs a smooth gate: clip has no temperature")
     for key in ("tau_start", "tau_end", "tau_neg_start", "tau_neg_end"):
         value = getattr(sched, key)
         if value is not None and not (math.isfinite(value) and value > 0):

@@ -178,7 +178,12 @@ def test_paper_preset_maps_onto_grpo_config():
     assert kw["loss_type"] == "grpo"  # seq-mean-token-mean, SAPO's aggregation
     assert kw["max_steps"] == 5000 and kw["use_cpu"] and not kw["bf16"] and not kw["use_vllm"]
     assert (kw["learning_rate"], kw["warmup_steps"], kw["lr_scheduler_type"]) == (1e-6, 0, "linear")
-    assert (kw["adam_beta1"], kw["adam_beta2"], kw["adam_epsilon"], kw["epsilon"]) == (0.9, 0.999, 1e-8, 0.2)
+    assert (kw["adam_beta1"], kw["adam_beta2"], kw["adam_epsilon"]) == (0.9, 0.999, 1e-8)
+    # the gate's own keys only: τ for the default sigmoid, ε for clip
+    assert (kw["sapo_temperature_pos"], kw["sapo_temperature_neg"]) == (1.0, 1.05) and "epsilon" not in kw
+    clip = grpo_config_kwargs(compose(["backend=trl", "train=paper", "backend.device=cpu", "output_dir=/tmp/unused",
+                                       "gate=clip", "gate.eps_high=0.28"]), "/tmp/unused", world_size=8)
+    assert (clip["epsilon"], clip["epsilon_high"]) == (0.2, 0.28) and "sapo_temperature_pos" not in clip
     # one process: the same 128-completion batch, accumulated over 128 micro-batches of 1
     one = grpo_config_kwargs(cfg, "/tmp/unused", world_size=1)
     assert one["gradient_accumulation_steps"] == one["steps_per_generation"] == 128 and one["max_steps"] == 5000

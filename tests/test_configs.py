@@ -30,10 +30,10 @@ def options() -> list[str]:
 
 
 def with_data_dir(cfg):
-    """``cfg`` reading the shared data directory where it holds the task's files."""
+    """``cfg`` reading the shared data directory where it holds the task's files, else the hub's (nothing is
+    downloaded by a check: the shared data has no DeepMath)."""
     parts = [c.name for c in cfg.task.components] if cfg.task.get("components") else [cfg.task.name]
-    if all((DATA_DIR / part).is_dir() for part in parts if part != "arith"):
-        cfg.data_dir = str(DATA_DIR)
+    cfg.data_dir = str(DATA_DIR) if all((DATA_DIR / p).is_dir() for p in parts if p != "arith") else None
     return cfg
 
 

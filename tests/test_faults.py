@@ -419,31 +419,42 @@ def in_process_cli(tmp_path, monkeypatch, cache_dir):
     root.setLevel(saved[1])
 
 
-@pytest.mark.parametrize(("override", "message"), [
+@pytest.mark.parametrize(("overrides", "message"), [
     ("train.save_every=0", "train.save_every must be an integer >= 1, got 0"),
     ("train.save_every=-1", "train.save_every must be an integer >= 1, got -1"),
+    ("train.steps=abc", "Value 'abc' of type 'str' could not be converted to Integer full_key: train.steps"),
     ("gate.tau_pos=-1", "gate.tau_pos must be a finite number > 0, got -1"),
-    ("gate.eps_low=1.5", "gate.eps_low must be < 1"),
-    ("backend.bf16=maybe", "backend.bf16 must be true or false, got 'maybe'"),
+    ("gate=clip gate.eps_low=1.5", "gate.eps_low must be < 1"),
+    # each gate node has only the keys its gate uses; the error lists them
+    ("gate.eps_low=0.3", "Key 'eps_low' not in 'SmoothGateConfig' full_key: gate.eps_low"),
+    ("gate=clip gate.tau_pos=2", "full_key: gate.tau_pos, object_type=ClipGateConfig); ClipGateConfig has: name, "
+                                 "eps_low, eps_high"),
+    ("backend.bf16=maybe", "full_key: backend.bf16"),
     ("train.loss.agg=mean", "train.loss.agg must be one of seq-mean-token-mean, token-mean, seq-mean-token-sum-norm"),
     ("gate=nope", "Could not find 'gate/nope' Available options in 'gate': arctan, clip, custom"),
 ])
-def test_bad_config_exits_2_with_one_line_and_no_traceback(override, message, tmp_path, capsys, in_process_cli):
+def test_bad_config_exits_2_with_one_line_and_no_traceback(overrides, message, tmp_path, capsys, in_process_cli):
     from harness.cli import main
 
-    assert main(["run", override, "eval.enabled=false", "tracking.enabled=false"]) == 2
+    assert main(["run", *overrides.split(), "eval.enabled=false", "tracking.enabled=false"]) == 2
     err = capsys.readouterr().err
     (line,) = err.strip().splitlines()
     assert line.startswith("harness run: error: ") and message in line, err
     assert not list(tmp_path.rglob("step-*"))
 
 
-def test_smooth_gate_with_eps_warns_it_is_unused(caplog):
-    from harness.gates import validate_gate_config
+def test_a_gate_node_has_only_the_keys_its_gate_uses():
+    from hydra.errors import ConfigCompositionException
 
-    with caplog.at_level("WARNING"):
-        validate_gate_config(compose(["gate=erf", "gate.eps_high=0.28"]).gate)
-    assert "gate.eps_low=0.2, gate.eps_high=0.28 are unused by the smooth gate 'erf'" in caplog.text
+    for overrides, missing in ((["gate=erf", "gate.eps_high=0.28"], "eps_high"), (["gate=clip", "gate.width=hwhm"],
+                                                                                    "width")):
+        with pytest.raises(ConfigCompositionException, match=f"Could not override 'gate.{missing}'"):
+            compose(overrides)
+    assert set(compose(["gate=clip"]).gate) == {"name", "eps_low", "eps_high"}
+    smooth = set(compose(["gate=erf"]).gate)
+    assert {"tau_pos", "tau_neg", "width", "tau_schedule", "controller"} <= smooth and not smooth & {"eps_low", "nu"}
+    assert set(compose(["gate=student"]).gate) == smooth | {"nu"}
+    assert set(compose(["gate=custom", "gate.name=harness.gates:sigmoid_F"]).gate) == smooth | {"allow_inadmissible"}
 
 
 def test_bad_sweep_value_exits_2_and_leaves_no_multirun_dir(tmp_path, capsys, in_process_cli):
@@ -451,7 +462,7 @@ def test_bad_sweep_value_exits_2_and_leaves_no_multirun_dir(tmp_path, capsys, in
 
     assert main(["sweep", "gate.tau_pos=-1", "hydra.sweeper.report=false"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line == "harness sweep gates: error: gate.tau_pos must be a finite number > 0, got -1"
+    assert line == "harness sweep gates: error: gate.tau_pos must be a finite number > 0, got -1.0"
     assert not (tmp_path / "multirun").exists()
 
 

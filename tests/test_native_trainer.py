@@ -469,9 +469,9 @@ def test_eur_is_eq_12_over_every_prompt_of_a_recorded_step(tmp_path, cache_dir, 
     from tests.test_objective import EPS_HIGH, EPS_LOW, TAU_NEG, TAU_POS, closed_weight
 
     calls = record_diagnostics(monkeypatch)
-    res = train(_cfg(tmp_path, cache_dir, *RECORDED, f"gate={gate}", f"gate.tau_pos={TAU_POS}",
-                     f"gate.tau_neg={TAU_NEG}", f"gate.eps_low={EPS_LOW}", f"gate.eps_high={EPS_HIGH}",
-                     "gate.width=raw"))
+    gate_keys = ([f"gate.eps_low={EPS_LOW}", f"gate.eps_high={EPS_HIGH}"] if gate == "clip" else
+                 [f"gate.tau_pos={TAU_POS}", f"gate.tau_neg={TAU_NEG}", "gate.width=raw"])
+    res = train(_cfg(tmp_path, cache_dir, *RECORDED, f"gate={gate}", *gate_keys))
     assert len(calls) == 4  # 2 steps x 2 passes
     idle_moved = False
     for k, call in enumerate(calls):

@@ -122,7 +122,6 @@ def test_replay_reproduces_the_state_and_refuses_a_changed_schedule():
     (["gate.tau_schedule=eur_target"], "gate.eur_target in \\(0, 1\\)"),
     (["gate.tau_schedule=eur_target", "gate.eur_target=1.5"], "gate.eur_target in \\(0, 1\\)"),
     (["gate.tau_schedule=linear", "gate.tau_end=-1"], "gate.tau_end must be a finite number > 0"),
-    (["gate=clip", "+gate.tau_schedule=linear"], "needs a smooth gate"),
     (["gate.tau_schedule=eur_target", "gate.eur_target=0.9", "gate.controller.tau_max=0.5"], "tau_min <= gate.tau_pos"),
 ])
 def test_bad_schedule_config_names_the_key(overrides, match):

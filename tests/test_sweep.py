@@ -142,8 +142,9 @@ def test_paper_sweep_composes_the_papers_recipe():
     assert len(cells) == 5 * 3 and list(sw.seeds) == [0, 1, 2]  # 3 seeds: one seed ranks nothing
     for c in cells[::3]:
         composed = compose_sweep("paper", c)
-        assert composed.gate.eps_low == composed.gate.eps_high == 0.2
-        if composed.gate.name != "clip":
+        if composed.gate.name == "clip":
+            assert composed.gate.eps_low == composed.gate.eps_high == 0.2
+        else:
             assert (composed.gate.tau_pos, composed.gate.tau_neg) == (10.0, 12.0)
     assert sw.baseline  # the starting checkpoint is evaluated once
 
@@ -390,3 +391,20 @@ def test_tails_sweep_runs_and_reports_each_nu(tmp_path, cache_dir):
     report = json.loads((tmp_path / "reports" / "tails" / "report.json").read_text())
     labels = {row["group"] for row in report["accuracy"]}
     assert labels == {"student ν=1 τ=10/12", "student ν=16 τ=10/12"}, labels
+
+
+def test_a_sweep_wide_gate_override_reaches_the_gates_that_have_the_key():
+    from harness.config import ConfigError
+    from harness.sweeping.grid import cell_overrides, check_gate_overrides, for_the_cells_gate
+    from tests.conftest import compose as compose_run
+
+    cells = cell_overrides(["sigmoid", "clip", "student"], [2.0], [0])
+    routed = {c[0]: for_the_cells_gate(c, ["gate.width=hwhm", "gate.eps_high=0.28", "gate.nu=3", "seed=1"])
+              for c in cells}
+    assert routed == {"gate=sigmoid": ["gate.width=hwhm", "seed=1"], "gate=clip": ["gate.eps_high=0.28", "seed=1"],
+                      "gate=student": ["gate.width=hwhm", "gate.nu=3", "seed=1"]}
+    for cell, extra in zip(cells, routed.values(), strict=True):
+        compose_run([*cell, *extra])  # every routed override exists on its cell's gate node
+    check_gate_overrides(cells, ["gate.eps_low=0.1"])
+    with pytest.raises(ConfigError, match=r"gate.eps_low is a key of none of the sweep's gates \(sigmoid\)"):
+        check_gate_overrides(cell_overrides(["sigmoid"], [2.0], [0]), ["gate.eps_low=0.1"])

@@ -1,4 +1,5 @@
-"""What every training backend shares: the checks of the ``train`` config and the mini-batch arithmetic."""
+"""What every training backend shares: the checks of the ``train`` config's values (its keys and types are
+:mod:`harness.schema`'s, checked when the config is composed) and the mini-batch arithmetic."""
 
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 SAMPLERS = ("cached", "generate")  # backend.sampler of the native backend
 DEVICES = ("auto", "cpu", "cuda")  # backend.device (native also takes cuda:N)
 SAVE_DTYPES = ("float32", "bfloat16", "float16")  # train.save_dtype (null: as trained)
-BACKEND_FLAGS = ("bf16", "share_prompt", "skip_zero_advantage", "progress", "disable_dropout",
-                 "gradient_checkpointing", "use_vllm", "vllm_enable_sleep_mode", "vllm_importance_sampling_correction")
 
 
 def _number(value: Any) -> bool:
@@ -29,11 +28,9 @@ def _number(value: Any) -> bool:
 
 
 def validate_backend_keys(bk: Any) -> None:
-    """The keys every backend node may have: flags are booleans, ``threads`` a positive integer or null, ``device``
-    a known device (``ConfigError``); backend-specific checks live with each backend."""
-    for key in BACKEND_FLAGS:
-        if key in bk and bk[key] is not None and not isinstance(bk[key], bool):
-            raise ConfigError(f"backend.{key} must be true or false, got {bk[key]!r}")
+    """The values of the keys several backends share (their types are :mod:`harness.schema`'s): ``threads`` a
+    positive integer or null, ``device`` a known device (``ConfigError``); backend-specific checks live with each
+    backend."""
     threads = bk.get("threads")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ConfigError(f"backend.threads must be null or an integer >= 1, got {threads!r}")

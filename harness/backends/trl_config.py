@@ -116,10 +116,9 @@ def grpo_config_kwargs(cfg: Any, output_dir: str | Path, *, world_size: int | No
         importance_sampling_level=str(t.loss.ratio_level),
         beta=float(t.loss.kl_beta),
         use_bias_correction_kl=False,  # the harness k3 term has no importance weight
-        epsilon=float(g.eps_low),
-        epsilon_high=float(g.eps_high),
-        sapo_temperature_pos=float(g.tau_pos),
-        sapo_temperature_neg=float(g.tau_neg),
+        # a gate node has ε (clip) or τ (smooth gates), never both: TRL's defaults stand for the other
+        **(dict(epsilon=float(g.eps_low), epsilon_high=float(g.eps_high)) if g.name == "clip" else
+           dict(sapo_temperature_pos=float(g.tau_pos), sapo_temperature_neg=float(g.tau_neg))),
         reward_weights=None,  # set with the reward functions
         mask_truncated_completions=False,
         disable_dropout=bool(bk.get("disable_dropout", True)),

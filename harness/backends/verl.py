@@ -131,10 +131,11 @@ def loss_env(cfg: Any) -> dict[str, str]:
     from harness.gates import known_gates
 
     env = {
-        ENV_WIDTH: str(cfg.gate.width),
         ENV_RATIO_LEVEL: str(cfg.train.loss.ratio_level),
         ENV_LOG_RATIO_CLIP: repr(float(cfg.train.loss.log_ratio_clip)),
     }
+    if cfg.gate.get("width") is not None:
+        env[ENV_WIDTH] = str(cfg.gate.width)
     if cfg.gate.get("nu") is not None:
         env[ENV_NU] = repr(float(cfg.gate.nu))
     if str(cfg.gate.name) not in known_gates():
@@ -200,11 +201,10 @@ def verl_overrides(
         # actor: the gate, its parameters, aggregation, PPO epochs = updates per rollout batch
         (f"{arr}.actor.strategy", str(bk.get("strategy", "fsdp"))),
         (f"{arr}.actor.policy_loss.loss_mode", loss_name(str(g.name))),
-        (f"{arr}.actor.tau_pos", float(g.tau_pos)),
-        (f"{arr}.actor.tau_neg", float(g.tau_neg)),
-        (f"{arr}.actor.clip_ratio", float(g.eps_low)),
-        (f"{arr}.actor.clip_ratio_low", float(g.eps_low)),
-        (f"{arr}.actor.clip_ratio_high", float(g.eps_high)),
+        # a gate node has ε (clip) or τ (smooth gates), never both: verl's defaults stand for the other
+        *([(f"{arr}.actor.clip_ratio", float(g.eps_low)), (f"{arr}.actor.clip_ratio_low", float(g.eps_low)),
+           (f"{arr}.actor.clip_ratio_high", float(g.eps_high))] if g.name == "clip" else
+          [(f"{arr}.actor.tau_pos", float(g.tau_pos)), (f"{arr}.actor.tau_neg", float(g.tau_neg))]),
         (f"{arr}.actor.loss_agg_mode", str(t.loss.agg)),
         (f"{arr}.actor.loss_scale_factor", None if t.loss.norm_length is None else int(t.loss.norm_length)),
         (f"{arr}.actor.ppo_epochs", int(t.num_iterations)),

@@ -295,9 +295,10 @@ def evaluate(
     """Evaluate ``model_path`` on the benchmarks of ``eval_cfg``; writes samples and ``summary.json`` to
     ``out_dir`` and returns the summary (``{"benchmarks": {name: {metric: number}}, "mean_accuracy", ...}``).
 
-    ``eval_cfg``: the ``eval`` node (mapping / DictConfig, merged over ``conf/eval/default.yaml``'s values) or
-    :class:`EvalSettings`. ``prompt_cfg``: the model's prompt node (``PromptConfig`` or mapping; None = defaults).
-    ``seed`` seeds sampling and the bootstrap. All validation happens before any generation.
+    ``eval_cfg``: the ``eval`` node (mapping / DictConfig, merged over the defaults of
+    :class:`harness.schema.EvalConfig`) or :class:`EvalSettings`. ``prompt_cfg``: the model's prompt node
+    (``PromptConfig`` or mapping; None = defaults). ``seed`` seeds sampling and the bootstrap. All validation
+    happens before any generation.
     """
     t_start = time.perf_counter()
     settings = eval_cfg if isinstance(eval_cfg, EvalSettings) else validate_eval_config(eval_cfg, data_dir=data_dir)

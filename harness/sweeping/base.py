@@ -140,6 +140,8 @@ class SweeperBase:
             return
         try:
             print(f"report: {write_report(cfg.tracking.experiment, tracking_uri=tracking.tracking_uri(cfg.tracking))}")
+            if store is not None and store.experiment_id is not None:
+                print(tracking.ui_hint(store))
         except Exception as exc:
             log.exception("report failed: %s", exc)
 

@@ -32,7 +32,15 @@ from harness import tracking
 from harness.cell import cell_dir, cell_name, config_hash, local_result, run_tracked, upload_cell
 from harness.config import config_errors
 from harness.sweeping.base import SweeperBase, expand_arguments, job_result
-from harness.sweeping.grid import TAU_MODES, TIED_TAU_NEG_SCALE, adaptive_overrides, baseline_jobs, cell_overrides
+from harness.sweeping.grid import (
+    TAU_MODES,
+    TIED_TAU_NEG_SCALE,
+    adaptive_overrides,
+    baseline_jobs,
+    cell_overrides,
+    check_gate_overrides,
+    for_the_cells_gate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +93,11 @@ class GateSweeperImpl(SweeperBase):
             cells += adaptive_overrides(p.gates, p.taus, p.seeds, p.eur_targets, tau_mode=p.tau_mode,
                                         tau_neg_scale=p.tau_neg_scale, tau_neg=p.tau_neg, tau_pairs=p.tau_pairs)
             axes = [[f"{key}={v}" for v in values] for key, values in p.axes.items()]
-            jobs = [cell + list(axis) + extra for cell in cells for axis in itertools.product(*axes)
-                    for extra in expand_arguments(arguments)]
+            extras = expand_arguments(arguments)
+            for extra in extras:
+                check_gate_overrides(cells, extra)
+            jobs = [cell + for_the_cells_gate(cell, [*axis, *extra]) for cell in cells
+                    for axis in itertools.product(*axes) for extra in extras]
             composed = self.compose_checked(jobs)
             if p.baseline:
                 baselines = baseline_jobs(jobs, composed)

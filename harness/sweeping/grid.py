@@ -8,6 +8,7 @@ and evaluation. The Optuna tuner builds its trials from the same pieces (:func:`
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
@@ -16,6 +17,8 @@ from collections.abc import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from harness.cell import BASELINE_KEYS
+from harness.config import ConfigError
+from harness.schema import gate_schema
 
 TAU_MODES = ("tied", "separate")
 # τ_neg / τ_pos of a tied pair when a sweep does not say: the paper's (τ_pos, τ_neg) = (10, 12).
@@ -34,6 +37,26 @@ def override_value(value: str) -> str:
     if "'" in value or "\\" in value:
         raise ValueError(f"cannot pass {value!r} as a Hydra override value (quote or backslash in it)")
     return f"'{value}'"
+
+
+def for_the_cells_gate(cell: Sequence[str], overrides: Sequence[str]) -> list[str]:
+    """``overrides`` for one cell: a ``gate.KEY=...`` override reaches only the cells whose gate node has KEY (each
+    gate has only the keys it uses), so ``harness sweep gate.width=hwhm`` sets the width of every smooth gate and
+    leaves clip alone."""
+    option = next((o.split("=", 1)[1] for o in cell if o.startswith("gate=")), None)
+    if option is None:
+        return list(overrides)
+    keys = {f.name for f in dataclasses.fields(gate_schema(option))}
+    return [o for o in overrides if not o.startswith("gate.") or o.split("=", 1)[0].split(".")[1] in keys]
+
+
+def check_gate_overrides(cells: Sequence[Sequence[str]], overrides: Sequence[str]) -> None:
+    """``ConfigError`` for a ``gate.KEY=...`` override that no cell's gate has (it would reach no cell)."""
+    for o in overrides:
+        if o.startswith("gate.") and not any(o in for_the_cells_gate(c, [o]) for c in cells):
+            options = sorted({x.split("=", 1)[1] for c in cells for x in c if x.startswith("gate=")})
+            raise ConfigError(f"{o.split('=', 1)[0]} is a key of none of the sweep's gates ({', '.join(options)}); "
+                              "clip has eps_low/eps_high, smooth gates tau_pos, tau_neg, width, tau_schedule, ...")
 
 
 def gate_overrides(gate: str) -> list[str]:
