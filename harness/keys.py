@@ -139,9 +139,11 @@ RECORD_CORRECT, RECORD_STRICT_CORRECT = "correct", "strict_correct"
 N_PROBLEMS = "n_problems"
 N_TOTAL = "n_total"  # problems in the benchmark; above n_problems when eval.limit cut it
 
-# The experiment tag MLflow 3's UI reads to pick an experiment's landing page: a training experiment opens on runs.
+# The experiment tag MLflow 3's UI reads to pick an experiment's landing page (a training experiment opens on runs)
+# where the UI has no GenAI / Model training switch; where it has one (3.17), the URL's workflowType picks it.
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+UI_WORKFLOW_TYPE = "machine_learning"
 
 # Tags of a cell run.
 TAG_GATE = "gate"

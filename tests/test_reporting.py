@@ -207,8 +207,8 @@ def test_every_section_renders(report):
         assert (report["out"] / name).stat().st_size > 10_000, name
         assert f"]({name})" in report["md"]
     # a section with nothing to show (no Optuna study here) is one line at the end, not a boxed section
-    assert "<h2>(f) Optuna" not in html and "No Optuna study" in html
-    assert "<h2>(j) Adaptive" not in html and "No configuration with a moving τ" in html
+    assert "<h2>(f) Optuna" not in html and "Optuna temperature tuning: no Optuna study" in html
+    assert "<h2>(j) Adaptive" not in html and "best fixed τ: no configuration with a moving τ" in html
     assert html.index("<h2>Not shown: nothing to report") > html.index("<h2>(k) Provenance")
     assert "NaN loss at step 3" in html  # the FAILED cell is listed with its reason
     assert "KILLED" in html
@@ -323,7 +323,7 @@ def test_missing_pieces_degrade_to_notes(store, tmp_path):
     assert "This section failed" not in html
     assert "No evaluation metrics" in html  # (c)
     assert "One seed per configuration" in html  # (b)
-    assert "No Optuna study" in html  # (f)
+    assert "no Optuna study" in html  # (f)
     assert "final training reward" in html  # (e) falls back to the proxy
     # a run's warning (from its cell summary, e.g. no learning signal) is listed in the overview
     assert "Warnings: what these runs" in html and "no learning signal in 3 of 3 steps" in html

@@ -74,9 +74,13 @@ def build_sections(data: ExperimentData, record: dict[str, Any] | None = None) -
             record.update(sec.record)
     if empty:
         out.append(Section("Not shown: nothing to report in this experiment", paragraphs=[
-            "; ".join(f"{s.title.split(' ', 1)[-1] if s.title.startswith('(') else s.title} "
-                      f"({' '.join(s.notes) or 'empty'})" for s in empty) + "."]))
+            " ".join(f"{s.title.split(' ', 1)[-1] if s.title.startswith('(') else s.title}: "
+                     f"{_lower_first(' '.join(s.notes)) or 'empty.'}" for s in empty)]))
     return out
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
 
 
 def is_empty(sec: Section) -> bool:

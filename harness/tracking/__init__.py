@@ -53,6 +53,7 @@ from harness.tracking.store import (
     reachable,
     sqlite_path,
     tracking_uri,
+    ui_hint,
     use_short_http_retries,
     validate_tracking_config,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "supersede_stale_parents",
     "supersede_stale_runs",
     "tracking_uri",
+    "ui_hint",
     "use_short_http_retries",
     "validate_tracking_config",
     "with_context_tags",

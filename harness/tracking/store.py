@@ -133,6 +133,17 @@ def open_store(tracking_cfg: Any) -> Store:
     return Store(uri, name, experiment_id, client)
 
 
+def ui_hint(store: Store) -> str:
+    """How to browse ``store``'s experiment in MLflow's UI. MLflow 3's UI opens an experiment on its GenAI overview
+    (traces, latency: all empty here) unless the page is asked for model training with ``workflowType`` in the URL;
+    the experiment's kind tag alone decides only where the UI has no GenAI / Model training switch."""
+    local = store.uri if sqlite_path(store.uri) is not None or store.uri.startswith("file:") else None
+    server = f"mlflow ui --backend-store-uri {local}, then " if local else ""
+    base = "http://127.0.0.1:5000" if local else re.sub(r"//[^/@]*@", "//", store.uri).rstrip("/")  # no credentials
+    return (f"MLflow UI: {server}open {base}/#/experiments/{store.experiment_id}?workflowType={K.UI_WORKFLOW_TYPE} "
+            "(the runs table)")
+
+
 def experiment_id_for(client: Any, name: str) -> str:
     """The id of experiment ``name``, created if missing, marked as a model-training experiment
     (:data:`harness.keys.EXPERIMENT_KIND`): without that tag MLflow 3's UI opens it on the GenAI overview (traces,
