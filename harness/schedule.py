@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from harness.schema import ControllerConfig
+
 SCHEDULES = ("constant", "linear", "cosine", "eur_target")
-DEFAULT_GAIN, DEFAULT_MAX_STEP = 1.0, 0.2
-DEFAULT_TAU_MIN, DEFAULT_TAU_MAX = 0.1, 1000.0
 
 
 @dataclass
@@ -54,10 +54,7 @@ class TauSchedule:
     tau_neg_start: float | None = None
     tau_neg_end: float | None = None
     eur_target: float | None = None
-    gain: float = DEFAULT_GAIN
-    max_step: float = DEFAULT_MAX_STEP
-    tau_min: float = DEFAULT_TAU_MIN
-    tau_max: float = DEFAULT_TAU_MAX
+    controller: ControllerConfig = field(default_factory=ControllerConfig)  # the gate node's, defaults and all
 
     def __post_init__(self) -> None:
         self.ratio = self.tau_neg / self.tau_pos
@@ -87,8 +84,9 @@ class TauSchedule:
         non-finite EUR, e.g. a step where every group had zero advantage)."""
         if not self.adaptive or not math.isfinite(eur):
             return
-        move = max(-self.max_step, min(self.max_step, self.gain * (eur - float(self.eur_target))))
-        self.log_tau = max(math.log(self.tau_min), min(math.log(self.tau_max), self.log_tau + move))
+        ctl = self.controller
+        move = max(-ctl.max_step, min(ctl.max_step, ctl.gain * (eur - float(self.eur_target))))
+        self.log_tau = max(math.log(ctl.tau_min), min(math.log(ctl.tau_max), self.log_tau + move))
 
     def replay(self, history: Sequence[Mapping[str, Any]], eur_key: str, tau_key: str | None = None) -> None:
         """Bring the controller to where it was after the steps of ``history`` (a resumed run's checkpoint holds
@@ -113,14 +111,13 @@ def schedule_from_config(cfg: Any) -> TauSchedule:
     kind = str(g.get("tau_schedule", "constant") or "constant")
     if kind not in SCHEDULES:
         raise ValueError(f"gate.tau_schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
-    ctl = g.get("controller") or {}
+    c = g.controller
+    ctl = ControllerConfig(gain=float(c.gain), max_step=float(c.max_step), tau_min=float(c.tau_min),
+                           tau_max=float(c.tau_max))
     sched = TauSchedule(kind, float(g.tau_pos), float(g.tau_neg), int(cfg.train.steps),
                         tau_start=_opt(g.get("tau_start")), tau_end=_opt(g.get("tau_end")),
                         tau_neg_start=_opt(g.get("tau_neg_start")), tau_neg_end=_opt(g.get("tau_neg_end")),
-                        eur_target=_opt(g.get("eur_target")), gain=float(ctl.get("gain", DEFAULT_GAIN)),
-                        max_step=float(ctl.get("max_step", DEFAULT_MAX_STEP)),
-                        tau_min=float(ctl.get("tau_min", DEFAULT_TAU_MIN)),
-                        tau_max=float(ctl.get("tau_max", DEFAULT_TAU_MAX)))
+                        eur_target=_opt(g.get("eur_target")), controller=ctl)
     for key in ("tau_start", "tau_end", "tau_neg_start", "tau_neg_end"):
         value = getattr(sched, key)
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -128,11 +125,11 @@ def schedule_from_config(cfg: Any) -> TauSchedule:
     if kind == "eur_target":
         if sched.eur_target is None or not 0 < sched.eur_target < 1:
             raise ValueError(f"gate.tau_schedule=eur_target needs gate.eur_target in (0, 1), got {sched.eur_target!r}")
-        if not sched.gain > 0 or not sched.max_step > 0:
+        if not ctl.gain > 0 or not ctl.max_step > 0:
             raise ValueError("gate.controller.gain and gate.controller.max_step must be > 0")
-        if not 0 < sched.tau_min <= sched.tau_pos <= sched.tau_max:
+        if not 0 < ctl.tau_min <= sched.tau_pos <= ctl.tau_max:
             raise ValueError(f"gate.controller needs 0 < tau_min <= gate.tau_pos <= tau_max, got tau_min="
-                             f"{sched.tau_min}, tau_pos={sched.tau_pos}, tau_max={sched.tau_max}")
+                             f"{ctl.tau_min}, tau_pos={sched.tau_pos}, tau_max={ctl.tau_max}")
     return sched
 
 

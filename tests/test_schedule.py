@@ -15,6 +15,7 @@ from harness import keys as K
 from harness.gates import get_gate
 from harness.objective import policy_loss
 from harness.schedule import TauSchedule, schedule_from_config
+from harness.schema import ControllerConfig
 from tests.conftest import compose
 
 SMOOTH = ("sigmoid", "erf", "arctan", "softsign", "softsign_abs", "student")
@@ -94,7 +95,7 @@ def test_loop_gain_bound_of_the_docstring(gate):
 
 
 def test_controller_rests_at_its_bound_when_the_target_is_unreachable():
-    sched = TauSchedule("eur_target", 10.0, 12.0, steps=50, eur_target=0.9, tau_max=40.0)
+    sched = TauSchedule("eur_target", 10.0, 12.0, steps=50, eur_target=0.9, controller=ControllerConfig(tau_max=40.0))
     for s in range(50):
         sched.taus(s)
         sched.observe(1.0)  # on-policy: EUR stays 1 whatever τ is
@@ -112,7 +113,7 @@ def test_replay_reproduces_the_state_and_refuses_a_changed_schedule():
     b = TauSchedule("eur_target", 10.0, 12.0, steps=6, eur_target=0.9)
     b.replay(history, "eur", "tau_pos")
     assert b.taus(5) == a.taus(5)
-    c = TauSchedule("eur_target", 10.0, 12.0, steps=6, eur_target=0.9, gain=3.0)
+    c = TauSchedule("eur_target", 10.0, 12.0, steps=6, eur_target=0.9, controller=ControllerConfig(gain=3.0))
     with pytest.raises(ValueError, match=r"resume: step 2 .*tau_pos"):
         c.replay(history, "eur", "tau_pos")
 

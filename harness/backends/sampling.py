@@ -59,17 +59,9 @@ def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     if vocab is None:
         return token_logprobs_reference(model, input_ids, attention_mask, n_completion, temperature,
                                         with_entropy=with_entropy, group_size=group_size, prompt_index=prompt_index)
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    n_prompt = input_ids.shape[1] - n_completion
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    if n_prompt > 0 and (group_size > 1 or prompt_index is not None):
-        prompt, rest, spread = _prompt_once(decoder, input_ids, attention_mask, position_ids, n_prompt, group_size,
-                                            prompt_index)
-        # the first completion token is predicted by the prompt's last position
-        hidden = torch.cat([spread(prompt.last_hidden_state[:, -1:]), rest.last_hidden_state[:, :-1]], dim=1)
-    else:
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids).last_hidden_state[:, -n_completion - 1 : -1]
+    head = model.get_output_embeddings()
+    hidden = _completion_outputs(model.get_decoder(), "last_hidden_state", input_ids, attention_mask, n_completion,
+                                 group_size, prompt_index)
     targets = input_ids[:, -n_completion:]
     step = max(1, chunk_elements // vocab)
     chunks = zip(hidden.reshape(-1, hidden.shape[-1]).split(step), targets.reshape(-1).split(step), strict=True)
@@ -89,24 +81,21 @@ def token_logprobs_reference(model: torch.nn.Module, input_ids: Tensor, attentio
     """:func:`token_logprobs` from the full causal-LM forward: [B, T, V] logits for the whole batch at once, and what
     autograd keeps of them for backward. The path for models whose logits are not the output head of the decoder's
     hidden states, and the baseline the chunked path is tested and benchmarked against."""
-    n_prompt = input_ids.shape[1] - n_completion
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    if n_prompt > 0 and (group_size > 1 or prompt_index is not None):
-        prompt, rest, spread = _prompt_once(model, input_ids, attention_mask, position_ids, n_prompt, group_size,
-                                            prompt_index)
-        logits = torch.cat([spread(prompt.logits[:, -1:]), rest.logits[:, :-1]], dim=1)
-    else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        logits = logits[:, -n_completion - 1 : -1]
+    logits = _completion_outputs(model, "logits", input_ids, attention_mask, n_completion, group_size, prompt_index)
     return _logprobs_of_logits(logits, input_ids[:, -n_completion:], temperature, with_entropy)
 
 
-def _prompt_once(module: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
-                 n_prompt: int, group_size: int, prompt_index: Tensor | None) -> tuple[Any, Any, Any]:
-    """Each distinct prompt (the first ``n_prompt`` tokens) through ``module`` once, then every row's completion on
-    its prompt's keys/values: the prompt pass's output (one row per prompt), the completion pass's output (one row
-    per row), and the function that spreads a per-prompt tensor to the rows. The prompts are consecutive runs of
-    ``group_size`` rows, or, with ``prompt_index``, the rows with equal index."""
+def _completion_outputs(module: torch.nn.Module, output: str, input_ids: Tensor, attention_mask: Tensor,
+                        n_completion: int, group_size: int, prompt_index: Tensor | None) -> Tensor:
+    """``module``'s ``output`` (``last_hidden_state`` of a decoder, ``logits`` of a causal LM) at the positions that
+    predict the ``n_completion`` completion tokens, [B, n_completion, ...]. With several rows per prompt, each
+    distinct prompt goes through ``module`` once and every row's completion runs on its prompt's keys/values: the
+    prompts are consecutive runs of ``group_size`` rows, or, with ``prompt_index``, the rows with equal index."""
+    n_prompt = input_ids.shape[1] - n_completion
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if n_prompt == 0 or (group_size == 1 and prompt_index is None):
+        out = module(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return getattr(out, output)[:, -n_completion - 1 : -1]
     if prompt_index is None:
         first: Any = slice(None, None, group_size)
 
@@ -128,7 +117,8 @@ def _prompt_once(module: torch.nn.Module, input_ids: Tensor, attention_mask: Ten
         kv_cache.batch_select_indices(prompt_index)
     rest = module(input_ids=input_ids[:, n_prompt:], attention_mask=attention_mask,
                   position_ids=position_ids[:, n_prompt:], past_key_values=kv_cache)
-    return prompt, rest, spread
+    # the first completion token is predicted by the prompt's last position
+    return torch.cat([spread(getattr(prompt, output)[:, -1:]), getattr(rest, output)[:, :-1]], dim=1)
 
 
 def _logprobs_of_logits(logits: Tensor, targets: Tensor, temperature: float,

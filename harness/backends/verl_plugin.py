@@ -71,12 +71,10 @@ from harness.objective import AGG_MODES, policy_loss
 
 LOSS_PREFIX = "harness_"
 CUSTOM_LOSS = "harness_custom"
-ENV_GATE = "HARNESS_VERL_GATE"
-ENV_WIDTH = "HARNESS_VERL_WIDTH"
-ENV_RATIO_LEVEL = "HARNESS_VERL_RATIO_LEVEL"
-ENV_LOG_RATIO_CLIP = "HARNESS_VERL_LOG_RATIO_CLIP"
-ENV_NU = "HARNESS_VERL_NU"  # tail index of the student gate family
-ENV_VARS = (ENV_GATE, ENV_WIDTH, ENV_RATIO_LEVEL, ENV_LOG_RATIO_CLIP, ENV_NU)
+# What verl's actor config has no key for travels in HARNESS_VERL_<KEY> environment variables: a custom gate's import
+# path, gate.width, train.loss.ratio_level and log_ratio_clip, and the Student-t family's tail index nu.
+ENV_VARS = ENV_GATE, ENV_WIDTH, ENV_RATIO_LEVEL, ENV_LOG_RATIO_CLIP, ENV_NU = tuple(
+    f"HARNESS_VERL_{key}" for key in ("GATE", "WIDTH", "RATIO_LEVEL", "LOG_RATIO_CLIP", "NU"))
 
 _log = logging.getLogger(__name__)
 
