@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from harness import models as M
-from harness.models import cache, presets, tiny
 from harness.data import generate_arith
+from harness.models import cache, presets, tiny
 from harness.prompts import PromptConfig, render_prompt
 from harness.scoring import score
 
