@@ -1,23 +1,15 @@
 """The evaluator: a checkpoint's accuracy on math benchmarks, with k samples per problem.
 
 :mod:`~harness.evaluation.settings` checks the ``eval`` node, :mod:`~harness.evaluation.engines` generates
-(``hf``, ``vllm``, ``lm_eval``), :mod:`~harness.evaluation.pipeline` renders prompts, scores and summarises
-(``evaluate``). The names below are the public API.
+(``hf``, ``vllm``, ``lm_eval``: one module each, :mod:`~harness.evaluation.generation` their shared interface),
+:mod:`~harness.evaluation.pipeline` renders prompts, scores and summarises (``evaluate``). The names below are the
+public API.
 """
 
-from harness.evaluation.engines import (
-    Completion,
-    Engine,
-    GenJob,
-    HFEngine,
-    LmEvalEngine,
-    Sampling,
-    VllmEngine,
-    eos_token_ids,
-    kill_process_group,
-    make_engine,
-    write_lm_eval_task,
-)
+from harness.evaluation.engines import make_engine
+from harness.evaluation.generation import Completion, Engine, GenJob, Sampling, eos_token_ids
+from harness.evaluation.hf_engine import HFEngine
+from harness.evaluation.lm_eval_engine import LmEvalEngine, write_lm_eval_task
 from harness.evaluation.pipeline import (
     benchmark_metrics,
     context_overrides,
@@ -41,6 +33,7 @@ from harness.evaluation.settings import (
     describe_plan,
     validate_eval_config,
 )
+from harness.evaluation.vllm_engine import VllmEngine, kill_process_group
 
 __all__ = [
     "BENCHMARKS",

@@ -32,8 +32,11 @@ from typing import Any
 
 from harness import keys as K
 from harness.data import load_task
-from harness.evaluation.engines import Completion, GenJob, LmEvalEngine, Sampling, VllmEngine, make_engine
+from harness.evaluation.engines import make_engine
+from harness.evaluation.generation import Completion, GenJob, Sampling
+from harness.evaluation.lm_eval_engine import LmEvalEngine
 from harness.evaluation.settings import POOLED_BENCHMARKS, BenchSpec, EvalSettings, validate_eval_config
+from harness.evaluation.vllm_engine import VllmEngine
 from harness.prompts import PromptConfig, prompt_config, render_prompt
 from harness.scoring import has_format, score_batch
 from harness.stats import bootstrap_ci, in_selection_half, pass_at_k
