@@ -1,7 +1,7 @@
 """Check the package layout of ``harness/``: no import cycle (imports inside functions count too), no private name
 (``_x``) imported from another module, no module over the line limit.
 
-    python scripts/check_layout.py [--max-lines 800]
+    python scripts/check_layout.py [--max-lines 600]
 
 Prints every violation and exits 1 if there is one. The import graph is read from the source (``ast``), so it sees
 what ``import`` statements say, including the lazy ones inside functions; a package's ``__init__`` counts as the
@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "harness"
+MAX_LINES = 600  # a module past this holds more than one concept: split it along a concept boundary
 
 
 def module_name(path: Path) -> str:
@@ -125,7 +126,7 @@ def check(max_lines: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-lines", type=int, default=800)
+    parser.add_argument("--max-lines", type=int, default=MAX_LINES)
     args = parser.parse_args(argv)
     problems = check(args.max_lines)
     for p in problems:
