@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (README, "Measured on a GPU"): one invocation measures everything and writes
+# The prepared GPU check (docs/paper.md, "The GPU check"): one invocation measures everything and writes
 # $OUT/gpu_check.json (after every step), $OUT/gpu_check.log and $OUT/gpu_check.md.
 #
 #   bash scripts/gpu_check.sh          on the GPU machine, from the repository root, with gpu_wheels/ carried

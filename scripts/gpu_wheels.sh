@@ -2,7 +2,7 @@
 # Fill gpu_wheels/ (git-ignored) with what scripts/gpu_check.sh needs on the GPU machine, which reaches no package
 # index: the wheels of the packages it lacks (Python 3.12, x86-64 Linux), at the versions installed in this
 # checkout's .venv (the ones the tests pass with), and the tiny model built here. Run it here, then send gpu_wheels
-# along with the working tree (README, "Measured on a GPU"). Everything sent must stay under 64 MiB: the script
+# along with the working tree (docs/paper.md, "The GPU check"). Everything sent must stay under 64 MiB: the script
 # prints the total and fails above it.
 #
 #   bash scripts/gpu_wheels.sh            (PYTHON=... to use another interpreter than .venv/bin/python)
