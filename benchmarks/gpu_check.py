@@ -260,7 +260,7 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
 
 
 def render_markdown(data: dict[str, Any]) -> str:
-    """The numbers of one run as Markdown tables (what the README's "Measured on a GPU" section takes)."""
+    """The numbers of one run as Markdown tables (what docs/paper.md, "The GPU check", takes)."""
     steps = data["steps"]
     env = steps.get("env", {}).get("result", {})
     lines = [f"# GPU check{' (dry run, CPU)' if data['dry'] else ''}", "",

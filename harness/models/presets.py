@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # transformers/torch are imported lazily: `harness gates` etc
 TINY_PROMPT: dict[str, Any] = {"template": "{problem}", "system_prompt": None}
 INSTRUCT_PROMPT: dict[str, Any] = {"template": DEFAULT_TEMPLATE, "system_prompt": DEFAULT_SYSTEM_PROMPT}
 # SmolLM2-135M never writes the <think>/<answer> template (0 of 24 greedy arith answers had it): it is asked for the
-# <answer> span alone, and its preset rewards the last number too (conf/model/smollm2-135m.yaml; README "A real model").
+# <answer> span alone, and its preset rewards the last number too (conf/model/smollm2-135m.yaml; docs/real-models.md).
 SMOLLM2_PROMPT: dict[str, Any] = {
     "template": "{problem}\nReply with only <answer>N</answer>, where N is the number.",
     "system_prompt": None,
