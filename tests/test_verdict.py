@@ -107,3 +107,23 @@ def test_simulated_sweeps_keep_the_error_rate_and_the_stated_power(tmp_path):
             assert r["rate"] <= 0.05 + 3 * 0.0126, r
         else:
             assert abs(r["rate"] - r["stated_power"]) <= 3 * 0.023, r
+
+
+def test_a_test_half_of_one_problem_compares_nothing_and_says_why():
+    """eval.limit=2 with two τ per gate leaves at most one problem on a half: no pair, no crash, a sentence."""
+    import numpy as np
+
+    from harness.reporting.sections.verdict import bench_text
+    from harness.stats import split_problems
+    from harness.verdict import Arm, gate_verdict
+
+    ids = [f"p{i}" for i in range(40)]
+    selection, test = split_problems(ids)
+    problems = [selection[0], test[0]]  # one problem on each half
+    rng = np.random.default_rng(0)
+    arms = [Arm(gate=g, label=f"{g} τ={t}", seeds=("0", "1", "2"), problems=tuple(problems),
+                scores=rng.random((3, 2))) for g in ("sigmoid", "erf") for t in (2, 10)]
+    v = gate_verdict({"arith": arms})
+    info = v["benchmarks"]["arith"]
+    assert info["selected"] and info["n_test"] == 1 and info["rows"] == [] and v["family"] == []
+    assert "1 problem(s) to test on, too few to compare the gates" in bench_text("arith", info)

@@ -346,15 +346,15 @@ class ExperimentData:
     def compare(self, a: Group, b: Group, bench: str, *, test_half: bool = False) -> dict[str, Any] | None:
         """``a`` minus ``b`` on ``bench`` (:func:`harness.verdict.compare_arms`: problems paired, seeds paired only
         where the verdict's pairing test found a shared seed effect on this benchmark); on the test half only with
-        ``test_half`` (when ``b`` or ``a`` was chosen by :meth:`best`). None without per-sample records or without a
-        problem both have."""
+        ``test_half`` (when ``b`` or ``a`` was chosen by :meth:`best`). None without per-sample records or with fewer
+        than 2 problems both have on the half compared (an interval over problems needs two)."""
         arm_a, arm_b = self.arm(a, bench), self.arm(b, bench)
         if arm_a is None or arm_b is None:
             return None
         problems = sorted(set(arm_a.problems) & set(arm_b.problems))
         if test_half:
             problems = split_problems(problems)[1]
-        if not problems:
+        if len(problems) < 2:
             return None
         pairing = self.verdict["benchmarks"].get(bench, {}).get("pairing", {})
         row = compare_arms(arm_a, arm_b, problems, paired_seeds=bool(pairing.get("paired")))

@@ -64,7 +64,8 @@ def adaptive_section(data: ExperimentData) -> Section:
                 continue
             c = data.compare(g, best, bench, test_half=True)
             if c is None:
-                missing.append(f"{g.label} vs {best.label} on {bench}: no per-sample records")
+                missing.append(f"{g.label} vs {best.label} on {bench}: no per-sample records, or fewer than 2 "
+                               "problems in the test half")
                 continue
             comparisons.append({**c, "best_fixed": best.label, "n_fixed": len(fixed)})
     if missing:

@@ -60,7 +60,8 @@ def paired(data: ExperimentData) -> Section:
         records.append({**c, "gate": g.gate, "cell": g.label, "sigmoid_cell": s.label, "why": why,
                         "run_ids": g.run_ids, "sigmoid_run_ids": s.run_ids})
     if missing:
-        sec.notes.append("No per-sample artifacts (eval/samples/<benchmark>.jsonl) for: " + "; ".join(missing))
+        sec.notes.append("Not compared (no per-sample artifacts eval/samples/<benchmark>.jsonl, or fewer than 2 "
+                         "problems in common on the half compared): " + "; ".join(missing))
     if not records:
         return sec
     adjust(records)

@@ -51,6 +51,9 @@ def verdict(data: ExperimentData) -> Section:
 def bench_text(bench: str, info: Mapping[str, Any]) -> str:
     """The verdict on one benchmark in words."""
     rows = info["rows"]
+    if not rows and len(info["chosen"]) > 1:
+        return (f"**{bench}**: {info['n_test']} problem(s) to test on, too few to compare the gates (an interval "
+                "over problems needs two; raise eval.limit).")
     if not rows:
         return f"**{bench}**: one gate evaluated, nothing to compare it with."
     if info["one_seed"]:
