@@ -69,7 +69,7 @@ def gate_overrides(gate: str) -> list[str]:
 def cell_overrides(gates: Sequence[str], taus: Sequence[float], seeds: Sequence[int], *, tau_mode: str = "tied",
                    tau_neg_scale: float = TIED_TAU_NEG_SCALE, tau_neg: Sequence[float] = (),
                    tau_pairs: Sequence[Sequence[float]] = ()) -> list[list[str]]:
-    """The override list of every cell of a gate × τ × seed grid. ``clip`` ignores τ, so it gets one cell per
+    """The override list of every cell of a gate × τ × seed grid. ``clip`` has no τ, so it gets one cell per
     seed; ``tau_mode=tied`` pairs τ_pos with :func:`tied_tau_neg`, ``separate`` crosses τ_pos with ``tau_neg``;
     explicit ``tau_pairs`` ([[τ_pos, τ_neg], ...]) replace the τ grid."""
     pairs_given = [tuple(float(v) for v in p) for p in tau_pairs]
