@@ -146,8 +146,8 @@ def ui_hint(store: Store) -> str:
 
 def experiment_id_for(client: Any, name: str) -> str:
     """The id of experiment ``name``, created if missing, marked as a model-training experiment
-    (:data:`harness.keys.EXPERIMENT_KIND`): without that tag MLflow 3's UI opens it on the GenAI overview (traces,
-    latency, tokens: all empty) instead of the runs table with its parent/child tree."""
+    (:data:`harness.keys.EXPERIMENT_KIND`), the kind MLflow 3's UI reads where it has no GenAI / Model training
+    switch; where it has one (3.17), the link of :func:`ui_hint` opens the runs table."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
         return client.create_experiment(name, tags={K.TAG_EXPERIMENT_KIND: K.EXPERIMENT_KIND})
