@@ -15,6 +15,7 @@ adds ``nu`` and a custom gate ``allow_inadmissible``.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, get_type_hints
@@ -137,32 +138,32 @@ class TrainConfig:
 
 
 @dataclass
-class NativeBackendConfig:
-    """Types of ``conf/backend/native.yaml``."""
+class InProcessBackendConfig:
+    """The keys the backends that train in this process (native, trl) share: where, in which precision, on how many
+    threads, how rollouts are sampled and whether zero-advantage rows are skipped."""
 
     name: str = MISSING
     device: str = MISSING
     bf16: bool = MISSING
     threads: int | None = MISSING
-    share_prompt: bool = MISSING
     sampler: str = MISSING
     skip_zero_advantage: bool = MISSING
     progress: bool = MISSING
 
 
 @dataclass
-class TrlBackendConfig:
+class NativeBackendConfig(InProcessBackendConfig):
+    """Types of ``conf/backend/native.yaml``."""
+
+    share_prompt: bool = MISSING
+
+
+@dataclass
+class TrlBackendConfig(InProcessBackendConfig):
     """Types of ``conf/backend/trl.yaml``."""
 
-    name: str = MISSING
-    device: str = MISSING
-    bf16: bool = MISSING
-    threads: int | None = MISSING
-    progress: bool = MISSING
     disable_dropout: bool = MISSING
     gradient_checkpointing: bool = MISSING
-    sampler: str = MISSING
-    skip_zero_advantage: bool = MISSING
     use_vllm: bool = MISSING
     vllm_mode: str = MISSING
     vllm_gpu_memory_utilization: float = MISSING
@@ -317,10 +318,17 @@ SCHEMAS: dict[tuple[str, str], type] = {
 }
 
 
+@functools.cache
 def gate_schema(option: str) -> type:
-    """The schema of the gate node that ``gate=OPTION`` selects."""
-    return {"clip": ClipGateConfig, "student": StudentGateConfig, "custom": CustomGateConfig}.get(option,
-                                                                                               SmoothGateConfig)
+    """The schema that ``conf/gate/<option>.yaml`` extends (the first entry of its defaults list), read from the
+    yaml so that the option file stays the one place that says it."""
+    from omegaconf import OmegaConf
+
+    from harness.config import CONF_DIR
+
+    entry = str(OmegaConf.load(CONF_DIR / "gate" / f"{option}.yaml").defaults[0])
+    group, name = entry.split("@")[0].rsplit("/", 2)[-2:]
+    return SCHEMAS[(group, name)]
 
 
 def register_schemas() -> None:
