@@ -31,17 +31,19 @@ def accuracy_table(data: ExperimentData) -> Section:
                 highlight.add(len(rows))
             rows.append([g.gate, _tau_text(g), b, f"{a['acc']:.3f}", f"[{a['ci_low']:.3f}, {a['ci_high']:.3f}]",
                          f"{a['lenient_acc']:.3f}", str(a["n_seeds"]), "—" if "iqm" not in a else f"{a['iqm']:.3f}",
-                         _problems_text(a), "chosen" if is_best else ""])
+                         _problems_text(a), "yes" if is_best else ""])
             records.append({**a, "chosen": is_best})
     sec.tables.append(Table(["gate", "τ_pos / τ_neg (clip: ε)", "benchmark", "strict accuracy", "95% CI",
-                             "lenient", "seeds", "IQM over seeds", "problems", ""], rows, highlight,
+                             "lenient", "seeds", "IQM over seeds", "problems", "best on selection half"], rows,
+                            highlight,
                             caption="Strict accuracy = the <answer> span judged, as the paper extracts "
                                     "(eval/<benchmark>/strict_acc), mean correctness over the k samples of each "
                                     "problem, averaged over the whole benchmark and the seeds: the number to compare "
                                     "with published ones. Lenient adds the \\boxed{} and last-number fallbacks "
                                     "(eval/<benchmark>/acc). Marked: the configuration with the best strict accuracy "
-                                    "on the selection half (what the verdict compares); IQM (the mean of the middle "
-                                    "half of the seeds) from 4 seeds."))
+                                    "on the benchmark's selection half (the verdict compares each gate's best there "
+                                    "when a gate has several configurations, else every gate as run); IQM (the mean "
+                                    "of the middle half of the seeds) from 4 seeds."))
     multi = any(r["n_seeds"] > 1 for r in records)
     sec.paragraphs.append(
         "95% CI: with one seed, the evaluator's bootstrap over problems exactly as logged "
