@@ -319,6 +319,13 @@ SCHEMAS: dict[tuple[str, str], type] = {
 
 
 @functools.cache
+def gate_option_exists(option: str) -> bool:
+    """Whether ``gate=<option>`` names a yaml in ``conf/gate``."""
+    from harness.config import CONF_DIR
+
+    return (CONF_DIR / "gate" / f"{option}.yaml").is_file()
+
+
 def gate_schema(option: str) -> type:
     """The schema that ``conf/gate/<option>.yaml`` extends (the first entry of its defaults list), read from the
     yaml so that the option file stays the one place that says it."""

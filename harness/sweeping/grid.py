@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.cell import BASELINE_KEYS
 from harness.config import ConfigError
-from harness.schema import gate_schema
+from harness.schema import gate_option_exists, gate_schema
 
 TAU_MODES = ("tied", "separate")
 # τ_neg / τ_pos of a tied pair when a sweep does not say: the paper's (τ_pos, τ_neg) = (10, 12).
@@ -44,7 +44,7 @@ def for_the_cells_gate(cell: Sequence[str], overrides: Sequence[str]) -> list[st
     gate has only the keys it uses), so ``harness sweep gate.width=hwhm`` sets the width of every smooth gate and
     leaves clip alone."""
     option = next((o.split("=", 1)[1] for o in cell if o.startswith("gate=")), None)
-    if option is None:
+    if option is None or not gate_option_exists(option):  # an unknown option: composing the cell names the options
         return list(overrides)
     keys = {f.name for f in dataclasses.fields(gate_schema(option))}
     return [o for o in overrides if not o.startswith("gate.") or o.split("=", 1)[0].split(".")[1] in keys]
