@@ -45,6 +45,7 @@ def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
         data = {"role": "baseline", **{k: to_plain(cfg.get(k)) for k in BASELINE_KEYS}}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
     data = {k: v for k, v in dict(to_plain(cfg, missing_ok=True)).items() if k != "hydra"}
+    data["train"] = _without_sync_defaults(data.get("train"))
     for key in K.HASH_IGNORED:
         node, *rest = key.split(".")
         if not rest:
@@ -55,10 +56,36 @@ def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _without_sync_defaults(train: Any) -> Any:
+    """The train node without the off-policy keys when they say "synchronous" (staleness 0, the training dtype, no
+    correction): a synchronous cell keeps the hash it had before those keys existed, so its finished run is found."""
+    if not isinstance(train, dict):
+        return train
+    loss = train.get("loss") if isinstance(train.get("loss"), dict) else {}
+    off_policy = loss.get("off_policy") if isinstance(loss.get("off_policy"), dict) else {}
+    if train.get("staleness", 0) != 0 or train.get("rollout_dtype") is not None or off_policy.get("mode") != "none":
+        return train
+    return {**{k: v for k, v in train.items() if k not in ("staleness", "rollout_dtype")},
+            "loss": {k: v for k, v in loss.items() if k != "off_policy"}}
+
+
+def staleness_of(cfg: DictConfig | Mapping[str, Any]) -> int:
+    """A cell's ``train.staleness`` (0 where the config predates the key)."""
+    train = cfg.get("train") or {}
+    return int(train.get("staleness", 0) or 0)
+
+
 def cell_name(cfg: DictConfig) -> str:
-    """``erf-t4-4.2-s0`` / ``clip-e0.2-0.2-s0``: gate, its temperatures (or clip range) and the seed."""
+    """``erf-t4-4.2-s0`` / ``clip-e0.2-0.2-s0``: gate, its temperatures (or clip range) and the seed
+    (``erf-t4-4.2-lag2-s0`` with stale rollouts)."""
     if is_baseline(cfg):
         return f"{BASELINE_GATE}-{cfg.model.name}"
+    name, lag, seed = cell_name_sync(cfg), staleness_of(cfg), f"-s{cfg.seed}"
+    return f"{name.removesuffix(seed)}-lag{lag}{seed}" if lag else name
+
+
+def cell_name_sync(cfg: DictConfig) -> str:
+    """:func:`cell_name` without the policy lag."""
     g = cfg.gate
     gate = str(g.name).split(":")[-1]
     if g.name == "clip":
@@ -95,6 +122,7 @@ def cell_tags(cfg: DictConfig, chash: str) -> dict[str, str]:
         K.TAG_TAU_SCHEDULE: "" if is_baseline(cfg) else str(cfg.gate.get("tau_schedule", "constant") or "constant"),
         K.TAG_EUR_TARGET: "" if cfg.gate.get("eur_target") is None else str(cfg.gate.eur_target),
         K.TAG_SEED: str(cfg.seed),
+        K.TAG_STALENESS: "" if is_baseline(cfg) else str(staleness_of(cfg)),
         K.TAG_BACKEND: str(cfg.backend.name),
         K.TAG_MODEL: str(cfg.model.get("path") or cfg.model.name),
         **model_provenance_tag(cfg),

@@ -45,6 +45,7 @@ LOSS = "loss"
 GRAD_NORM = "grad_norm"
 STEP_TIME_S = "step_time_s"
 TOKENS = "tokens"
+POLICY_LAG = "policy_lag"  # steps between the weights that drew a step's rollouts and the weights that train on them
 
 # Per-pass diagnostics of harness.objective.policy_loss, over unmasked tokens; each also with the suffixes
 # SIGN_SUFFIXES (tokens with A > 0 / A <= 0).
@@ -54,8 +55,17 @@ ABS_RATIO_DEV_P95 = "abs_ratio_dev_p95"  # 95th percentile of |r - 1|
 GATE_WEIGHT = "gate_weight"  # mean gradient weight w(r)
 FRAC_W_LT_HALF = "frac_w_lt_0.5"
 RATIO_MAX = "ratio_max"
+# Kish's effective sample size of the ratios as importance weights, as a fraction of the tokens: (Σr)² / (n·Σr²);
+# 1 when every r is equal, small when a few tokens carry most of the weight.
+RATIO_ESS = "ratio_ess"
 RATIO_STATS = ("ratio_mean", RATIO_STD, "ratio_min", RATIO_MAX, "ratio_p05", "ratio_p95", ABS_RATIO_DEV,
-               ABS_RATIO_DEV_P95, GATE_WEIGHT, FRAC_W_LT_HALF, "frac_w_lt_0.1")
+               ABS_RATIO_DEV_P95, GATE_WEIGHT, FRAC_W_LT_HALF, "frac_w_lt_0.1", RATIO_ESS)
+# Off-policy corrections (train.loss.off_policy, harness.objective.importance_weights): the behaviour weights
+# w = π_prox / π_behaviour as applied (mean), their effective sample size before the cap, and the share of tokens the
+# cap changed (truncated by tis, zeroed by mis / decoupled).
+IS_WEIGHT = "is_weight"
+IS_ESS = "is_ess"
+IS_CAPPED_FRAC = "is_capped_frac"
 DIAG_TOKENS = "tokens"
 CLIP_FRAC = "clip_frac"  # clip only: fraction of tokens whose gradient the clip removes
 EUR = "eur"  # Effective Update Ratio (arXiv 2602.19345 eq. 12): per-prompt-group token mean of w, mean over groups
@@ -156,6 +166,7 @@ TAG_NU = "nu"  # tail index of the student gate family
 TAG_TAU_SCHEDULE = "tau_schedule"  # constant | linear | cosine | eur_target
 TAG_EUR_TARGET = "eur_target"
 TAG_SEED = "seed"
+TAG_STALENESS = "staleness"  # train.staleness: the policy lag of the cell's rollouts (0: synchronous)
 TAG_BACKEND = "backend"
 TAG_MODEL = "model"
 TAG_MODEL_PROVENANCE = "model_provenance"  # where the starting weights come from, when the build says (build_info)

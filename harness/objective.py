@@ -41,6 +41,24 @@ ratios (A = 0 takes the A ≤ 0 branch: τ_neg, or the lower clip bound) and eq.
 row's. Where nothing has moved since the behaviour log-probs were taken (the first optimizer step on a batch),
 r = 1 and f'(1) = 1 for every gate, so a group's contribution there is exactly 1.
 
+Off-policy corrections (``off_policy``, arXiv 2602.19345 does not use them): when the rollouts were drawn by a
+behaviour policy :math:`\pi_b` other than the trainer's policy at the start of the step, :math:`\pi_{prox}` (stale
+rollouts of an asynchronous worker, ``train.staleness``; a sampler in another precision, ``train.rollout_dtype``),
+
+* ``none``: the gate sees :math:`r = \pi_\theta/\pi_{old}` with :math:`\pi_{old}` whatever the caller passes (the
+  behaviour log-probs: the native trainer passes :math:`\pi_b` whenever it differs from :math:`\pi_{prox}`);
+* ``tis`` / ``mis``: the gate sees :math:`\pi_\theta/\pi_{prox}` and each token's surrogate is multiplied by the
+  behaviour weight :math:`w = \mathrm{sg}(\pi_{prox}/\pi_b)`, per token (``is_level="token"``) or as the product over
+  the sequence (``"sequence"``), truncated (``tis``: :math:`\min(w, C)`, and :math:`\max(\cdot, C_{low})` when given)
+  or masked (``mis``: :math:`w\,\mathbf{1}[C_{low} \le w \le C]`), as TRL's ``vllm_importance_sampling_mode``
+  (``token_truncate`` ... ``sequence_mask``) and verl's ``rollout_is`` (TIS; IcePop for the masked form) compute it;
+* ``decoupled``: AReaL's decoupled PPO loss, the gate on :math:`\pi_\theta/\pi_{prox}` and the token weighted by
+  :math:`w\,\mathbf{1}[w \le C]` per token (``behav_imp_weight_cap``). It is the computation of token-level ``mis``
+  without a lower bound; AReaL's name is kept for the method it comes from.
+
+The weight multiplies the policy surrogate only, not the KL term (TRL, verl and AReaL all do so).
+:func:`importance_weights` computes it; ``old_logp`` is then :math:`\pi_{prox}` and ``behaviour_logp`` is :math:`\pi_b`.
+
 Because every smooth gate has :math:`f_\tau(1) = 1`, at r = 1 every gate's loss equals the GRPO
 surrogate :math:`-A`: logged losses are comparable across gates (SAPO's own
 :math:`\frac{4}{\tau}\sigma(\tau(r-1))` differs by the constant :math:`(1 - 2/\tau)A`).
@@ -56,11 +74,11 @@ import torch
 from torch import Tensor
 
 from harness.gates import ClipGate, Gate, effective_tau, get_gate
-from harness.keys import CLIP_FRAC, DIAG_TOKENS, EUR, KL, RATIO_STATS
+from harness.keys import CLIP_FRAC, DIAG_TOKENS, EUR, IS_CAPPED_FRAC, IS_ESS, IS_WEIGHT, KL, RATIO_STATS
 
 AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 RATIO_LEVELS = ("token", "sequence")
-
+OFF_POLICY_MODES = ("none", "decoupled", "tis", "mis")
 
 
 def loss_kwargs(cfg: Any) -> dict[str, Any]:
@@ -69,8 +87,41 @@ def loss_kwargs(cfg: Any) -> dict[str, Any]:
     (clip: ε; smooth gates: τ and width; the Student-t family: ν), so only those are passed."""
     g, loss = cfg.gate, cfg.train.loss
     gate_keys = {key: g[key] for key in ("tau_pos", "tau_neg", "width", "eps_low", "eps_high", "nu") if key in g}
+    op = loss.off_policy
     return dict(gate=g.name, **gate_keys, ratio_level=loss.ratio_level, agg=loss.agg, kl_beta=loss.kl_beta,
-                log_ratio_clip=loss.log_ratio_clip, norm_length=loss.norm_length)
+                log_ratio_clip=loss.log_ratio_clip, norm_length=loss.norm_length, off_policy=op.mode,
+                is_level=op.level, is_cap=op.cap, is_cap_low=op.cap_low)
+
+
+def importance_weights(prox_logp: Tensor, behaviour_logp: Tensor, mask: Tensor, *, mode: str, level: str = "token",
+                       cap: float = 2.0, cap_low: float | None = None, log_ratio_clip: float = 20.0) -> Tensor:
+    r"""The behaviour weights of an off-policy correction (module docstring), (B, T), no gradient, 0 on padding.
+
+    .. math::  \log w_{it} = \log\pi_{prox} - \log\pi_b \;\text{(token)}, \qquad
+               \log w_{it} = \textstyle\sum_t M_{it}(\log\pi_{prox} - \log\pi_b) \;\text{(sequence)}
+
+    clamped to ±``log_ratio_clip`` before exponentiation, then ``tis``: clamp(w, C_low, C); ``mis``:
+    w·1[C_low ≤ w ≤ C]; ``decoupled``: w·1[w ≤ C] (token level only). ``mode="none"`` has no weights."""
+    if mode not in OFF_POLICY_MODES[1:]:
+        raise ValueError(f"train.loss.off_policy.mode must be one of {', '.join(OFF_POLICY_MODES[1:])} for weights, "
+                         f"got {mode!r}")
+    if level not in RATIO_LEVELS or (mode == "decoupled" and level != "token"):
+        allowed = "token" if mode == "decoupled" else ", ".join(RATIO_LEVELS)
+        raise ValueError(f"train.loss.off_policy.level must be one of {allowed} for mode={mode}, got {level!r}")
+    mask = mask.bool()
+    with torch.no_grad():
+        log_w = torch.where(mask, prox_logp.detach() - behaviour_logp.detach(), 0.0)
+        if level == "sequence":
+            log_w = log_w.sum(-1, keepdim=True).expand_as(log_w)
+        w = torch.exp(log_w.clamp(-log_ratio_clip, log_ratio_clip))
+        if mode == "tis":
+            w = w.clamp(min=cap_low, max=cap)
+        else:
+            keep = w <= cap
+            if cap_low is not None and mode == "mis":
+                keep &= w >= cap_low
+            w = torch.where(keep, w, 0.0)
+        return torch.where(mask, w, 0.0)
 
 
 def policy_loss(
@@ -95,6 +146,11 @@ def policy_loss(
     groups: Tensor | None = None,
     trained: Tensor | None = None,
     diagnostics: bool = True,
+    behaviour_logp: Tensor | None = None,
+    off_policy: str = "none",
+    is_level: str = "token",
+    is_cap: float = 2.0,
+    is_cap_low: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Gated policy-gradient loss (see the module docstring for the math).
 
@@ -120,15 +176,29 @@ def policy_loss(
             12 averages over every prompt of the step (rows left out of the passes, e.g. zero-variance groups, still
             have ratios). Does not change the loss.
         diagnostics: compute the diagnostics dict (plain floats over masked tokens).
+        behaviour_logp: (B, T) log-probs of the policy that drew the rollouts, π_b; needed by an ``off_policy``
+            correction, for which ``old_logp`` is π_prox (the trainer's policy at the start of the step).
+        off_policy, is_level, is_cap, is_cap_low: the correction and its weights (:func:`importance_weights`).
 
     Returns:
         ``(loss, diagnostics)``; diagnostics hold ratio statistics, mean and 95th percentile of |r − 1|, mean gate
         weight, fractions of tokens with w < 0.5 / w < 0.1, the EUR (and ``clip_frac`` for clip), each also split by
         advantage sign with suffixes ``_pos`` / ``_neg`` (A = 0 counts as ``_neg``, as it takes τ_neg), plus ``kl``
         when a reference is given. Without trained tokens (a step where every group has zero variance) only the
-        EUR keys are present.
+        EUR keys are present. With a correction also ``is_weight``, ``is_ess`` and ``is_capped_frac``.
     """
     g = get_gate(gate, eps_low=eps_low, eps_high=eps_high, nu=nu)
+    if off_policy not in OFF_POLICY_MODES:
+        raise ValueError(f"train.loss.off_policy.mode must be one of {', '.join(OFF_POLICY_MODES)}, got {off_policy!r}")
+    if off_policy != "none" and behaviour_logp is None:
+        raise ValueError(f"train.loss.off_policy.mode={off_policy} needs the behaviour log-probs (behaviour_logp)")
+    if off_policy != "none":
+        assert behaviour_logp is not None
+        if behaviour_logp.shape != logp.shape:
+            raise ValueError(f"behaviour_logp has shape {tuple(behaviour_logp.shape)} but logp has {tuple(logp.shape)}")
+        if not (is_cap > 0 and (is_cap_low is None or 0 <= is_cap_low <= is_cap)):
+            raise ValueError(f"train.loss.off_policy needs cap > 0 and 0 <= cap_low <= cap (or cap_low null), got "
+                             f"cap={is_cap!r}, cap_low={is_cap_low!r}")
     mask, advantages = _validate(logp, old_logp, advantages, mask, ref_logp, tau_pos, tau_neg,
                                  ratio_level, agg, log_ratio_clip, kl_beta, norm_length)
     tp, tn = effective_tau(g, tau_pos, width), effective_tau(g, tau_neg, width)
@@ -154,6 +224,12 @@ def policy_loss(
         tau = torch.full_like(adv, tn).masked_fill_(pos, tp)
         surrogate = g.surrogate(ratio, adv, tau)
     per_token = -surrogate
+    is_w = None
+    if off_policy != "none":
+        assert behaviour_logp is not None
+        is_w = importance_weights(old_logp, behaviour_logp, mask, mode=off_policy, level=is_level, cap=is_cap,
+                                  cap_low=is_cap_low, log_ratio_clip=log_ratio_clip)
+        per_token = per_token * is_w
 
     kl = None
     if ref_logp is not None and kl_beta != 0.0:
@@ -172,7 +248,27 @@ def policy_loss(
         diag = _diagnostics(g, ratio.detach(), adv, tau, mask, pos, groups, stats_mask)
         if kl is not None and bool(stats_mask.any()):
             diag[KL] = float(aggregate(kl.detach(), stats_mask, "token-mean"))
+        if is_w is not None and bool(stats_mask.any()):
+            diag.update(_is_diagnostics(is_w, old_logp, behaviour_logp, stats_mask, is_level, log_ratio_clip))
     return loss, diag
+
+
+def _is_diagnostics(applied: Tensor, prox_logp: Tensor, behaviour_logp: Tensor, sel: Tensor, level: str,
+                    log_ratio_clip: float) -> dict[str, float]:
+    """The applied weights' mean, the Kish ESS fraction of the raw weights, and the share the cap changed."""
+    log_w = torch.where(sel, prox_logp.detach() - behaviour_logp.detach(), 0.0)
+    if level == "sequence":
+        log_w = log_w.sum(-1, keepdim=True).expand_as(log_w)
+    raw = torch.exp(log_w.clamp(-log_ratio_clip, log_ratio_clip))[sel].double()
+    return {IS_WEIGHT: float(applied[sel].double().mean()), IS_ESS: kish_ess(raw),
+            IS_CAPPED_FRAC: float((applied[sel].double() != raw).double().mean())}
+
+
+def kish_ess(weights: Tensor) -> float:
+    r"""Kish's effective sample size of importance weights as a fraction of their number:
+    :math:`(\sum_i w_i)^2 / (n \sum_i w_i^2)` (1 for equal weights, 1/n when one weight carries everything)."""
+    w = weights.double()
+    return float(w.sum().square() / (w.numel() * w.square().sum()).clamp(min=1e-300))
 
 
 def aggregate(per_token: Tensor, mask: Tensor, agg: str = "seq-mean-token-mean",
@@ -291,4 +387,5 @@ def _ratio_stats(r: Tensor, w: Tensor) -> list[float]:
         q[1] if q is not None else nan,
         dev.mean(), torch.quantile(dev, 0.95) if small else nan,
         w.mean(), (w < 0.5).double().mean(), (w < 0.1).double().mean(),
+        r.new_tensor(kish_ess(r)),
     ]).tolist()

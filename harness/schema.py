@@ -87,12 +87,21 @@ class CustomGateConfig(SmoothGateConfig):
 
 
 @dataclass
+class OffPolicyConfig:
+    mode: str = MISSING
+    level: str = MISSING
+    cap: float = MISSING
+    cap_low: float | None = MISSING
+
+
+@dataclass
 class LossConfig:
     ratio_level: str = MISSING
     agg: str = MISSING
     kl_beta: float = MISSING
     log_ratio_clip: float = MISSING
     norm_length: float | None = MISSING
+    off_policy: OffPolicyConfig = field(default_factory=OffPolicyConfig)
 
 
 @dataclass
@@ -130,6 +139,8 @@ class TrainConfig:
     save_every: int = MISSING
     keep_checkpoints: int | None = MISSING
     save_dtype: str | None = MISSING
+    staleness: int = MISSING
+    rollout_dtype: str | None = MISSING
     loss: LossConfig = field(default_factory=LossConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
 

@@ -26,13 +26,12 @@ from harness.backends.verl import (
 )
 from harness.backends.verl_plugin import compute_score, loss_name, registered_loss_names
 from harness.gates import BUILTIN_GATES
-from tests.conftest import REPO, compose
+from tests.conftest import REPO, VERL_PYTHON, compose, needs_verl, run_verl
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 # The built-in gates' loss names (other tests in the session may register more gates in this process).
 EXPECTED = sorted(["harness_sigmoid", "harness_erf", "harness_arctan", "harness_softsign", "harness_softsign_abs",
                    "harness_student", "harness_clip", "harness_custom"])
-VERL_PYTHON = Path(os.environ.get("HARNESS_VERL_PYTHON", REPO / ".venv-verl" / "bin" / "python"))
 UPDATE = os.environ.get("HARNESS_UPDATE_SNAPSHOTS") == "1"
 
 
@@ -173,8 +172,6 @@ def test_hf_checkpoints_are_found(tmp_path: Path):
 
 # ----------------------------------------------------------------------------- in the verl environment
 
-needs_verl = pytest.mark.skipif(not VERL_PYTHON.exists(),
-                                reason=f"no verl environment at {VERL_PYTHON} (scripts/install_verl.sh)")
 
 # Runs in the verl virtualenv: registration through VERL_USE_EXTERNAL_MODULES, loss parity, and verl's own
 # Hydra config + dataclasses accepting the harness overrides. Prints one JSON object.
@@ -282,25 +279,13 @@ _PROBE = textwrap.dedent(r'''
 ''')
 
 
-def _run_verl(code: str, *args: str, env: dict | None = None, timeout: int = 240,
-              cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``code`` in the verl interpreter; by default from a directory with no package metadata in it (``-c``
-    puts the working directory on sys.path, and a ``harness.egg-info`` there would count as installed metadata)."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    for key in ("VERL_USE_EXTERNAL_MODULES", "VERL_USE_EXTERNAL_PLUGINS"):
-        if env is None or key not in env:
-            full_env.pop(key, None)
-    return subprocess.run([str(VERL_PYTHON), "-c", code, *args], capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=str(cwd or Path(__file__).parent))
-
-
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory) -> dict:
     overrides = verl_overrides(_paper_cfg("gate=softsign", "train.rewards.format_weight=0.5"),
                                model_path="/models/policy", max_prompt_length=256)
     path = tmp_path_factory.mktemp("probe") / "overrides.json"
     path.write_text(json.dumps(overrides))
-    proc = _run_verl(_PROBE, str(path), env={"VERL_USE_EXTERNAL_MODULES": "harness.backends.verl_plugin"})
+    proc = run_verl(_PROBE, str(path), env={"VERL_USE_EXTERNAL_MODULES": "harness.backends.verl_plugin"})
     line = [x for x in proc.stdout.splitlines() if x.startswith("PROBE")]
     assert proc.returncode == 0 and line, proc.stderr[-4000:]
     return json.loads(line[-1][len("PROBE"):])
@@ -365,10 +350,10 @@ def test_entry_point_registers_every_gate_in_a_fresh_process(tmp_path: Path):
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: harness-verl-entry-point\nVersion: 0.0.0\n")
     (dist / "entry_points.txt").write_text("[verl.plugins]\nharness = harness.backends.verl_plugin\n")
-    proc = _run_verl(_REGISTERED, env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])})
+    proc = run_verl(_REGISTERED, env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])})
     assert _names(proc) == EXPECTED
     # and nothing registers without it (so the assertion above is about the entry point)
-    assert _names(_run_verl(_REGISTERED, env={"VERL_USE_EXTERNAL_PLUGINS": "none"})) == []
+    assert _names(run_verl(_REGISTERED, env={"VERL_USE_EXTERNAL_PLUGINS": "none"})) == []
 
 
 @needs_verl
@@ -376,10 +361,10 @@ def test_installed_entry_point(tmp_path: Path):
     """Once pyproject declares the entry point and the harness is installed in the verl environment."""
     check = ("from importlib.metadata import entry_points as e; "
              "print('EP' + ','.join(x.value for x in e(group='verl.plugins')))")
-    proc = _run_verl(check, env={"PYTHONPATH": ""})
+    proc = run_verl(check, env={"PYTHONPATH": ""})
     if "harness.backends.verl_plugin" not in proc.stdout:
         pytest.skip("the harness is not installed with its verl.plugins entry point in the verl environment")
-    assert _names(_run_verl(_REGISTERED, env={"PYTHONPATH": ""})) == EXPECTED
+    assert _names(run_verl(_REGISTERED, env={"PYTHONPATH": ""})) == EXPECTED
 
 
 def _has_transfer_queue() -> bool:

@@ -211,7 +211,7 @@ def test_measuring_forward_equals_the_plain_one(cache_dir):
     G = 8
     torch.manual_seed(0)
     with torch.no_grad():
-        seqs, _ = sample_completions(model, enc.input_ids, enc.attention_mask, num_generations=G, max_new_tokens=24,
+        seqs, _, _ = sample_completions(model, enc.input_ids, enc.attention_mask, num_generations=G, max_new_tokens=24,
                                      temperature=0.7, top_p=1.0, eos_token_id=tok.eos_token_id,
                                      pad_token_id=tok.pad_token_id)
     comp = seqs[:, enc.input_ids.shape[1]:]
@@ -265,7 +265,7 @@ def test_cached_sampler_draws_what_generate_draws(cache_dir, temperature, top_p,
         ref = model.generate(**enc, do_sample=True, top_k=0, max_new_tokens=max_new, num_return_sequences=G, **kw)
     torch.manual_seed(1)
     with torch.no_grad():
-        ours, entropy = sample_completions(model, enc.input_ids, enc.attention_mask, num_generations=G,
+        ours, entropy, _ = sample_completions(model, enc.input_ids, enc.attention_mask, num_generations=G,
                                            max_new_tokens=max_new, **kw)
     assert ours.shape == ref.shape
     assert (ours == ref).all(-1).float().mean() >= 0.95
@@ -290,7 +290,7 @@ def test_cached_sampler_greedy_limit_equals_greedy_generate(cache_dir):
     with torch.no_grad():
         greedy = model.generate(**enc, do_sample=False, max_new_tokens=24, pad_token_id=tok.pad_token_id,
                                 eos_token_id=tok.eos_token_id)
-        ours, _ = sample_completions(model, enc.input_ids, enc.attention_mask, num_generations=3,
+        ours, _, _ = sample_completions(model, enc.input_ids, enc.attention_mask, num_generations=3,
                                      max_new_tokens=24, temperature=1.0, top_p=1e-6, eos_token_id=tok.eos_token_id,
                                      pad_token_id=tok.pad_token_id)
     assert torch.equal(ours, greedy.repeat_interleave(3, 0))

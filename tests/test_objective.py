@@ -487,7 +487,7 @@ def test_diagnostics_by_hand():
                 "ratio_min": min(rs), "ratio_max": max(rs), "ratio_p05": float(np.percentile(rs, 5)),
                 "ratio_p95": float(np.percentile(rs, 95)), "abs_ratio_dev": sum(abs(x - 1) for x in rs) / len(rs),
                 "abs_ratio_dev_p95": float(np.percentile([abs(x - 1) for x in rs], 95)),
-                "tokens": float(len(rs))}
+                "ratio_ess": sum(rs) ** 2 / (len(rs) * sum(x * x for x in rs)), "tokens": float(len(rs))}
 
     # clip (ε = 0.2): only r = 1.3 with A > 0 is clipped
     _, _, d = grad_of(logp, old, adv, mask, gate="clip")

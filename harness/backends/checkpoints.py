@@ -183,11 +183,12 @@ def load_state(path: Path) -> dict[str, Any]:
 
 
 def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int, history: list[dict[str, float]],
-                    save_dtype: torch.dtype | None = None) -> Path:
+                    save_dtype: torch.dtype | None = None, extra: dict[str, Any] | None = None) -> Path:
     """HF-format weights + tokenizer, plus optimizer/RNG/history so training can resume exactly, plus the manifest.
     Written to a temporary directory and renamed, so a kill never leaves a half-written checkpoint under its name.
     ``save_dtype`` (e.g. bfloat16) casts the saved weights and their config; the optimizer state stays as trained.
-    A run resumed from such a checkpoint continues from the rounded weights, not bit for bit."""
+    A run resumed from such a checkpoint continues from the rounded weights, not bit for bit. ``extra`` adds keys to
+    the trainer state (the native trainer's queue of rollouts drawn ahead, ``rollout_queue``)."""
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -201,8 +202,8 @@ def save_checkpoint(path: Path, model, tokenizer, optimizer, step: int, history:
         config["dtype"] = str(save_dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "history": history},
-               tmp / STATE_FILE)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "history": history,
+                **(extra or {})}, tmp / STATE_FILE)
     write_manifest(tmp)
     old = _set_aside(path, ".old") if path.exists() else None  # one replaced after an invalid one was skipped
     tmp.rename(path)

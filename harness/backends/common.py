@@ -11,7 +11,7 @@ import torch
 
 from harness.config import ConfigError
 from harness.gates import validate_gate_config
-from harness.objective import AGG_MODES, RATIO_LEVELS, loss_kwargs, policy_loss
+from harness.objective import AGG_MODES, OFF_POLICY_MODES, RATIO_LEVELS, loss_kwargs, policy_loss
 from harness.rewards import reward_spec
 
 log = logging.getLogger(__name__)
@@ -113,14 +113,49 @@ def validate_train_config(cfg: Any) -> None:
     if save_dtype is not None and cfg.backend.name != "native":
         raise ConfigError(f"train.save_dtype={save_dtype} is applied by backend=native only (backend="
                           f"{cfg.backend.name} saves in the dtype it trains in); leave it null")
+    validate_off_policy_config(cfg)
     max_prompt = t.get("max_prompt_tokens")
     if max_prompt is not None and (not isinstance(max_prompt, int) or max_prompt < 1):
         raise ValueError(f"train.max_prompt_tokens must be null or an integer >= 1, got {max_prompt!r}")
     # Fails on an unknown gate / bad tau / bad eps / bad agg before any model is loaded.
     validate_gate_config(cfg.gate)
     dummy = torch.zeros(1, 2)
-    policy_loss(dummy, dummy, torch.ones(1), torch.ones(1, 2, dtype=torch.bool), **loss_kwargs(cfg), diagnostics=False)
+    policy_loss(dummy, dummy, torch.ones(1), torch.ones(1, 2, dtype=torch.bool), **loss_kwargs(cfg), diagnostics=False,
+                behaviour_logp=dummy)
     reward_spec(t.rewards)
+
+
+def validate_off_policy_config(cfg: Any) -> None:
+    """``train.staleness``, ``train.rollout_dtype`` and ``train.loss.off_policy``: their values, and that only the
+    native backend runs them (``ConfigError`` naming the key and what is allowed)."""
+    t = cfg.train
+    staleness = t.get("staleness", 0)
+    if not isinstance(staleness, int) or isinstance(staleness, bool) or staleness < 0:
+        raise ConfigError(f"train.staleness must be an integer >= 0 (0: synchronous), got {staleness!r}")
+    rollout_dtype = t.get("rollout_dtype")
+    if rollout_dtype is not None and rollout_dtype not in SAVE_DTYPES:
+        raise ConfigError(f"train.rollout_dtype must be null (the training dtype) or one of {', '.join(SAVE_DTYPES)}, "
+                          f"got {rollout_dtype!r}")
+    op = t.loss.off_policy
+    if op.mode not in OFF_POLICY_MODES:
+        raise ConfigError(f"train.loss.off_policy.mode must be one of {', '.join(OFF_POLICY_MODES)}, got {op.mode!r}")
+    levels = ("token",) if op.mode == "decoupled" else RATIO_LEVELS
+    if op.level not in levels:
+        raise ConfigError(f"train.loss.off_policy.level must be one of {', '.join(levels)} with mode={op.mode}, got "
+                          f"{op.level!r}")
+    if not (_number(op.cap) and op.cap > 0):
+        raise ConfigError(f"train.loss.off_policy.cap must be a finite number > 0, got {op.cap!r}")
+    if op.cap_low is not None and (op.mode == "decoupled" or not (_number(op.cap_low) and 0 <= op.cap_low <= op.cap)):
+        allowed = "null with mode=decoupled" if op.mode == "decoupled" else f"null or a number in [0, cap={op.cap}]"
+        raise ConfigError(f"train.loss.off_policy.cap_low must be {allowed}, got {op.cap_low!r}")
+    used = [f"{key}={value}" for key, value, default in (("train.staleness", staleness, 0),
+                                                         ("train.rollout_dtype", rollout_dtype, None),
+                                                         ("train.loss.off_policy.mode", op.mode, "none"))
+            if value != default]
+    if used and cfg.backend.name != "native":
+        raise ConfigError(f"{', '.join(used)}: off-policy regimes run on backend=native only (backend="
+                          f"{cfg.backend.name}: TRL's async trainer and verl's fully-async trainer are separate "
+                          "programs the harness does not drive); use backend=native or leave them at their defaults")
 
 
 def mini_batch_size(t: Any) -> int:

@@ -36,6 +36,7 @@ import random
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ from harness.backends.common import fit_prompts, mini_batch_size, start_training
 from harness.backends.sampling import (
     distinct_rows_logprobs,
     eval_no_grad,
+    logprobs_of_logits,
     mask_through_first_eos,
     rows_logprobs,
     sample_completions,
@@ -125,6 +127,68 @@ def rows_in_place(n_rows: int, parts: Sequence[tuple[Tensor, Tensor]]) -> Tensor
     return out
 
 
+@dataclass
+class RolloutBatch:
+    """One step's rollouts as the sampler delivered them: what the staleness queue (and a checkpoint) holds."""
+
+    step: int  # the 0-based step that trains on it
+    drawn_at: int  # the step whose weights drew it (step - drawn_at is the policy lag)
+    prompt_mask: Tensor  # (P, Lp) attention mask of the left-padded prompts
+    seqs: Tensor  # (P·G, Lp + T) prompt and completion ids, a prompt's G rows consecutive
+    completion_mask: Tensor  # (P·G, T) the tokens up to and including the first EOS
+    truncated: Tensor  # (P·G,) no EOS within max_new_tokens
+    token_entropy: Tensor  # (P·G, T) entropy of the distribution each token was drawn from
+    rewards: Tensor  # (P·G,) total reward, and its format and accuracy parts
+    reward_format: Tensor
+    reward_accuracy: Tensor
+    behaviour_logp: Tensor | None  # (P·G, T) the sampler's log-probs of its tokens; None: the trainer's are used
+
+    def to(self, device: torch.device) -> RolloutBatch:
+        return RolloutBatch(**{f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), Tensor)
+                               else getattr(self, f.name) for f in fields(self)})
+
+
+def draw_rollouts(model: torch.nn.Module, tokenizer: Any, batch: list[dict], *, step: int, drawn_at: int, t: Any,
+                  sampler: str, prompt_cfg: Any, rewards_of: Any, device: torch.device,
+                  with_logprobs: bool) -> RolloutBatch:
+    """Sample ``num_generations`` completions per problem of ``batch`` with ``model`` as it is now (call it under
+    the sampling autocast) and score them: steps 2-3 of the module docstring."""
+    G = t.num_generations
+    prompts = [render_prompt(tokenizer, p["problem"], prompt_cfg) for p in batch]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    model.eval()
+    with torch.no_grad():
+        if sampler == "cached":
+            seqs, token_entropy, behaviour_logp = sample_completions(
+                model, enc.input_ids, enc.attention_mask, num_generations=G, max_new_tokens=t.max_new_tokens,
+                temperature=t.rollout_temperature, top_p=t.top_p, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, with_logprobs=with_logprobs)
+        else:
+            out = model.generate(
+                **enc, do_sample=True, temperature=t.rollout_temperature, top_p=t.top_p, top_k=0,
+                max_new_tokens=t.max_new_tokens, num_return_sequences=G, output_logits=True,
+                return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            seqs = out.sequences
+            logits = torch.stack(out.logits, dim=1)
+            token_entropy = tempered_entropy(logits, t.rollout_temperature)
+            behaviour_logp = (logprobs_of_logits(logits, seqs[:, enc.input_ids.shape[1]:], t.rollout_temperature)
+                              if with_logprobs else None)
+    completion_ids = seqs[:, enc.input_ids.shape[1]:]
+    completion_mask = mask_through_first_eos(completion_ids, tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(completion_ids.masked_fill(~completion_mask, tokenizer.pad_token_id),
+                                   skip_special_tokens=True)
+    golds = [p["answer"] for p in batch for _ in range(G)]
+    scored = rollout_rewards(texts, golds, [p for p in batch for _ in range(G)], rewards_of)
+    rewards, fmt, acc = (torch.tensor(v) for v in (scored.total, scored.format, scored.accuracy))
+    return RolloutBatch(step=step, drawn_at=drawn_at, prompt_mask=enc.attention_mask, seqs=seqs,
+                        completion_mask=completion_mask,
+                        truncated=~(completion_ids == tokenizer.eos_token_id).any(-1), token_entropy=token_entropy,
+                        rewards=rewards, reward_format=fmt, reward_accuracy=acc,
+                        behaviour_logp=None if behaviour_logp is None else behaviour_logp.float())
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -141,6 +205,7 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
     np.random.seed(cfg.seed)
 
     start_step, history, checkpoints = 0, [], []
+    queue: list[RolloutBatch] = []  # rollout batches drawn ahead of the step that trains on them (train.staleness)
     # the newest checkpoint that verifies against its manifest (newer broken ones are named in the log, set aside)
     resume_from = resume_checkpoint(ckpt_dir) if cfg.get("resume") else None
     # float32 master weights whatever the checkpoint stores (transformers 5 loads Qwen2.5 in bf16): AdamW on bf16
@@ -162,6 +227,7 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_step, history = state["step"], state["history"]
+        queue = [RolloutBatch(**b).to(device) for b in state.get("rollout_queue", [])]
         checkpoints = [p for p in list_checkpoints(ckpt_dir) if p <= resume_from]
     rewards_of = reward_spec(t.rewards)
     save_dtype = torch_dtype(t.get("save_dtype"))
@@ -177,6 +243,20 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
     mini_size = mini_batch_size(t)
     sampler = bk.get("sampler", "cached")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    # Off-policy regimes (docs/off-policy.md): rollouts drawn `staleness` steps ahead, and/or sampled in another
+    # precision than the trainer's. Then the sampler's own log-probs are the behaviour policy π_b; otherwise the
+    # sampler is the trainer at the start of the step and its log-probs are taken by the trainer as before.
+    staleness = int(t.get("staleness", 0))
+    rollout_dtype = torch_dtype(t.get("rollout_dtype"))
+    rollout_autocast = (torch.autocast(device.type, dtype=rollout_dtype) if rollout_dtype is not None else autocast)
+    off_policy = t.loss.off_policy.mode
+    measure_behaviour = staleness > 0 or rollout_dtype is not None or off_policy != "none"
+
+    def draw(for_step: int, drawn_at: int) -> RolloutBatch:
+        batch = [problems[i] for i in prompts_for_step(len(problems), for_step, per_step, cfg.seed)]
+        return draw_rollouts(model, tokenizer, batch, step=for_step, drawn_at=drawn_at, t=t, sampler=sampler,
+                             prompt_cfg=prompt_cfg, rewards_of=rewards_of, device=device,
+                             with_logprobs=measure_behaviour)
 
     from tqdm.auto import tqdm
 
@@ -190,37 +270,18 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # 1-2. prompts and rollouts ------------------------------------------------------------
-        batch = [problems[i] for i in prompts_for_step(len(problems), step, per_step, cfg.seed)]
-        prompts = [render_prompt(tokenizer, p["problem"], prompt_cfg) for p in batch]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        model.eval()
-        with torch.no_grad(), autocast:
-            if sampler == "cached":
-                seqs, token_entropy = sample_completions(
-                    model, enc.input_ids, enc.attention_mask, num_generations=G, max_new_tokens=t.max_new_tokens,
-                    temperature=t.rollout_temperature, top_p=t.top_p, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id)
-            else:
-                out = model.generate(
-                    **enc, do_sample=True, temperature=t.rollout_temperature, top_p=t.top_p, top_k=0,
-                    max_new_tokens=t.max_new_tokens, num_return_sequences=G, output_logits=True,
-                    return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-                seqs = out.sequences
-                token_entropy = tempered_entropy(torch.stack(out.logits, dim=1), t.rollout_temperature)
-        prompt_len = enc.input_ids.shape[1]
-        completion_ids = seqs[:, prompt_len:]
-        completion_mask = mask_through_first_eos(completion_ids, tokenizer.eos_token_id)
-        truncated = ~(completion_ids == tokenizer.eos_token_id).any(-1)
-        texts = tokenizer.batch_decode(completion_ids.masked_fill(~completion_mask, tokenizer.pad_token_id),
-                                       skip_special_tokens=True)
-        golds = [p["answer"] for p in batch for _ in range(G)]
-
-        # 3. rewards ------------------------------------------------------------------------------
-        scored = rollout_rewards(texts, golds, [p for p in batch for _ in range(G)], rewards_of)
-        rewards, fmt, acc = (torch.tensor(v) for v in (scored.total, scored.format, scored.accuracy))
+        # 1-3. prompts, rollouts and rewards: drawn `staleness` steps ahead by the weights of that time -----------
+        # An asynchronous rollout worker k batches ahead: at step s the queue holds the batches of steps s..s+k,
+        # the one for s+k drawn now by the current weights (at the first step, all k+1 by the initial weights).
+        # With k = 0 this is the synchronous loop: draw step s's batch, train on it.
+        while not queue or queue[-1].step < step + staleness:
+            next_step = queue[-1].step + 1 if queue else step
+            with rollout_autocast:
+                queue.append(draw(next_step, drawn_at=step))
+        rollout = queue.pop(0)
+        assert rollout.step == step, (rollout.step, step)
+        enc_mask, seqs, completion_mask = rollout.prompt_mask, rollout.seqs, rollout.completion_mask
+        rewards, behaviour_logp = rollout.rewards, rollout.behaviour_logp
 
         # 4. advantages ------------------------------------------------------------------------------
         advantages, zero_var = group_advantages(rewards, G, t.advantage, t.adv_eps)
@@ -231,8 +292,8 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         # Groups whose advantages are all 0 (zero reward variance) add exactly 0 to every gate's loss and gradient,
         # so without a KL term they are left out of the forward/backward passes (backend.skip_zero_advantage); the
         # aggregation still divides by the whole mini-batch, so the update is the one over all rows.
-        attn = torch.cat([enc.attention_mask.repeat_interleave(G, 0), completion_mask.long()], dim=1)
-        n_comp = completion_ids.shape[1]
+        attn = torch.cat([enc_mask.repeat_interleave(G, 0), completion_mask.long()], dim=1)
+        n_comp = completion_mask.shape[1]
         n_rows = seqs.shape[0]
         active_group = advantages.view(-1, G).ne(0).any(-1)
         # No signal: every group's rewards are equal, so every advantage is 0 and, without a KL term, every gradient
@@ -251,7 +312,10 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         # seen them. With one optimizer step per batch nothing moves before it, r = 1: no forward at all.
         idle = [m[~active_row[m]] for m in minis]
         idle_rows = torch.cat(idle)
-        measure_idle = len(idle_rows) > 0 and (len(minis) > 1 or t.num_iterations > 1)
+        # Without a correction, the gate of rollouts from another policy sees π_θ/π_b with the sampler's log-probs:
+        # every row's denominator is known before any forward, and no ratio is 1 even at the first update.
+        gate_on_sampler = behaviour_logp is not None and off_policy == "none"
+        measure_idle = len(idle_rows) > 0 and (len(minis) > 1 or t.num_iterations > 1 or gate_on_sampler)
         # Each prompt's forward is shared by its G completions when micro-batches hold whole groups.
         share = G if bk.get("share_prompt", True) and t.micro_batch_size % G == 0 else 1
 
@@ -260,7 +324,7 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         measured_logprobs_of = partial(distinct_rows_logprobs, seqs=seqs, attn=attn, n_completion=n_comp,
                                        temperature=t.rollout_temperature, max_rows=t.micro_batch_size)
 
-        old_logp: Tensor | None = None
+        old_logp: Tensor | None = behaviour_logp[rows] if gate_on_sampler else None
         ref_logp = None
         no_logp = completion_mask.new_zeros((0, n_comp), dtype=torch.float32)
         # The first mini-batch's behaviour log-probs are its first update's own forward, detached: the parameters do
@@ -270,6 +334,9 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         later_rows = torch.cat([s for m in micros[1:] for s in m] or [rows[:0]])
         behaviour_rows = torch.cat([later_rows, idle_rows if measure_idle else idle_rows[:0]])
         later_old, idle_old = no_logp, completion_mask.new_zeros((len(idle_rows), n_comp), dtype=torch.float32)
+        if gate_on_sampler:
+            assert behaviour_logp is not None
+            behaviour_rows, idle_old = behaviour_rows[:0], behaviour_logp[idle_rows]
         with torch.no_grad(), autocast:
             if ref_model is not None:
                 ref_logp = torch.cat([logprobs_of(ref_model, s) for m in micros for s in m])
@@ -295,12 +362,15 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
                         behaviour = logp.detach() if old_logp is None else old_logp[k]
                         loss, _ = policy_loss(logp, behaviour, advantages[s], completion_mask[s],
                                               ref_logp=None if ref_logp is None else ref_logp[k],
+                                              behaviour_logp=None if behaviour_logp is None else behaviour_logp[s],
                                               diagnostics=False, **loss_kw)
                     weight = micro_batch_weight(completion_mask[s], mini_mask, t.loss.agg)
                     (loss * weight).backward()
                     loss_total += float(loss.detach()) * weight / len(minis)
                     logps.append(logp.detach())
-                if measure_idle and len(idle[j]) and (it, j) != (0, 0):  # at (0, 0): the behaviour weights
+                # at (0, 0) the weights are still the ones the idle rows' denominators were taken at (unless those
+                # came from the sampler)
+                if measure_idle and len(idle[j]) and ((it, j) != (0, 0) or gate_on_sampler):
                     with eval_no_grad(model), autocast:  # as the behaviour pass: no dropout, no random numbers
                         idle_logps.append(measured_logprobs_of(model, idle[j]))
                 else:
@@ -324,7 +394,7 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
             every_old = rows_in_place(n_rows, [(rows, old_logp), (idle_rows, idle_old)])
             _, diag = policy_loss(every_logp, every_old, advantages, completion_mask, ref_logp=ref_logp,
                                   groups=torch.arange(n_rows, device=device) // G, trained=active_row.to(device),
-                                  **loss_kw)
+                                  behaviour_logp=behaviour_logp, **loss_kw)
             metrics.update({K.pass_key(it + 1, k): v for k, v in diag.items()})
             metrics[K.pass_key(it + 1, K.PASS_LOSS)] = loss_total
             metrics[K.pass_key(it + 1, K.PASS_GRAD_NORM)] = sum(grad_norms) / len(grad_norms)
@@ -337,11 +407,11 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
             K.STEP: float(step + 1),
             K.REWARD: float(rewards.mean()),
             K.REWARD_STD: float(rewards.std(unbiased=False)),
-            K.REWARD_FORMAT: float(fmt.mean()),
-            K.REWARD_ACCURACY: float(acc.mean()),
+            K.REWARD_FORMAT: float(rollout.reward_format.mean()),
+            K.REWARD_ACCURACY: float(rollout.reward_accuracy.mean()),
             K.RESPONSE_LENGTH: float(lengths.mean()),
-            K.TRUNCATION_RATE: float(truncated.float().mean()),
-            K.ENTROPY: float((token_entropy * completion_mask).sum() / completion_mask.sum()),
+            K.TRUNCATION_RATE: float(rollout.truncated.float().mean()),
+            K.ENTROPY: float((rollout.token_entropy * completion_mask).sum() / completion_mask.sum()),
             K.TRAINED_FRAC: len(rows) / n_rows,
             K.ZERO_VAR_GROUPS: float(zero_var),
             K.ZERO_VAR_FRAC: zero_var / per_step,
@@ -353,8 +423,10 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
             K.TAU_NEG: tau_neg,
             K.GRAD_NORM: metrics[K.pass_key(last_pass, K.PASS_GRAD_NORM)],
             K.STEP_TIME_S: time.perf_counter() - t0,
-            K.TOKENS: float(completion_mask.sum() + enc.attention_mask.sum() * G),
+            K.TOKENS: float(completion_mask.sum() + enc_mask.sum() * G),
         })
+        if measure_behaviour:  # a synchronous run's history keeps its keys
+            metrics[K.POLICY_LAG] = float(step - rollout.drawn_at)
         history.append(metrics)
         schedule.observe(metrics.get(eur_key, math.nan))
         bar.set_postfix(reward=f"{metrics[K.REWARD]:.3f}", acc=f"{metrics[K.REWARD_ACCURACY]:.3f}")
@@ -363,7 +435,8 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
             on_step(step + 1, metrics)
         if (step + 1) % t.save_every == 0 or step + 1 == t.steps:
             save_checkpoint(ckpt_dir / f"step-{step + 1:06d}", model, tokenizer, optimizer, step + 1, history,
-                            save_dtype=save_dtype)
+                            save_dtype=save_dtype,
+                            extra={"rollout_queue": [vars(b.to(torch.device("cpu"))) for b in queue]})
             checkpoints = prune_checkpoints(ckpt_dir, keep)
     bar.close()
     (out_dir / K.HISTORY_FILE).write_text(json.dumps(history))

@@ -202,10 +202,12 @@ def _reserved_layer_class():
 
 def sample_completions(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, *, num_generations: int,
                        max_new_tokens: int, temperature: float, top_p: float, eos_token_id: int,
-                       pad_token_id: int) -> tuple[Tensor, Tensor]:
+                       pad_token_id: int, with_logprobs: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     """``num_generations`` sampled completions per (left-padded) prompt, as ``[B·G, P + T]`` token ids with
-    the G rows of a prompt consecutive (the layout of ``generate(num_return_sequences=G)``), and the ``[B·G, T]``
-    entropies of the tempered distributions (softmax(logits / temperature), before top-p) each token was drawn from.
+    the G rows of a prompt consecutive (the layout of ``generate(num_return_sequences=G)``), the ``[B·G, T]``
+    entropies of the tempered distributions (softmax(logits / temperature), before top-p) each token was drawn from,
+    and with ``with_logprobs`` the ``[B·G, T]`` log-probs of the drawn tokens under those distributions: the
+    sampler's own behaviour log-probs, in whatever precision it ran (None without).
 
     Each prompt is prefilled once and its KV cache repeated G times, then all B·G rows decode together;
     a row that has emitted EOS is padded with ``pad_token_id`` from then on, and decoding stops once every row
@@ -224,11 +226,13 @@ def sample_completions(model: torch.nn.Module, input_ids: Tensor, attention_mask
     mask = attention_mask.repeat_interleave(G, 0)
     next_position = position_ids[:, -1:].repeat_interleave(G, 0) + 1
     done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
-    tokens, entropies = [], []
+    tokens, entropies, logprobs = [], [], []
     for t in range(max_new_tokens):
         entropies.append(tempered_entropy(logits, temperature))
         token = _sample_token(logits, temperature, top_p).masked_fill(done, pad_token_id)
         tokens.append(token)
+        if with_logprobs:
+            logprobs.append(_logprobs_of_logits(logits, token, temperature, False)[0])
         done = done | (token == eos_token_id)
         if t + 1 == max_new_tokens or bool(done.all()):
             break
@@ -237,7 +241,7 @@ def sample_completions(model: torch.nn.Module, input_ids: Tensor, attention_mask
                        past_key_values=kv_cache, use_cache=True).logits[:, -1]
         next_position = next_position + 1
     seqs = torch.cat([input_ids.repeat_interleave(G, 0), torch.stack(tokens, dim=1)], dim=1)
-    return seqs, torch.stack(entropies, dim=1)
+    return seqs, torch.stack(entropies, dim=1), torch.stack(logprobs, dim=1) if with_logprobs else None
 
 
 def tempered_entropy(logits: Tensor, temperature: float) -> Tensor:
@@ -267,6 +271,11 @@ def _sample_token(logits: Tensor, temperature: float, top_p: float) -> Tensor:
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1).squeeze(-1)
+
+
+def logprobs_of_logits(logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    """log softmax(logits / temperature) at ``targets``: the log-probs of tokens drawn from those logits."""
+    return _logprobs_of_logits(logits, targets, temperature, False)[0]
 
 
 def rows_logprobs(model: torch.nn.Module, rows: Tensor, *, seqs: Tensor, attn: Tensor, n_completion: int,

@@ -132,7 +132,7 @@ class HarnessGRPOTrainer(GRPOTrainer):
                                           gather_deepspeed3_params=self.args.ds3_gather_for_generation,
                                           gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
               as unwrapped, torch.no_grad(), self._dist.summon_full_params(self.model_wrapped, recurse=False)):
-            seqs, entropy = sample_completions(unwrapped, ids, attention, num_generations=G,
+            seqs, entropy, _ = sample_completions(unwrapped, ids, attention, num_generations=G,
                                                max_new_tokens=self.max_completion_length, temperature=self.temperature,
                                                top_p=self.top_p, eos_token_id=eos, pad_token_id=pad)
         completion = seqs[:, width:]

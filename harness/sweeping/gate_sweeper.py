@@ -4,7 +4,8 @@
 ``conf/run.yaml`` and selects :class:`GateSweeperImpl` as the Hydra sweeper. The sweeper
 
 1. expands the cells (:mod:`harness.sweeping.grid`: smooth gates over the τ grid, ``clip`` once at its ε, times
-   seeds, times any comma-separated command-line overrides, plus the adaptive-τ cells and one baseline job),
+   seeds, times the staleness levels, times any comma-separated command-line overrides, plus the adaptive-τ cells
+   and one baseline job),
 2. composes and validates every cell's config before any compute starts,
 3. creates the MLflow store, the experiment and one parent run in the driver,
 4. hands the cells to the configured Hydra launcher (basic, joblib, submitit) in batches,
@@ -58,6 +59,8 @@ class GateSweeperConf:
     # explicit [[τ_pos, τ_neg], ...]: replaces the grid (typed loosely: OmegaConf refuses ints in nested float lists)
     tau_pairs: list[Any] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # Policy lags (train.staleness) that multiply the grid like seeds: [0] is the synchronous sweep (no override).
+    staleness: list[int] = field(default_factory=lambda: [0])
     axes: dict[str, list[Any]] = field(default_factory=dict)  # more axes: {config key: [values]}, e.g. gate.nu
     # Adaptive cells besides the grid: per smooth gate, target, seed, τ controlled toward the EUR target (starting at
     # the first τ of the grid / tau_pairs).
@@ -76,6 +79,8 @@ def gate_sweeper_settings(params: dict[str, Any]) -> GateSweeperConf:
         settings: GateSweeperConf = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ValueError(f"bad hydra.sweeper node: {exc}") from exc
+    if not settings.staleness or any(k < 0 for k in settings.staleness):
+        raise ValueError(f"hydra.sweeper.staleness must be a non-empty list of integers >= 0, got {settings.staleness}")
     if settings.tau_mode not in TAU_MODES:
         raise ValueError(f"hydra.sweeper.tau_mode must be one of {', '.join(TAU_MODES)}, got {settings.tau_mode!r}")
     return settings
@@ -93,6 +98,8 @@ class GateSweeperImpl(SweeperBase):
             cells += adaptive_overrides(p.gates, p.taus, p.seeds, p.eur_targets, tau_mode=p.tau_mode,
                                         tau_neg_scale=p.tau_neg_scale, tau_neg=p.tau_neg, tau_pairs=p.tau_pairs)
             axes = [[f"{key}={v}" for v in values] for key, values in p.axes.items()]
+            if p.staleness != [0]:
+                axes.append([f"train.staleness={k}" for k in p.staleness])
             extras = expand_arguments(arguments)
             for extra in extras:
                 check_gate_overrides(cells, extra)

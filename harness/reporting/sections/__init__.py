@@ -25,6 +25,7 @@ from harness.reporting.sections import (
     power,
     provenance,
     scorecard,
+    staleness,
     tau_sensitivity,
     training_curves,
     verdict,
@@ -50,4 +51,5 @@ SECTIONS: tuple[SectionBuilder, ...] = (
     power.power_section,  # (i)
     adaptive.adaptive_section,  # (j)
     provenance.provenance_section,  # (k)
+    staleness.staleness_section,  # (l), sweeps over train.staleness only
 )
