@@ -31,6 +31,14 @@ runs the default cell's native row for the working tree and for that git revisio
 same model, data and cache), alternately, ``--rounds`` times each in fresh processes, and prints both medians and
 their ratio (working tree / revision) with the ratio of each round.
 
+What stale rollouts cost (issue "Off-policy regimes": a stale run's step within 10% of a synchronous one):
+
+    python benchmarks/bench_trainer.py --staleness 2 [--rounds 4] [--steps 6]
+
+times the default cell's native row with ``train.staleness=0`` and with ``train.staleness=K``, alternately in one
+process, ``--rounds`` times each, and prints both medians, their ratio and the zero-variance share of each (it decides
+how many rows the passes skip, and the two runs' rollouts differ).
+
 GPU runs and other models (``benchmarks/gpu_check.py`` uses these; the defaults above are unchanged):
 
     python benchmarks/bench_trainer.py --device cuda [--no-bf16] [--model-shape qwen2.5-0.5b] [--max-new 128]
@@ -319,6 +327,25 @@ def against_revision(rev: str, rounds: int, steps: int, threads: int, cache_dir:
     return seconds
 
 
+def against_staleness(staleness: int, rounds: int, steps: int, threads: int, cache_dir: str) -> dict[str, list]:
+    """Seconds per rollout batch of the default cell's native row, synchronous and at ``train.staleness``, alternating
+    (the order flips every round), ``rounds`` each; printed with their medians and ratio."""
+    sides = {"synchronous": ("backend=native",), f"staleness {staleness}": ("backend=native",
+                                                                         f"train.staleness={staleness}")}
+    rows: dict[str, list[dict[str, float]]] = {label: [] for label in sides}
+    for k in range(rounds):
+        for label, overrides in (list(sides.items()) if k % 2 == 0 else list(sides.items())[::-1]):
+            rows[label].append(default_cell_row(steps, threads, cache_dir, *overrides))
+            print(f"round {k + 1} {label:14s} {rows[label][-1]['step']:6.3f} s/batch, zero-variance groups "
+                  f"{rows[label][-1]['zero_var']:.2f}", flush=True)
+    sync, stale = (statistics.median(r["step"] for r in rows[label]) for label in sides)
+    zero = {label: statistics.mean(r["zero_var"] for r in rows[label]) for label in sides}
+    print(f"default cell, native, {threads} threads, {steps} timed batches per run, {rounds} rounds: synchronous "
+          f"{sync:.3f} s/batch (zero-variance groups {zero['synchronous']:.2f}), staleness {staleness} {stale:.3f} "
+          f"s/batch ({zero[f'staleness {staleness}']:.2f}) (medians): {stale / sync:.3f}x (target <= 1.10x)")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     global PROMPTS, MAX_NEW, MICRO, DEVICE, BF16
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -339,10 +366,15 @@ def main(argv: list[str] | None = None) -> None:
                              "only them, or not (tiny model only)")
     parser.add_argument("--against", metavar="REV", default=None,
                         help="only the default cell's native row, working tree vs this git revision, alternately")
-    parser.add_argument("--rounds", type=int, default=6, help="runs of each side with --against")
+    parser.add_argument("--rounds", type=int, default=6, help="runs of each side with --against or --staleness")
+    parser.add_argument("--staleness", type=int, default=None, metavar="K",
+                        help="time the default cell synchronous and at train.staleness=K, side by side")
     args = parser.parse_args(argv)
     if args.against is not None:
         against_revision(args.against, args.rounds, args.steps, args.threads, args.cache_dir)
+        return
+    if args.staleness is not None:
+        against_staleness(args.staleness, args.rounds, args.steps, args.threads, args.cache_dir)
         return
     PROMPTS, MAX_NEW, MICRO, DEVICE, BF16 = args.prompts, args.max_new, args.micro, args.device, not args.no_bf16
     import torch

@@ -56,4 +56,5 @@ if __name__ == "__main__":
                             text=True).stdout.strip()
     snap = run(OVERRIDES, str(REPO / ".cache" / "test"))
     SNAPSHOT.write_text(json.dumps({"commit": commit, **snap}, indent=1) + "\n")
-    print(f"wrote {SNAPSHOT.relative_to(REPO)} ({len(snap['history'])} steps, weights {snap['weights']['sha256'][:12]})")
+    sha = snap["weights"]["sha256"][:12]
+    print(f"wrote {SNAPSHOT.relative_to(REPO)} ({len(snap['history'])} steps, weights {sha})")

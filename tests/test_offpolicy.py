@@ -122,7 +122,7 @@ def test_killed_and_resumed_stale_run_matches_uninterrupted(stale_run, tmp_path,
         if step == 3:
             raise Killed  # after step 3's metrics, before its checkpoint: resumes from step 2 with 2 batches queued
 
-    cfg, uninterrupted = stale_run
+    _, uninterrupted = stale_run
     again = _cfg(tmp_path, cache_dir, "train.steps=4", "train.staleness=2", "train.save_every=1",
                  "train.keep_checkpoints=null")
     with pytest.raises(Killed):
@@ -268,7 +268,7 @@ def _trl_weights(prox, behaviour, mask, trl_mode, cap, cap_low):
                               vllm_importance_sampling_clip_min=cap_low)
     scope = {"self": trainer, "torch": torch, "math": math, "completion_mask": mask.long(), "tool_mask": None,
              "old_per_token_logps": prox, "sampling_per_token_logps": behaviour}
-    exec(compile(block, "trl.GRPOTrainer._generate_and_score_completions", "exec"), scope)  # noqa: S102
+    exec(compile(block, "trl.GRPOTrainer._generate_and_score_completions", "exec"), scope)
     return scope["vllm_importance_sampling_ratio"].expand_as(prox)
 
 
