@@ -534,3 +534,56 @@ def test_the_verdict_and_power_sections_read_one_set_of_comparisons(store, tmp_p
     rows = power.power_section(data).record["power"]
     assert [(r["benchmark"], r["gate_a"], r["gate_b"]) for r in rows] == [
         (r["benchmark"], r["gate_a"], r["gate_b"]) for r in data.verdict["family"]]
+
+
+def test_stability_under_staleness_section(tmp_path):
+    """Section (l) on a sweep over train.staleness: one row per configuration and lag, numbers equal to what MLflow
+    holds, and each configuration's frontier in one sentence (clip collapses in 2 of 3 seeds at lag 4)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rng = np.random.default_rng(3)
+    exp = tracking.open_store(_cfg("sigmoid", 10.0, 0, uri, "stale", tmp_path).tracking)
+    parent = tracking.start_parent(exp, name="sweep-stale", tags={"sweep": "offpolicy"})
+    steps, logged = 30, {}
+    for gate, tau in (("sigmoid", 10.0), ("clip", None)):
+        for lag in (0, 2, 4):
+            for seed in (0, 1, 2):
+                cfg = _cfg(gate, tau, seed, uri, "stale", tmp_path / f"{gate}-{lag}-{seed}",
+                           extra=[f"train.staleness={lag}"])
+                collapses = gate == "clip" and lag == 4 and seed < 2
+                with _open(cfg, exp, parent, f"{gate}-lag{lag}-s{seed}") as run:
+                    devs = []
+                    for step in range(1, steps + 1):
+                        m = _train_metrics(step, gate, rng)
+                        m["reward"] = 1.2 + 0.02 * rng.standard_normal() - (0.9 if collapses and step > 18 else 0)
+                        m["it1/abs_ratio_dev"] = 0.01 + 0.02 * lag + 0.001 * rng.random()
+                        m["policy_lag"] = float(min(step - 1, lag))
+                        devs.append(m["it1/abs_ratio_dev"])
+                        run.log_step(step, m)
+                    recs = _records("arith", 0.5, rng)
+                    write_jsonl(tmp_path / f"{gate}-{lag}-{seed}" / "eval" / "samples" / "arith.jsonl", recs)
+                    ev = {"benchmarks": {"arith": benchmark_metrics(recs, BENCHES["arith"][1], n_boot=100)},
+                          "out_dir": str(tmp_path / f"{gate}-{lag}-{seed}" / "eval")}
+                    summary = {"train": {}, "eval": ev}
+                    run.log_cell(summary, tmp_path / f"{gate}-{lag}-{seed}")
+                    run.set_tags(summary_tags(summary))
+                    logged[(gate, lag, seed)] = float(np.mean(devs))
+    tracking.end_parent(exp, parent, {"cells": 18, "finished": 18})
+    out = tmp_path / "r"
+    html = reporting.write_report("stale", tracking_uri=uri, out_dir=out, log_to_mlflow=False).read_text()
+    rep = json.loads((out / "report.json").read_text())["staleness"]
+    assert "<h2>(l) Stability under staleness" in html and (out / "fig_staleness.png").exists()
+    levels = {(lv["gate"], lv["staleness"]): lv for lv in rep["levels"]}
+    assert set(levels) == {(g, k) for g in ("sigmoid", "clip") for k in (0, 2, 4)}
+    for (gate, lag), lv in levels.items():
+        assert lv["first_pass_abs_ratio_dev"]["mean"] == pytest.approx(np.mean([logged[(gate, lag, s)]
+                                                                               for s in range(3)]))
+        assert lv["policy_lag_mean"] == pytest.approx(np.mean([min(s, lag) for s in range(steps)]))
+        assert lv["seeds_collapsed"] == (2 if (gate, lag) == ("clip", 4) else 0)
+        assert lv["accuracy"]["arith"]["n_seeds"] == 3
+        assert lv["configuration"] in ("sigmoid τ=10/10.5", "clip ε=0.2/0.2")
+    frontiers = {f["gate"]: f for f in rep["frontiers"]}
+    assert frontiers["sigmoid"]["stable_up_to"] == 4 and frontiers["sigmoid"]["first_collapse"] is None
+    assert frontiers["clip"]["stable_up_to"] == 2 and frontiers["clip"]["first_collapse"]["seeds_collapsed"] == 2
+    assert frontiers["clip"]["collapse_probability_bound"] == pytest.approx(1 - 0.05 ** (1 / 3))
+    assert "sigmoid τ=10/10.5: no collapse in any seed up to staleness 4, the largest tried" in html
+    assert "clip ε=0.2/0.2: no collapse in any seed up to staleness 2; at staleness 4 2 of 3 seeds collapsed" in html

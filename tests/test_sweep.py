@@ -408,3 +408,43 @@ def test_a_sweep_wide_gate_override_reaches_the_gates_that_have_the_key():
     check_gate_overrides(cells, ["gate.eps_low=0.1"])
     with pytest.raises(ConfigError, match=r"gate.eps_low is a key of none of the sweep's gates \(sigmoid\)"):
         check_gate_overrides(cell_overrides(["sigmoid"], [2.0], [0]), ["gate.eps_low=0.1"])
+
+
+def test_offpolicy_sweep_composes_every_gate_at_two_lags():
+    cfg = compose_sweep("offpolicy", [], hydra_config=True)
+    sw = cfg.hydra.sweeper
+    assert list(sw.gates) == ["sigmoid", "erf", "arctan", "softsign", "clip"] and list(sw.staleness) == [0, 4]
+    assert list(sw.seeds) == [0, 1, 2] and cfg.tracking.experiment == "offpolicy"
+    cell = ["gate=erf", "seed=1", "gate.tau_pos=10.0", "gate.tau_neg=12.0", "output_dir=/tmp/cell"]  # as the sweeper
+    stale = compose_sweep("offpolicy", [*cell, "train.staleness=4"])
+    validate_cell(stale)
+    assert cell_name(stale) == "erf-t10-12-lag4-s1"
+    # a synchronous cell of this sweep is the default sweep's cell: same hash, so a finished one is reused
+    sync = config_hash(compose_sweep("offpolicy", cell))
+    assert sync == config_hash(compose_sweep("gates", cell)) != config_hash(stale)
+
+
+def test_bad_staleness_axis_fails_before_any_cell(tmp_path, cache_dir):
+    out = _harness(["offpolicy", "hydra.sweeper.staleness=[0,-1]", *TINY], tmp_path, cache_dir)
+    assert out.returncode == 2 and "hydra.sweeper.staleness must be a non-empty list of integers >= 0" in out.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_offpolicy_sweep_runs_each_lag_and_reports_the_frontier(tmp_path, cache_dir):
+    import json
+
+    out = _harness(["offpolicy", "hydra.sweeper.gates=[sigmoid,clip]", "hydra.sweeper.staleness=[0,2]",
+                    "hydra.sweeper.seeds=[0]", "hydra.sweeper.baseline=false", *TINY, "train.steps=3"],
+                   tmp_path, cache_dir)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "4 cells — 4 finished, 0 skipped, 0 failed" in out.stdout
+    cells = [r for r in _runs(tmp_path, "offpolicy") if "config_hash" in r.data.tags]
+    assert sorted((r.data.tags["gate"], r.data.tags["staleness"]) for r in cells) == [
+        ("clip", "0"), ("clip", "2"), ("sigmoid", "0"), ("sigmoid", "2")]
+    report = json.loads((tmp_path / "reports" / "offpolicy" / "report.json").read_text())["staleness"]
+    assert sorted((lv["gate"], lv["staleness"]) for lv in report["levels"]) == [
+        ("clip", 0), ("clip", 2), ("sigmoid", 0), ("sigmoid", 2)]
+    assert {f["gate"] for f in report["frontiers"]} == {"sigmoid", "clip"}
+    html = (tmp_path / "reports" / "offpolicy" / "report.html").read_text()
+    assert "(l) Stability under staleness" in html and "the largest tried" in html
