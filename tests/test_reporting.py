@@ -570,7 +570,11 @@ def test_stability_under_staleness_section(tmp_path):
     tracking.end_parent(exp, parent, {"cells": 18, "finished": 18})
     out = tmp_path / "r"
     html = reporting.write_report("stale", tracking_uri=uri, out_dir=out, log_to_mlflow=False).read_text()
-    rep = json.loads((out / "report.json").read_text())["staleness"]
+    full = json.loads((out / "report.json").read_text())
+    rep = full["staleness"]
+    # the verdict compares the gates within each lag, never one gate's lag-0 cells with another's lag-4 cells
+    assert [v["benchmark"] for v in full["verdict"]] == [f"arith at staleness {k}" for k in (0, 2, 4)]
+    assert "<b>arith at staleness 4</b>: no difference between gates" in html
     assert "<h2>(l) Stability under staleness" in html and (out / "fig_staleness.png").exists()
     levels = {(lv["gate"], lv["staleness"]): lv for lv in rep["levels"]}
     assert set(levels) == {(g, k) for g in ("sigmoid", "clip") for k in (0, 2, 4)}

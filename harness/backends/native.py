@@ -23,6 +23,12 @@ One rollout batch per step, read top to bottom in :func:`train`:
    behaviour weights and at the weights their mini-batch's update saw; none where those are the behaviour weights
    (the first optimizer step on the batch: r = 1, f'(1) = 1), none at all with one optimizer step per batch.
 
+Off-policy regimes (docs/off-policy.md): with ``train.staleness`` k > 0 the rollouts of step s come from a queue
+filled k steps ahead (:class:`RolloutBatch`, drawn by the weights of step s − k and saved in checkpoints), and with
+``train.rollout_dtype`` they are sampled in another precision. Then the sampler's own log-probs are the behaviour
+policy π_b: the gate sees π_θ/π_b (``train.loss.off_policy.mode=none``), or π_θ/π_old with the importance weights
+π_old/π_b of a correction, π_old taken as in step 5.
+
 The loss is :func:`harness.objective.policy_loss` — the same function every backend calls. The sampler and the
 per-token log-probs live in :mod:`harness.backends.sampling`, checkpoints in :mod:`harness.backends.checkpoints`,
 and every metric name in :mod:`harness.keys`.

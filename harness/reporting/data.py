@@ -80,6 +80,12 @@ class Group:
     def is_baseline(self) -> bool:
         return self.gate == BASELINE
 
+    @property
+    def staleness(self) -> int:
+        """The policy lag its rollouts ran at (``train.staleness``; 0 for runs logged before the tag existed)."""
+        value = float_or_none(self.runs.iloc[0].get(f"tags.{K.TAG_STALENESS}")) if not self.runs.empty else None
+        return int(value or 0)
+
 
 def runs_frame(runs: Sequence[Any]) -> pd.DataFrame:
     """MLflow runs as one row each: ``run_id``, ``status``, ``start_time`` and ``metrics.<key>`` (latest value),
@@ -362,13 +368,25 @@ class ExperimentData:
                 "seed_variance_included": row["ranked"], **row}
 
     @cached_property
+    def verdict_strata(self) -> dict[str, tuple[str, int | None]]:
+        """What the verdict compares the gates within, by name: each benchmark; with configurations at several policy
+        lags (``train.staleness``), each benchmark at each lag (``arith at staleness 4``), so a gate's configuration
+        is chosen among, and compared with, configurations that ran at the same lag."""
+        lags = sorted({g.staleness for g in self.trained})
+        if len(lags) < 2:
+            return {b: (b, None) for b in self.benchmarks}
+        return {f"{b} at staleness {k}": (b, k) for b in self.benchmarks for k in lags}
+
+    @cached_property
     def verdict(self) -> dict[str, Any]:
-        """:func:`harness.verdict.gate_verdict` over every benchmark with per-sample records (pooled benchmarks
-        reported, not tested). Computed once; the verdict, the power section, table (d) and ``harness report
-        --power`` read it."""
-        arms = {b: [a for g in self.trained if (a := self.arm(g, b)) is not None] for b in self.benchmarks}
-        arms = {b: v for b, v in arms.items() if v}
-        return gate_verdict(arms, tested=[b for b in arms if b not in POOLED_BENCHMARKS])
+        """:func:`harness.verdict.gate_verdict` over every stratum (:attr:`verdict_strata`) with per-sample records
+        (pooled benchmarks reported, not tested). Computed once; the verdict, the power section, table (d) and
+        ``harness report --power`` read it."""
+        arms = {name: [a for g in self.trained if lag in (None, g.staleness) and (a := self.arm(g, bench)) is not None]
+                for name, (bench, lag) in self.verdict_strata.items()}
+        arms = {name: v for name, v in arms.items() if v}
+        return gate_verdict(arms, tested=[name for name in arms
+                                          if self.verdict_strata[name][0] not in POOLED_BENCHMARKS])
 
     @cached_property
     def verdict_comparisons(self) -> list[dict[str, Any]]:

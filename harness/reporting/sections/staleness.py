@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from harness import keys as K
-from harness.reporting.data import ExperimentData, Group, float_or_none
+from harness.reporting.data import ExperimentData, Group
 from harness.reporting.figures import gate_color, png, pyplot
 from harness.reporting.render import Figure, Section, Table
 from harness.reporting.sections.scorecard import group_scorecard
@@ -22,12 +22,6 @@ from harness.stability import over_seeds
 
 STALENESS_PARAM = "train.staleness"
 ALPHA = 0.05  # one-sided level of the collapse-probability bound
-
-
-def staleness(g: Group) -> int:
-    """A group's policy lag (its runs' staleness tag; 0 for runs logged before the tag existed)."""
-    value = float_or_none(g.runs.iloc[0].get(f"tags.{K.TAG_STALENESS}")) if not g.runs.empty else None
-    return int(value or 0)
 
 
 def base_key(g: Group) -> str:
@@ -65,7 +59,7 @@ def level_summary(data: ExperimentData, g: Group) -> dict[str, Any]:
     collapses = [r["collapse_events"] for r in card["per_run"]]
     positive = (0.0, math.inf)
     return {
-        "group": g.label, "configuration": base_label(g), "gate": g.gate, "staleness": staleness(g),
+        "group": g.label, "configuration": base_label(g), "gate": g.gate, "staleness": g.staleness,
         "run_ids": g.run_ids, "n_seeds": len(g.runs),
         "accuracy": {b: data.group_accuracy(g, b) for b in data.benchmarks},
         "eur_mean": card["metrics"]["eur_mean"], "entropy_change": card["metrics"]["entropy_change"],
@@ -118,7 +112,7 @@ def staleness_section(data: ExperimentData) -> Section:
     """Stability under staleness (module docstring)."""
     sec = Section("(l) Stability under staleness")
     groups = [g for g in data.trained if not g.runs.empty]
-    lags = sorted({staleness(g) for g in groups})
+    lags = sorted({g.staleness for g in groups})
     sec.record["staleness"] = {"levels": [], "frontiers": []}
     if len(lags) < 2:
         sec.notes.append("Every configuration ran at one policy lag (train.staleness): see sweeps/offpolicy.yaml for "
@@ -160,7 +154,7 @@ def staleness_section(data: ExperimentData) -> Section:
     sec.paragraphs.append(
         "A frontier is a count of collapse-free seeds, not a probability: two configurations whose frontiers differ "
         "by one level with a handful of seeds each are not shown to differ. The accuracy columns compare nothing; "
-        "the verdict above is the test between configurations.")
+        "the verdict above tests the gates against each other at each staleness level separately.")
     sec.figures.append(Figure("fig_staleness.png", png(_figure(lines, benches)),
                               "Each configuration over staleness: mean over seeds with its seed-level 95% interval "
                               "(accuracy: the two-stage interval)."))

@@ -31,7 +31,7 @@ def verdict(data: ExperimentData) -> Section:
         return sec
     v = data.verdict
     sec.record["comparisons"] = data.verdict_comparisons
-    for bench in data.benchmarks:
+    for bench in data.verdict_strata:
         info = v["benchmarks"].get(bench)
         if info is None:
             sec.paragraphs.append(f"**{bench}**: no per-sample records, so no comparison.")
