@@ -93,6 +93,17 @@ def loss_kwargs(cfg: Any) -> dict[str, Any]:
                 is_level=op.level, is_cap=op.cap, is_cap_low=op.cap_low)
 
 
+def raw_importance_weights(prox_logp: Tensor, behaviour_logp: Tensor, mask: Tensor, level: str = "token",
+                           log_ratio_clip: float = 20.0) -> Tensor:
+    """π_prox/π_b before any cap (:func:`importance_weights`' first step): per token, or the product over the
+    sequence's masked tokens, from log-ratios clamped to ±``log_ratio_clip``; 1 on padding. No gradient."""
+    with torch.no_grad():
+        log_w = torch.where(mask.bool(), prox_logp.detach() - behaviour_logp.detach(), 0.0)
+        if level == "sequence":
+            log_w = log_w.sum(-1, keepdim=True).expand_as(log_w)
+        return torch.exp(log_w.clamp(-log_ratio_clip, log_ratio_clip))
+
+
 def importance_weights(prox_logp: Tensor, behaviour_logp: Tensor, mask: Tensor, *, mode: str, level: str = "token",
                        cap: float = 2.0, cap_low: float | None = None, log_ratio_clip: float = 20.0) -> Tensor:
     r"""The behaviour weights of an off-policy correction (module docstring), (B, T), no gradient, 0 on padding.
@@ -110,10 +121,7 @@ def importance_weights(prox_logp: Tensor, behaviour_logp: Tensor, mask: Tensor, 
         raise ValueError(f"train.loss.off_policy.level must be one of {allowed} for mode={mode}, got {level!r}")
     mask = mask.bool()
     with torch.no_grad():
-        log_w = torch.where(mask, prox_logp.detach() - behaviour_logp.detach(), 0.0)
-        if level == "sequence":
-            log_w = log_w.sum(-1, keepdim=True).expand_as(log_w)
-        w = torch.exp(log_w.clamp(-log_ratio_clip, log_ratio_clip))
+        w = raw_importance_weights(prox_logp, behaviour_logp, mask, level, log_ratio_clip)
         if mode == "tis":
             w = w.clamp(min=cap_low, max=cap)
         else:
@@ -256,10 +264,7 @@ def policy_loss(
 def _is_diagnostics(applied: Tensor, prox_logp: Tensor, behaviour_logp: Tensor, sel: Tensor, level: str,
                     log_ratio_clip: float) -> dict[str, float]:
     """The applied weights' mean, the Kish ESS fraction of the raw weights, and the share the cap changed."""
-    log_w = torch.where(sel, prox_logp.detach() - behaviour_logp.detach(), 0.0)
-    if level == "sequence":
-        log_w = log_w.sum(-1, keepdim=True).expand_as(log_w)
-    raw = torch.exp(log_w.clamp(-log_ratio_clip, log_ratio_clip))[sel].double()
+    raw = raw_importance_weights(prox_logp, behaviour_logp, sel, level, log_ratio_clip)[sel].double()
     return {IS_WEIGHT: float(applied[sel].double().mean()), IS_ESS: kish_ess(raw),
             IS_CAPPED_FRAC: float((applied[sel].double() != raw).double().mean())}
 

@@ -329,7 +329,6 @@ SCHEMAS: dict[tuple[str, str], type] = {
 }
 
 
-@functools.cache
 def gate_option_exists(option: str) -> bool:
     """Whether ``gate=<option>`` names a yaml in ``conf/gate``."""
     from harness.config import CONF_DIR
@@ -337,6 +336,7 @@ def gate_option_exists(option: str) -> bool:
     return (CONF_DIR / "gate" / f"{option}.yaml").is_file()
 
 
+@functools.cache
 def gate_schema(option: str) -> type:
     """The schema that ``conf/gate/<option>.yaml`` extends (the first entry of its defaults list), read from the
     yaml so that the option file stays the one place that says it."""

@@ -38,6 +38,18 @@ def weights_digest(checkpoint: Path) -> dict:
     return {"sha256": sha.hexdigest(), "sums": sums}
 
 
+def machine() -> dict:
+    """What the recorded numbers depend on beyond the code: torch's build and the CPU's vector instructions (another
+    CPU rounds the same float sums differently, and a sampled token can flip)."""
+    import platform
+
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu}
+
+
 def run(overrides: list[str], cache_dir: str) -> dict:
     sys.path.insert(0, str(REPO))
     from harness.backends.native import train
@@ -55,6 +67,6 @@ if __name__ == "__main__":
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     snap = run(OVERRIDES, str(REPO / ".cache" / "test"))
-    SNAPSHOT.write_text(json.dumps({"commit": commit, **snap}, indent=1) + "\n")
+    SNAPSHOT.write_text(json.dumps({"commit": commit, "machine": machine(), **snap}, indent=1) + "\n")
     sha = snap["weights"]["sha256"][:12]
     print(f"wrote {SNAPSHOT.relative_to(REPO)} ({len(snap['history'])} steps, weights {sha})")

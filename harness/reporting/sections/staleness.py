@@ -1,7 +1,8 @@
 """Report section (l): stability under staleness. Per configuration (gate and τ) across the policy lags it ran at
 (``train.staleness``, ``hydra.sweeper.staleness``): held-out accuracy, mean EUR, the first pass's ratio tails, entropy
 change and collapse events, each with a seed-level interval; a figure with one line per configuration over
-staleness; and each configuration's stability frontier, the largest lag up to which no seed collapsed."""
+staleness; and each configuration's stability frontier, the largest lag up to which no seed collapsed (one sentence
+per distinct frontier, naming its configurations)."""
 
 from __future__ import annotations
 
@@ -91,21 +92,30 @@ def frontier(levels: list[dict[str, Any]]) -> dict[str, Any]:
             "n_seeds_at_frontier": None if stable is None else stable["n_seeds"]}
 
 
-def frontier_sentence(f: dict[str, Any]) -> str:
-    """One sentence per configuration: how far it stayed collapse-free, and what its seeds leave open."""
-    name = f["configuration"]
+def frontier_text(f: dict[str, Any]) -> str:
+    """What a configuration's frontier says: how far it stayed collapse-free, and what its seeds leave open."""
     fc = f["first_collapse"]
     if f["stable_up_to"] is None:
-        return (f"{name} collapsed already at staleness {fc['staleness']} ({fc['seeds_collapsed']} of "
+        return (f"collapsed already at staleness {fc['staleness']} ({fc['seeds_collapsed']} of "
                 f"{plural(fc['n_seeds'], 'seed')}).")
     bound = (f"{f['n_seeds_at_frontier']} collapse-free {'seed' if f['n_seeds_at_frontier'] == 1 else 'seeds'} "
              f"still allow a per-run collapse probability up to {f['collapse_probability_bound']:.0%} there (95% "
              "bound)")
     if fc is None:
-        return (f"{name}: no collapse in any seed up to staleness {f['stable_up_to']}, the largest tried; {bound}, "
-                "and where it would first collapse is beyond the sweep.")
-    return (f"{name}: no collapse in any seed up to staleness {f['stable_up_to']}; at staleness {fc['staleness']} "
+        return (f"no collapse in any seed up to staleness {f['stable_up_to']}, the largest tried; {bound}, and where "
+                "it would first collapse is beyond the sweep.")
+    return (f"no collapse in any seed up to staleness {f['stable_up_to']}; at staleness {fc['staleness']} "
             f"{fc['seeds_collapsed']} of {plural(fc['n_seeds'], 'seed')} collapsed; {bound}.")
+
+
+def frontier_sentences(frontiers: list[dict[str, Any]]) -> list[str]:
+    """One sentence per distinct frontier, naming every configuration it holds for (five configurations with the
+    same frontier get one sentence, not five identical ones)."""
+    by_text: dict[str, list[str]] = {}
+    for f in frontiers:
+        by_text.setdefault(frontier_text(f), []).append(f["configuration"])
+    return [f"{', '.join(names[:-1]) + ' and ' + names[-1] if len(names) > 1 else names[0]}: {text}"
+            for text, names in by_text.items()]
 
 
 def staleness_section(data: ExperimentData) -> Section:
@@ -150,7 +160,7 @@ def staleness_section(data: ExperimentData) -> Section:
         "Rollouts drawn k steps before the step that trains on them (an asynchronous rollout worker k batches "
         "ahead) reach the gate with ratios far from 1 from the first update on. Each configuration's stability "
         "frontier is the largest staleness up to which none of its seeds had a collapse event:")
-    sec.paragraphs.extend(frontier_sentence(f) for f in frontiers)
+    sec.paragraphs.extend(frontier_sentences(frontiers))
     sec.paragraphs.append(
         "A frontier is a count of collapse-free seeds, not a probability: two configurations whose frontiers differ "
         "by one level with a handful of seeds each are not shown to differ. The accuracy columns compare nothing; "
