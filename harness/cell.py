@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness import keys as K
 from harness.backends import StepCallback, get_backend
 from harness.config import config_errors, to_plain
+from harness.gates import gate_params, has_temperature
 
 ROLES = ("cell", "baseline")
 EVAL_SEED_STRIDE = 1_000_003  # more samples than any benchmark has (1319 problems x k)
@@ -90,6 +91,10 @@ def cell_name_sync(cfg: DictConfig) -> str:
     gate = str(g.name).split(":")[-1]
     if g.name == "clip":
         return f"clip-e{g.eps_low:g}-{g.eps_high:g}-s{cfg.seed}"
+    if not has_temperature(str(g.name)):
+        eps = f"-e{g.eps_low:g}-{g.eps_high:g}" if "eps_low" in g else ""
+        own = "".join(f"-{key}{float(value):g}" for key, value in gate_params(g).items())
+        return f"{gate}{eps}{own}-s{cfg.seed}"
     nu = f"-nu{g.nu:g}" if g.get("nu") is not None else ""
     sched = str(g.get("tau_schedule", "constant") or "constant")
     if sched == "eur_target":
@@ -110,13 +115,15 @@ def cell_tags(cfg: DictConfig, chash: str) -> dict[str, str]:
     """The tags of a cell's MLflow run (the names are :mod:`harness.keys`' ``TAG_*``), provenance included."""
     from harness.provenance import provenance_tags
 
-    smooth = cfg.gate.name != "clip" and not is_baseline(cfg)
+    smooth = has_temperature(str(cfg.gate.name)) and not is_baseline(cfg)
     return {
         K.TAG_GATE: BASELINE_GATE if is_baseline(cfg) else str(cfg.gate.name),
         K.TAG_TAU_POS: str(cfg.gate.tau_pos) if smooth else "",
         K.TAG_TAU_NEG: str(cfg.gate.tau_neg) if smooth else "",
-        K.TAG_EPS_LOW: "" if smooth or is_baseline(cfg) else str(cfg.gate.eps_low),
-        K.TAG_EPS_HIGH: "" if smooth or is_baseline(cfg) else str(cfg.gate.eps_high),
+        K.TAG_EPS_LOW: "" if smooth or is_baseline(cfg) else str(cfg.gate.get("eps_low", "")),
+        K.TAG_EPS_HIGH: "" if smooth or is_baseline(cfg) else str(cfg.gate.get("eps_high", "")),
+        K.TAG_GATE_PARAMS: "" if is_baseline(cfg) else " ".join(f"{k}={float(v):g}"
+                                                               for k, v in gate_params(cfg.gate).items()),
         K.TAG_WIDTH: str(cfg.gate.width) if smooth else "",
         K.TAG_NU: "" if cfg.gate.get("nu") is None or is_baseline(cfg) else str(cfg.gate.nu),
         K.TAG_TAU_SCHEDULE: "" if is_baseline(cfg) else str(cfg.gate.get("tau_schedule", "constant") or "constant"),

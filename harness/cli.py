@@ -242,6 +242,14 @@ def gates_main(argv: list[str]) -> int:
         for spec in specs:
             if spec == G.STUDENT:
                 out += [(f"{spec} nu={nu:g}", G.student_gate(nu)) for nu in args.nu]
+            elif spec in G.RATIO_CONTROL:  # at the values of its conf/gate option
+                from omegaconf import OmegaConf
+
+                from harness.config import CONF_DIR
+
+                node = OmegaConf.load(CONF_DIR / "gate" / f"{spec}.yaml")
+                out.append((spec, G.get_gate(spec, eps_low=node.get("eps_low", 0.2), eps_high=node.get("eps_high", 0.2),
+                                             params=G.gate_params(node))))
             else:
                 out.append((spec, G.get_gate(spec)))
         return out
@@ -259,6 +267,9 @@ def gates_main(argv: list[str]) -> int:
     if args.cmd == "check":
         failed = 0
         for spec, gate in named:
+            if getattr(gate, "weight_x", None) is None:
+                print(f"{spec}: not checked: {gate.not_elementwise}, so properties (i)-(iv) of f'(r) do not apply")
+                continue
             results = G.check_admissible(gate)
             ok = all(r.passed for r in results)
             failed += not ok

@@ -70,6 +70,7 @@ import torch
 from torch import Tensor
 
 from harness.config import ConfigError, import_object
+from harness.methods import METHOD_KEYS, METHODS, RatioMethod, make_method
 
 BaseFn = Callable[[Tensor], Tensor]
 log = logging.getLogger(__name__)
@@ -123,30 +124,45 @@ class SmoothGate:
 
 @dataclass(frozen=True)
 class ClipGate:
-    """GRPO/PPO hard clipping: surrogate min(rA, clip(r, 1 − ε_low, 1 + ε_high)·A).
+    r"""GRPO/PPO hard clipping: surrogate min(rA, clip(r, 1 − ε_low, 1 + ε_high)·A).
 
     Gradient weight: 1 where the unclipped term rA is the active branch of the min, else 0.
     Temperatures are ignored.
+
+    Dual-clip (``clip_c``, arXiv 1912.09729; verl's ``clip_ratio_c``, on by default at 3.0 in its ``vanilla`` loss;
+    TRL's ``delta``, INTELLECT-2's two-sided clip): for A < 0 the surrogate is also bounded below,
+    :math:`\max(\min(rA, \mathrm{clip}(r)A),\ cA)`, so a negative-advantage token whose ratio has run past c
+    stops pushing (weight 0 there too).
     """
 
     eps_low: float = 0.2
     eps_high: float = 0.2
     name: str = "clip"
     hwhm: float | None = None
+    clip_c: float | None = None
 
     def __post_init__(self) -> None:
         for key, eps in (("eps_low", self.eps_low), ("eps_high", self.eps_high)):
             if not (isinstance(eps, int | float) and math.isfinite(eps) and eps >= 0):
                 raise ValueError(f"gate.{key} must be a finite number >= 0, got {eps!r}")
+        c = self.clip_c
+        if c is not None and not (isinstance(c, int | float) and math.isfinite(c) and c > 1):
+            raise ValueError(f"gate.clip_c must be a finite number > 1 (the dual-clip bound on r for A < 0), got {c!r}")
 
     def surrogate(self, ratio: Tensor, advantages: Tensor, tau: Tensor | None = None) -> Tensor:
         clipped = torch.clamp(ratio, 1.0 - self.eps_low, 1.0 + self.eps_high)
-        return torch.minimum(ratio * advantages, clipped * advantages)
+        out = torch.minimum(ratio * advantages, clipped * advantages)
+        if self.clip_c is not None:
+            out = torch.where(advantages < 0, torch.maximum(out, self.clip_c * advantages), out)
+        return out
 
     def clipped(self, ratio: Tensor, advantages: Tensor) -> Tensor:
         """Boolean mask of tokens whose gradient the clip removes."""
         pos = advantages > 0
-        return torch.where(pos, ratio > 1.0 + self.eps_high, ratio < 1.0 - self.eps_low)
+        low = ratio < 1.0 - self.eps_low
+        if self.clip_c is not None:
+            low = low | (ratio > self.clip_c)
+        return torch.where(pos, ratio > 1.0 + self.eps_high, low)
 
     def weight(self, ratio: Tensor, advantages: Tensor, tau: Tensor | None = None) -> Tensor:
         return (~self.clipped(ratio, advantages)).to(ratio.dtype)
@@ -162,7 +178,7 @@ class ClipGate:
         return self.surrogate(ratio, adv) * float(sign)
 
 
-Gate = SmoothGate | ClipGate
+Gate = SmoothGate | ClipGate | RatioMethod
 
 # ----------------------------------------------------------------------------- built-ins
 
@@ -225,8 +241,20 @@ STUDENT = "student"  # the Student-t family, one gate per tail index gate.nu
 NU_MIN, NU_MAX = 1.0, 1e6
 
 
+DUAL_CLIP = "dual_clip"
+DUAL_CLIP_C = 3.0  # verl's clip_ratio_c default
+# The names without a temperature: clip, dual-clip and the methods of harness.methods.
+RATIO_CONTROL: tuple[str, ...] = ("clip", DUAL_CLIP, *METHODS)
+
+
 def known_gates() -> tuple[str, ...]:
-    return (*_BUILTIN, STUDENT, "clip")
+    return (*_BUILTIN, STUDENT, *RATIO_CONTROL)
+
+
+def has_temperature(name: str) -> bool:
+    """Whether gate ``name`` is a smooth gate (τ_pos/τ_neg apply): every name but clip, dual-clip and the
+    methods of :mod:`harness.methods`; an import path is a smooth gate."""
+    return name not in RATIO_CONTROL
 
 
 # ----------------------------------------------------------------------------- the Student-t family
@@ -296,15 +324,16 @@ def student_gate(nu: float) -> SmoothGate:
 
 
 def get_gate(spec: str | Mapping[str, Any] | Gate, *, eps_low: float = 0.2, eps_high: float = 0.2,
-             nu: float | None = None) -> Gate:
+             nu: float | None = None, params: Mapping[str, Any] | None = None) -> Gate:
     """Resolve a gate from a name, an import path ``"pkg.mod:attr"``, a Hydra ``_target_`` mapping
-    or a gate object. ``nu`` is the tail index of the ``student`` family. Raises ``ValueError`` naming the known
-    gates for anything else."""
+    or a gate object. ``nu`` is the tail index of the ``student`` family; ``params`` the own keys of dual-clip
+    (``clip_c``) and of the methods of :mod:`harness.methods`. Raises ``ValueError`` naming the known gates for
+    anything else."""
     if spec == STUDENT:
         if nu is None:
             raise ValueError(f"gate {STUDENT!r} needs its tail index gate.nu (a number >= {NU_MIN:g})")
         return student_gate(float(nu) if isinstance(nu, int | float) and not isinstance(nu, bool) else nu)
-    if isinstance(spec, SmoothGate | ClipGate):
+    if isinstance(spec, SmoothGate | ClipGate | RatioMethod):
         return spec
     if isinstance(spec, Mapping):
         if "_target_" not in spec:
@@ -316,6 +345,11 @@ def get_gate(spec: str | Mapping[str, Any] | Gate, *, eps_low: float = 0.2, eps_
         raise ValueError(f"gate must be a name or 'module:attr' path, got {spec!r}")
     if spec == "clip":
         return ClipGate(eps_low=eps_low, eps_high=eps_high)
+    if spec == DUAL_CLIP:
+        c = (params or {}).get("clip_c", DUAL_CLIP_C)
+        return ClipGate(eps_low=eps_low, eps_high=eps_high, name=DUAL_CLIP, clip_c=c)
+    if spec in METHODS:
+        return make_method(spec, eps_low=eps_low, eps_high=eps_high, params=params)
     if spec in _BUILTIN:
         return _BUILTIN[spec]
     if ":" in spec:
@@ -353,7 +387,7 @@ def effective_tau(gate: Gate, tau: float, width: str = "raw") -> float:
     """The temperature a gate actually runs at: τ (``raw``) or τ·h_g/h_sigmoid (``hwhm``)."""
     if width not in WIDTH_MODES:
         raise ValueError(f"gate.width must be one of {', '.join(WIDTH_MODES)}, got {width!r}")
-    if isinstance(gate, ClipGate) or width == "raw":
+    if not isinstance(gate, SmoothGate) or width == "raw":
         return tau
     if not (gate.hwhm is not None and math.isfinite(gate.hwhm) and gate.hwhm > 0):
         raise ValueError(f"gate {gate.name!r}: width='hwhm' needs a finite half-width of F' "
@@ -403,10 +437,15 @@ def check_admissible(gate: Gate, *, x_max: float = 60.0, n: int = 240_001) -> li
     Checked on g(r) = w(r)·r at r = 10³ … 10⁶: it holds when g(10⁶) is zero to double precision or g falls
     with r there (log-log slope below −0.01), so w ~ r^(−1.1) passes and w ~ r^(−0.9) or w ~ 1/r fail.
 
-    For ``clip`` the weight in x = r − 1 is checked for both advantage signs (it differs by sign).
-    Each result carries the worst offending x (``None`` when the property holds everywhere).
+    For ``clip``, dual-clip and the methods of :mod:`harness.methods` the weight in x = r − 1 is checked for both
+    advantage signs (it may differ by sign); a method whose gradient is w·A·∇log π has f'(r) = w/r. Each result
+    carries the worst offending x (``None`` when the property holds everywhere). A method whose weight is not a
+    function of r alone (DPPO reads π − π_old, DRO's penalty depends on A, KL-Cov on the batch) has no
+    ``weight_x``: ``ValueError``; :func:`method_properties` says so instead.
     """
-    signs = (1, -1) if isinstance(gate, ClipGate) else (1,)
+    if getattr(gate, "weight_x", None) is None:
+        raise ValueError(f"gate {gate.name!r}: its gradient weight is not a function of r alone; nothing to check")
+    signs = (1,) if isinstance(gate, SmoothGate) else (1, -1)
     results: list[list[PropertyCheck]] = [_check_weight(lambda x, s=s: gate.weight_x(x, s), x_max, n) for s in signs]
     if len(results) == 1:
         return results[0]
@@ -505,33 +544,41 @@ def _warn_once(message: str) -> None:
 
 def inadmissible_properties(g: Any) -> list[str]:
     """The admissibility properties (arXiv 2602.19345, section 4; :func:`check_admissible`) that the
-    gate node ``g`` fails, with their details; empty for an admissible gate and for ``clip``, the baseline that is
-    known not to be one."""
+    gate node ``g`` fails, with their details; empty for an admissible gate and for clip, dual-clip and the methods
+    of :mod:`harness.methods`: baselines, compared as the field runs them, not candidates for a smooth gate."""
     key = (str(g.name), g.get("nu"))
     if key not in _admissibility:
-        gate = get_gate(g.name, nu=g.get("nu"))
-        failed = [] if isinstance(gate, ClipGate) else [f"{r.name} ({r.detail})" for r in check_admissible(gate)
-                                                      if not r.passed]
+        failed = [] if not has_temperature(str(g.name)) else [
+            f"{r.name} ({r.detail})" for r in check_admissible(get_gate(g.name, nu=g.get("nu"))) if not r.passed]
         _admissibility[key] = failed
     return _admissibility[key]
+
+
+def gate_params(g: Any) -> dict[str, Any]:
+    """The own keys of dual-clip and of the methods of :mod:`harness.methods` that the gate node ``g`` carries."""
+    return {key: g[key] for key in METHOD_KEYS if key in g}
 
 
 def validate_gate_config(g: Any) -> None:
     """The values of the ``gate`` node (its keys and types are :mod:`harness.schema`'s, checked when the config is
     composed): clip's ε, a smooth gate's τ and width, the gate itself and its admissibility (``ConfigError`` naming
     the key; an inadmissible gate only with ``gate.allow_inadmissible=true``, then warned about)."""
-    if g.name == "clip":
+    if not has_temperature(str(g.name)):
         for key in ("eps_low", "eps_high"):
-            if not (_number(g[key]) and g[key] >= 0):
+            if key in g and not (_number(g[key]) and g[key] >= 0):
                 raise ConfigError(f"gate.{key} must be a finite number >= 0, got {g[key]!r}")
-        if not g.eps_low < 1:
+        if "eps_low" in g and not g.eps_low < 1 and g.name not in ("gmpo", "dppo_tv", "dppo_kl"):
             raise ConfigError(f"gate.eps_low must be < 1 (the clip range starts at 1 - eps_low > 0), got {g.eps_low!r}")
-    else:
-        for key in ("tau_pos", "tau_neg"):
-            if not (_number(g[key]) and g[key] > 0):
-                raise ConfigError(f"gate.{key} must be a finite number > 0, got {g[key]!r}")
-        if g.width not in WIDTH_MODES:
-            raise ConfigError(f"gate.width must be one of {', '.join(WIDTH_MODES)}, got {g.width!r}")
+        try:
+            get_gate(g.name, eps_low=g.get("eps_low", 0.2), eps_high=g.get("eps_high", 0.2), params=gate_params(g))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return
+    for key in ("tau_pos", "tau_neg"):
+        if not (_number(g[key]) and g[key] > 0):
+            raise ConfigError(f"gate.{key} must be a finite number > 0, got {g[key]!r}")
+    if g.width not in WIDTH_MODES:
+        raise ConfigError(f"gate.width must be one of {', '.join(WIDTH_MODES)}, got {g.width!r}")
     allow = g.get("allow_inadmissible", False)
     get_gate(g.name, nu=g.get("nu"))
     failed = inadmissible_properties(g)

@@ -161,6 +161,7 @@ TAG_TAU_POS = "tau_pos"
 TAG_TAU_NEG = "tau_neg"
 TAG_EPS_LOW = "eps_low"
 TAG_EPS_HIGH = "eps_high"
+TAG_GATE_PARAMS = "gate_params"  # a ratio-control method's own keys, "clip_c=3 ..." (empty for the others)
 TAG_WIDTH = "width"
 TAG_NU = "nu"  # tail index of the student gate family
 TAG_TAU_SCHEDULE = "tau_schedule"  # constant | linear | cosine | eur_target

@@ -73,8 +73,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from harness.gates import ClipGate, Gate, effective_tau, get_gate
+from harness.gates import ClipGate, Gate, SmoothGate, effective_tau, gate_params, get_gate
 from harness.keys import CLIP_FRAC, DIAG_TOKENS, EUR, IS_CAPPED_FRAC, IS_ESS, IS_WEIGHT, KL, RATIO_STATS
+from harness.methods import TokenTerms
 
 AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 RATIO_LEVELS = ("token", "sequence")
@@ -87,8 +88,10 @@ def loss_kwargs(cfg: Any) -> dict[str, Any]:
     (clip: ε; smooth gates: τ and width; the Student-t family: ν), so only those are passed."""
     g, loss = cfg.gate, cfg.train.loss
     gate_keys = {key: g[key] for key in ("tau_pos", "tau_neg", "width", "eps_low", "eps_high", "nu") if key in g}
+    own = gate_params(g)
     op = loss.off_policy
-    return dict(gate=g.name, **gate_keys, ratio_level=loss.ratio_level, agg=loss.agg, kl_beta=loss.kl_beta,
+    return dict(gate=g.name, **gate_keys, **({"method_params": own} if own else {}), ratio_level=loss.ratio_level,
+                agg=loss.agg, kl_beta=loss.kl_beta,
                 log_ratio_clip=loss.log_ratio_clip, norm_length=loss.norm_length, off_policy=op.mode,
                 is_level=op.level, is_cap=op.cap, is_cap_low=op.cap_low)
 
@@ -159,6 +162,8 @@ def policy_loss(
     is_level: str = "token",
     is_cap: float = 2.0,
     is_cap_low: float | None = None,
+    method_params: Mapping[str, Any] | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Gated policy-gradient loss (see the module docstring for the math).
 
@@ -187,6 +192,10 @@ def policy_loss(
         behaviour_logp: (B, T) log-probs of the policy that drew the rollouts, π_b; needed by an ``off_policy``
             correction, for which ``old_logp`` is π_prox (the trainer's policy at the start of the step).
         off_policy, is_level, is_cap, is_cap_low: the correction and its weights (:func:`importance_weights`).
+        method_params: the own keys of dual-clip (``clip_c``) and of the methods of :mod:`harness.methods`
+            (``eps_max``, ``beta_low``, ...).
+        token_weights: optional (B, T) weights w ≥ 0 (no gradient) multiplying each token's surrogate, as verl's
+            ``rollout_is_weights``; a sequence-level method (GMPO) takes their geometric mean over the sequence.
 
     Returns:
         ``(loss, diagnostics)``; diagnostics hold ratio statistics, mean and 95th percentile of |r − 1|, mean gate
@@ -195,7 +204,10 @@ def policy_loss(
         when a reference is given. Without trained tokens (a step where every group has zero variance) only the
         EUR keys are present. With a correction also ``is_weight``, ``is_ess`` and ``is_capped_frac``.
     """
-    g = get_gate(gate, eps_low=eps_low, eps_high=eps_high, nu=nu)
+    g = get_gate(gate, eps_low=eps_low, eps_high=eps_high, nu=nu, params=method_params)
+    if getattr(g, "sequence_level", False) and (agg != "seq-mean-token-mean" or ratio_level != "token"):
+        raise ValueError(f"gate {g.name!r} forms its own per-sequence ratio: it needs train.loss.agg="
+                         f"seq-mean-token-mean and train.loss.ratio_level=token, got {agg!r} and {ratio_level!r}")
     if off_policy not in OFF_POLICY_MODES:
         raise ValueError(f"train.loss.off_policy.mode must be one of {', '.join(OFF_POLICY_MODES)}, got {off_policy!r}")
     if off_policy != "none" and behaviour_logp is None:
@@ -224,20 +236,32 @@ def policy_loss(
     # per-sequence sum of the log-ratio gradient.
     adv = torch.where(mask, adv, 0.0)
     pos = adv > 0
-    if isinstance(g, ClipGate):
-        tau = None
-        surrogate = g.surrogate(ratio, adv)
-    else:
+    terms = None
+    if isinstance(g, SmoothGate):
         # not torch.where(pos, tp, tn): on Python floats that builds a float32 tensor (τ rounded)
         tau = torch.full_like(adv, tn).masked_fill_(pos, tp)
         surrogate = g.surrogate(ratio, adv, tau)
+    elif isinstance(g, ClipGate):
+        tau = None
+        surrogate = g.surrogate(ratio, adv)
+    else:
+        tau = None
+        terms = TokenTerms(logp=torch.where(mask, logp, 0.0), old_logp=torch.where(mask, old_logp.detach(), 0.0),
+                           log_ratio=log_ratio.clamp(-log_ratio_clip, log_ratio_clip), ratio=ratio, adv=adv, mask=mask)
+        surrogate = g.surrogate(terms)
     per_token = -surrogate
     is_w = None
     if off_policy != "none":
         assert behaviour_logp is not None
         is_w = importance_weights(old_logp, behaviour_logp, mask, mode=off_policy, level=is_level, cap=is_cap,
                                   cap_low=is_cap_low, log_ratio_clip=log_ratio_clip)
-        per_token = per_token * is_w
+    weights = is_w if token_weights is None else token_weights.detach() * (1.0 if is_w is None else is_w)
+    if weights is not None:
+        if getattr(g, "sequence_level", False):  # verl's geo_mean: the weights' geometric mean per sequence
+            m = mask.to(logp.dtype)
+            weights = torch.exp((torch.log(weights + 1e-10) * m).sum(-1, keepdim=True)
+                                / (m.sum(-1, keepdim=True) + 1e-8)).expand_as(logp)
+        per_token = per_token * weights
 
     kl = None
     if ref_logp is not None and kl_beta != 0.0:
@@ -253,7 +277,13 @@ def policy_loss(
             raise ValueError(f"{key} must have shape (B,)={tuple(logp.shape[:1])}, got {tuple(rows.shape)}")
     stats_mask = mask if trained is None else mask & trained.to(mask.device).bool().unsqueeze(-1)
     with torch.no_grad():
-        diag = _diagnostics(g, ratio.detach(), adv, tau, mask, pos, groups, stats_mask)
+        if terms is not None:
+            kept = g.kept(terms)
+            weight, clipped = kept.to(ratio.dtype), ~kept
+        else:
+            weight = g.weight(ratio.detach(), adv, tau)
+            clipped = g.clipped(ratio.detach(), adv) if isinstance(g, ClipGate) else None
+        diag = _diagnostics(ratio.detach(), weight, clipped, mask, pos, groups, stats_mask)
         if kl is not None and bool(stats_mask.any()):
             diag[KL] = float(aggregate(kl.detach(), stats_mask, "token-mean"))
         if is_w is not None and bool(stats_mask.any()):
@@ -356,12 +386,11 @@ def effective_update_ratio(weight: Tensor, sel: Tensor, groups: Tensor | None = 
     return float((num[has] / den[has]).mean())
 
 
-def _diagnostics(g: Gate, ratio: Tensor, adv: Tensor, tau: Tensor | None, mask: Tensor,
-                 pos: Tensor, groups: Tensor | None = None, stats_mask: Tensor | None = None) -> dict[str, float]:
-    """The diagnostics of :func:`policy_loss`: statistics over the tokens of ``stats_mask`` (default ``mask``), EUR
+def _diagnostics(ratio: Tensor, weight: Tensor, clipped: Tensor | None, mask: Tensor, pos: Tensor,
+                 groups: Tensor | None = None, stats_mask: Tensor | None = None) -> dict[str, float]:
+    """The diagnostics of :func:`policy_loss` from the ratios, each token's gradient weight (a method's ``kept``
+    share) and the tokens a hard method cuts: statistics over the tokens of ``stats_mask`` (default ``mask``), EUR
     over every token of ``mask``."""
-    weight = g.weight(ratio, adv, tau)
-    clipped = g.clipped(ratio, adv) if isinstance(g, ClipGate) else None
     stats_mask = mask if stats_mask is None else stats_mask
     out: dict[str, float] = {}
     for suffix, sign in (("", None), ("_pos", pos), ("_neg", ~pos)):

@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.gates import has_temperature
 from harness.schema import ControllerConfig
 
 SCHEDULES = ("constant", "linear", "cosine", "eur_target")
@@ -106,7 +107,7 @@ class TauSchedule:
 def schedule_from_config(cfg: Any) -> TauSchedule:
     """The :class:`TauSchedule` of a run config (``gate`` and ``train.steps``); ``ValueError`` naming the key."""
     g = cfg.gate
-    if g.name == "clip":  # no temperature: a constant schedule whose τ the clip loss never reads
+    if not has_temperature(str(g.name)):  # a constant schedule whose τ the loss never reads
         return TauSchedule("constant", 1.0, 1.0, int(cfg.train.steps))
     kind = str(g.get("tau_schedule", "constant") or "constant")
     if kind not in SCHEDULES:

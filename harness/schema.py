@@ -35,6 +35,63 @@ class ClipGateConfig:
 
 
 @dataclass
+class DualClipGateConfig(ClipGateConfig):
+    """Clip with dual-clip's third bound: for A < 0 the surrogate is at least c·A (verl's clip_ratio_c, TRL's delta)."""
+
+    name: str = "dual_clip"
+    clip_c: float = 3.0  # verl's default; > 1
+
+
+@dataclass
+class MethodConfig:
+    """A ratio-control method of harness/methods.py that has no key of its own (gpg)."""
+
+    name: str = MISSING
+
+
+@dataclass
+class CispoConfig:
+    """CISPO as TRL has it: sg(min(r, eps_max))·A·log π (no lower bound)."""
+
+    name: str = "cispo"
+    eps_max: float = 5.0  # TRL's recommended epsilon_high for cispo (ScaleRL)
+
+
+@dataclass
+class GppoConfig(ClipGateConfig):
+    """GPPO / CE-GPPO: clip's value, with the gradient β(1 ± ε)·A·∇log π kept outside the band."""
+
+    name: str = "gppo"
+    beta_low: float = 1.0  # CE-GPPO's β₁ (A < 0, r < 1 − eps_low); 1 is GPPO
+    beta_high: float = 1.0  # CE-GPPO's β₂ (A > 0, r > 1 + eps_high); 1 is GPPO
+
+
+@dataclass
+class DppoConfig(ClipGateConfig):
+    """DPPO: eps_low / eps_high are the divergence thresholds δ (TV or binary KL), clip_c truncates the weight."""
+
+    name: str = MISSING
+    clip_c: float = 20.0  # verl's dppo default when clip_ratio_c is unset
+
+
+@dataclass
+class DroConfig:
+    """verl's DRO: A·log π − (dro_beta/2)·(log π − log π_old)²."""
+
+    name: str = "dro"
+    dro_beta: float = MISSING  # verl has no default either
+
+
+@dataclass
+class KlCovConfig:
+    """KL-Cov: r·A with kl_coef·|log r| on the kl_cov_ratio share of tokens with the largest covariance."""
+
+    name: str = "kl_cov"
+    kl_cov_ratio: float = 0.0002
+    kl_coef: float = 0.1  # verl's ppo_kl_coef config default
+
+
+@dataclass
 class ControllerConfig:
     """The EUR controller of ``tau_schedule=eur_target``: log τ moves by clip(gain · (EUR − target), ±max_step)
     after every step, within [tau_min, tau_max] (harness/schedule.py)."""
@@ -318,6 +375,13 @@ class EvalConfig:
 # outside the run config's own groups, so ``gate=...`` lists only real gates.
 SCHEMAS: dict[tuple[str, str], type] = {
     ("gate", "clip_gate"): ClipGateConfig,
+    ("gate", "dual_clip_gate"): DualClipGateConfig,
+    ("gate", "method"): MethodConfig,
+    ("gate", "cispo_gate"): CispoConfig,
+    ("gate", "gppo_gate"): GppoConfig,
+    ("gate", "dppo_gate"): DppoConfig,
+    ("gate", "dro_gate"): DroConfig,
+    ("gate", "kl_cov_gate"): KlCovConfig,
     ("gate", "smooth_gate"): SmoothGateConfig,
     ("gate", "student_gate"): StudentGateConfig,
     ("gate", "custom_gate"): CustomGateConfig,

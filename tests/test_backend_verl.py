@@ -25,13 +25,13 @@ from harness.backends.verl import (
     write_parquet,
 )
 from harness.backends.verl_plugin import compute_score, loss_name, registered_loss_names
-from harness.gates import BUILTIN_GATES
+from harness.gates import BUILTIN_GATES, RATIO_CONTROL
 from tests.conftest import REPO, VERL_PYTHON, compose, needs_verl, run_verl
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 # The built-in gates' loss names (other tests in the session may register more gates in this process).
 EXPECTED = sorted(["harness_sigmoid", "harness_erf", "harness_arctan", "harness_softsign", "harness_softsign_abs",
-                   "harness_student", "harness_clip", "harness_custom"])
+                   "harness_student", "harness_custom", *(f"harness_{name}" for name in RATIO_CONTROL)])
 UPDATE = os.environ.get("HARNESS_UPDATE_SNAPSHOTS") == "1"
 
 

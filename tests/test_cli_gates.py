@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
+from harness.gates import RATIO_CONTROL
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOWN = ("sigmoid", "erf", "arctan", "softsign", "softsign_abs", "student", "clip")
@@ -62,7 +63,7 @@ def test_list(capsys):
     assert main(["gates", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     # the Student-t family once per default nu (1, 2, 4, 1000)
-    assert [line.split()[0] for line in lines] == [*KNOWN[:5], *["student"] * 4, "clip"]
+    assert [line.split()[0] for line in lines] == [*KNOWN[:5], *["student"] * 4, *RATIO_CONTROL]
     assert "1.76275" in lines[0] and lines[-1].endswith("= -")
     by_name = {" ".join(line.split()[:2]) if line.startswith("student") else line.split()[0]: line for line in lines}
     # nu = 1 is the Cauchy CDF, i.e. the arctan gate; nu -> inf tends to the Gaussian CDF (erf)

@@ -18,6 +18,7 @@ from tests.conftest import DATA_DIR
 # Options that need a value the group cannot default: the smallest addition that makes them a runnable cell.
 REQUIRED = {
     "gate/custom": ["gate.name=tests.custom_gate_module:F"],
+    "gate/dro": ["gate.dro_beta=0.1"],
     "model/hf": ["model.path=Qwen/Qwen2.5-0.5B-Instruct"],
 }
 GROUPS = ("gate", "train", "backend", "model", "task", "eval", "tracking")

@@ -47,7 +47,9 @@ def test_builtin_registry_is_what_the_docs_say():
     assert G.SMOOTH_GATES == ("sigmoid", "erf", "arctan", "softsign", "softsign_abs")
     assert G.BUILTIN_GATES == (*G.SMOOTH_GATES, "clip")
     # the Student-t family is a gate per tail index (gate.nu), named apart from the five fixed shapes
-    assert G.known_gates() == (*G.SMOOTH_GATES, G.STUDENT, "clip")
+    assert G.known_gates() == (*G.SMOOTH_GATES, G.STUDENT, "clip", *G.RATIO_CONTROL[1:])
+    assert G.RATIO_CONTROL == ("clip", "dual_clip", "cispo", "cispo_two_sided", "gmpo", "gppo", "dppo_tv", "dppo_kl",
+                               "gpg", "dro", "kl_cov")
 
 
 @pytest.mark.parametrize("name", list(CLOSED_DF))

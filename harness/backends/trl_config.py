@@ -117,8 +117,9 @@ def grpo_config_kwargs(cfg: Any, output_dir: str | Path, *, world_size: int | No
         beta=float(t.loss.kl_beta),
         use_bias_correction_kl=False,  # the harness k3 term has no importance weight
         # a gate node has ε (clip) or τ (smooth gates), never both: TRL's defaults stand for the other
-        **(dict(epsilon=float(g.eps_low), epsilon_high=float(g.eps_high)) if g.name == "clip" else
-           dict(sapo_temperature_pos=float(g.tau_pos), sapo_temperature_neg=float(g.tau_neg))),
+        # TRL's own loss never runs (the harness objective does); these only make TRL's logs carry the gate's values
+        **(dict(sapo_temperature_pos=float(g.tau_pos), sapo_temperature_neg=float(g.tau_neg)) if "tau_pos" in g else
+           dict(epsilon=float(g.eps_low), epsilon_high=float(g.eps_high)) if "eps_low" in g else {}),
         reward_weights=None,  # set with the reward functions
         mask_truncated_completions=False,
         disable_dropout=bool(bk.get("disable_dropout", True)),

@@ -127,8 +127,15 @@ def _hydra_quoted(text: str) -> str:
 
 def loss_env(cfg: Any) -> dict[str, str]:
     """Environment variables that carry what verl's config cannot (read by :mod:`harness.backends.verl_plugin`)."""
-    from harness.backends.verl_plugin import ENV_GATE, ENV_LOG_RATIO_CLIP, ENV_NU, ENV_RATIO_LEVEL, ENV_WIDTH
-    from harness.gates import known_gates
+    from harness.backends.verl_plugin import (
+        ENV_GATE,
+        ENV_GATE_PARAMS,
+        ENV_LOG_RATIO_CLIP,
+        ENV_NU,
+        ENV_RATIO_LEVEL,
+        ENV_WIDTH,
+    )
+    from harness.gates import gate_params, known_gates
 
     env = {
         ENV_RATIO_LEVEL: str(cfg.train.loss.ratio_level),
@@ -138,6 +145,9 @@ def loss_env(cfg: Any) -> dict[str, str]:
         env[ENV_WIDTH] = str(cfg.gate.width)
     if cfg.gate.get("nu") is not None:
         env[ENV_NU] = repr(float(cfg.gate.nu))
+    own = {k: float(v) for k, v in gate_params(cfg.gate).items() if k != "clip_c"}  # clip_c: actor.clip_ratio_c
+    if own:
+        env[ENV_GATE_PARAMS] = json.dumps(own, sort_keys=True)
     if str(cfg.gate.name) not in known_gates():
         env[ENV_GATE] = str(cfg.gate.name)  # an import path: harness_custom reads it
     return env
@@ -201,10 +211,13 @@ def verl_overrides(
         # actor: the gate, its parameters, aggregation, PPO epochs = updates per rollout batch
         (f"{arr}.actor.strategy", str(bk.get("strategy", "fsdp"))),
         (f"{arr}.actor.policy_loss.loss_mode", loss_name(str(g.name))),
-        # a gate node has ε (clip) or τ (smooth gates), never both: verl's defaults stand for the other
-        *([(f"{arr}.actor.clip_ratio", float(g.eps_low)), (f"{arr}.actor.clip_ratio_low", float(g.eps_low)),
-           (f"{arr}.actor.clip_ratio_high", float(g.eps_high))] if g.name == "clip" else
-          [(f"{arr}.actor.tau_pos", float(g.tau_pos)), (f"{arr}.actor.tau_neg", float(g.tau_neg))]),
+        # a gate node has ε (clip and the ratio-control methods) or τ (smooth gates), never both: verl's defaults
+        # stand for the other
+        *([(f"{arr}.actor.tau_pos", float(g.tau_pos)), (f"{arr}.actor.tau_neg", float(g.tau_neg))] if "tau_pos" in g
+          else [(f"{arr}.actor.clip_ratio", float(g.eps_low)), (f"{arr}.actor.clip_ratio_low", float(g.eps_low)),
+                (f"{arr}.actor.clip_ratio_high", float(g.eps_high))] if "eps_low" in g else []),
+        # the methods' own keys: where verl has one it is used, the rest travel in $HARNESS_VERL_GATE_PARAMS
+        *([(f"{arr}.actor.clip_ratio_c", float(g.clip_c))] if "clip_c" in g else []),
         (f"{arr}.actor.loss_agg_mode", str(t.loss.agg)),
         (f"{arr}.actor.loss_scale_factor", None if t.loss.norm_length is None else int(t.loss.norm_length)),
         (f"{arr}.actor.ppo_epochs", int(t.num_iterations)),

@@ -37,9 +37,14 @@ so the result is rescaled:
     \text{seq-mean-token-sum-norm:}\quad L = L_{local}\cdot\frac{B_{local}\, d}{B_{global}}
 
 (B' = sequences with at least one token, N = tokens, d = data-parallel size), which is exactly verl's
-own ``agg_loss``. Rollout-correction weights w ≥ 0 (``rollout_is_weights``) are folded into the
-advantages: for every gate s(r, wA) = w·s(r, A) when w ≥ 0 (the sign of A, hence τ, is unchanged), so
-this equals verl's ``pg_losses * rollout_is_weights``.
+own ``agg_loss``. Rollout-correction weights w ≥ 0 (``rollout_is_weights``) multiply each token's
+surrogate (``policy_loss(token_weights=...)``), verl's ``pg_losses * rollout_is_weights``; GMPO takes their
+geometric mean over the sequence, as verl's ``geo_mean`` does.
+
+The ratio-control methods of :mod:`harness.methods` and dual-clip register as ``harness_<name>`` too. Their own
+keys come from verl's config where verl has one (``clip_c`` ← ``actor.clip_ratio_c``, ``dro_beta``,
+``kl_cov_ratio`` and ``kl_coef`` ← ``actor.policy_loss.dro_beta`` / ``kl_cov_ratio`` / ``ppo_kl_coef``), the rest
+(``eps_max``, ``beta_low``, ``beta_high``) from ``HARNESS_VERL_GATE_PARAMS`` (JSON), which also overrides.
 
 The KL penalty is not part of this loss in verl: verl adds it itself (``actor.use_kl_loss``,
 ``kl_loss_type=low_var_kl``, the clamped k3 estimator), see :func:`harness.backends.verl.verl_overrides`.
@@ -57,6 +62,7 @@ format_weight·format + accuracy_weight·[answer correct] (+ extra reward functi
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -73,8 +79,11 @@ LOSS_PREFIX = "harness_"
 CUSTOM_LOSS = "harness_custom"
 # What verl's actor config has no key for travels in HARNESS_VERL_<KEY> environment variables: a custom gate's import
 # path, gate.width, train.loss.ratio_level and log_ratio_clip, and the Student-t family's tail index nu.
-ENV_VARS = ENV_GATE, ENV_WIDTH, ENV_RATIO_LEVEL, ENV_LOG_RATIO_CLIP, ENV_NU = tuple(
-    f"HARNESS_VERL_{key}" for key in ("GATE", "WIDTH", "RATIO_LEVEL", "LOG_RATIO_CLIP", "NU"))
+ENV_VARS = ENV_GATE, ENV_WIDTH, ENV_RATIO_LEVEL, ENV_LOG_RATIO_CLIP, ENV_NU, ENV_GATE_PARAMS = tuple(
+    f"HARNESS_VERL_{key}" for key in ("GATE", "WIDTH", "RATIO_LEVEL", "LOG_RATIO_CLIP", "NU", "GATE_PARAMS"))
+# The methods' keys verl has a config key for: dual-clip's and DPPO's c is actor.clip_ratio_c, the others sit in
+# actor.policy_loss (their values there apply unless $HARNESS_VERL_GATE_PARAMS names the key).
+VERL_POLICY_LOSS_KEYS = {"dro_beta": "dro_beta", "kl_cov_ratio": "kl_cov_ratio", "kl_coef": "ppo_kl_coef"}
 
 _log = logging.getLogger(__name__)
 
@@ -108,7 +117,15 @@ def loss_options(config: Any, env: Mapping[str, str] | None = None) -> dict[str,
     config and the ``HARNESS_VERL_*`` environment variables."""
     env = os.environ if env is None else env
     clip = _cfg_get(config, "clip_ratio", 0.2)
+    params: dict[str, float] = {"clip_c": float(_cfg_get(config, "clip_ratio_c", 3.0))}
+    policy = _cfg_get(config, "policy_loss", None)
+    for ours, theirs in VERL_POLICY_LOSS_KEYS.items():
+        value = _cfg_get(policy, theirs, None)
+        if value is not None:
+            params[ours] = float(value)
+    params.update(json.loads(env.get(ENV_GATE_PARAMS) or "{}"))
     return dict(
+        method_params=params,
         tau_pos=float(_cfg_get(config, "tau_pos", 1.0)),
         tau_neg=float(_cfg_get(config, "tau_neg", 1.05)),
         eps_low=float(_cfg_get(config, "clip_ratio_low", clip)),
@@ -160,14 +177,11 @@ def verl_policy_loss(
     averages them over micro-batches).
     """
     opts = loss_options(config)
-    adv = advantages
-    if rollout_is_weights is not None:
-        # s(r, wA) = w s(r, A) for w >= 0 and every gate: the same as verl's pg_losses * weights.
-        adv = advantages * rollout_is_weights.to(advantages.dtype)
     batch_info = _cfg_get(config, "global_batch_info", {}) or {}
     norm_length = batch_info.get("loss_scale_factor") or _cfg_get(config, "loss_scale_factor", None)
-    loss, diag = policy_loss(log_prob, old_log_prob, adv, response_mask, gate=gate, agg=loss_agg_mode,
-                             norm_length=norm_length, **opts)
+    weights = None if rollout_is_weights is None else rollout_is_weights.to(log_prob.dtype)
+    loss, diag = policy_loss(log_prob, old_log_prob, advantages, response_mask, gate=gate, agg=loss_agg_mode,
+                             norm_length=norm_length, token_weights=weights, **opts)
     loss = loss * global_batch_scale(response_mask, loss_agg_mode, batch_info)
 
     with torch.no_grad():

@@ -27,12 +27,13 @@ import pandas as pd
 
 from harness import keys as K
 from harness.evaluation.settings import POOLED_BENCHMARKS
+from harness.gates import RATIO_CONTROL, has_temperature
 from harness.reporting.comparisons import power_of
 from harness.stats import interquartile_mean, per_problem_correct, seed_interval, split_problems, two_stage_interval
 from harness.verdict import Arm, compare_arms, gate_verdict
 
 BASELINE = "base"  # harness.cell.BASELINE_GATE: the starting checkpoint's evaluation, no RL
-GATE_ORDER = (BASELINE, "sigmoid", "erf", "arctan", "softsign", "softsign_abs", "clip")
+GATE_ORDER = (BASELINE, "sigmoid", "erf", "arctan", "softsign", "softsign_abs", *RATIO_CONTROL)
 # Column order of benchmarks (others follow alphabetically); "aime" is AIME24 + AIME25 pooled.
 BENCH_ORDER = ("arith", "gsm8k", "math500", "aime24", "aime25", "aime")
 
@@ -74,7 +75,7 @@ class Group:
 
     @property
     def smooth(self) -> bool:
-        return self.gate not in ("clip", BASELINE)
+        return self.gate != BASELINE and has_temperature(self.gate)
 
     @property
     def is_baseline(self) -> bool:
@@ -130,8 +131,9 @@ def group_cells(cells: pd.DataFrame) -> list[Group]:
         schedule = str(first.get(f"tags.{K.TAG_TAU_SCHEDULE}") or "constant")
         if gate == BASELINE:
             label = "base model (no RL)"
-        elif gate == "clip":
-            label = f"clip ε={el:g}/{eh:g}" if eps else "clip"
+        elif not has_temperature(gate):
+            own = str(first.get(f"tags.{K.TAG_GATE_PARAMS}") or "")
+            label = " ".join(x for x in (gate, f"ε={el:g}/{eh:g}" if eps else "", own) if x)
         else:
             name = gate.split(":")[-1] + ("" if nu is None else f" ν={nu:g}")
             label = f"{name} τ={tp:.3g}/{tn:.3g}" if tp is not None and tn is not None else name

@@ -16,7 +16,11 @@ from harness.gates import SIGMOID_HWHM, ClipGate, Gate, effective_tau, get_gate
 
 # Okabe-Ito colour-blind-safe palette; clip in black so it never competes with a smooth gate.
 GATE_COLORS = {"sigmoid": "#0072B2", "erf": "#E69F00", "arctan": "#009E73", "softsign": "#CC79A7",
-               "softsign_abs": "#D55E00", "clip": "#000000"}
+               "softsign_abs": "#D55E00", "clip": "#000000",
+               # the ratio-control methods: Tol's muted palette, apart from the gates' colours
+               "dual_clip": "#555555", "cispo": "#332288", "cispo_two_sided": "#6699CC", "gmpo": "#DDCC77",
+               "gppo": "#882255", "dppo_tv": "#44AA99", "dppo_kl": "#117733", "gpg": "#999933", "dro": "#AA4499",
+               "kl_cov": "#661100"}
 
 
 def gate_color(name: str, i: int = 0) -> str:

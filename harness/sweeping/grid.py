@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.cell import BASELINE_KEYS
 from harness.config import ConfigError
+from harness.gates import has_temperature
 from harness.schema import gate_option_exists, gate_schema
 
 TAU_MODES = ("tied", "separate")
@@ -85,7 +86,7 @@ def cell_overrides(gates: Sequence[str], taus: Sequence[float], seeds: Sequence[
     cells = []
     for gate, seed in itertools.product(gates, seeds):
         base = [*gate_overrides(gate), f"seed={seed}"]
-        if gate == "clip":
+        if not has_temperature(gate):
             cells.append(base)
             continue
         if pairs_given:
@@ -108,9 +109,10 @@ def adaptive_overrides(gates: Sequence[str], taus: Sequence[float], seeds: Seque
     starting at the first pair of the grid :func:`cell_overrides` makes of the same arguments."""
     if not eur_targets:
         return []
-    smooth = [g for g in gates if g != "clip"]
+    smooth = [g for g in gates if has_temperature(g)]
     if not smooth:
-        raise ValueError("hydra.sweeper.eur_targets needs a smooth gate in hydra.sweeper.gates (clip has no τ)")
+        raise ValueError("hydra.sweeper.eur_targets needs a smooth gate in hydra.sweeper.gates (clip and the "
+                         "ratio-control methods have no τ)")
     bad = [t for t in eur_targets if not 0 < float(t) < 1]
     if bad:
         raise ValueError(f"hydra.sweeper.eur_targets must lie in (0, 1), got {bad}")

@@ -47,6 +47,7 @@ from harness import keys as K
 from harness import tracking
 from harness.cell import validate_cell
 from harness.config import config_errors, sigterm_as_exit, slug
+from harness.gates import has_temperature
 from harness.sweeping.base import SweeperBase, job_result
 from harness.sweeping.grid import gate_overrides, override_value
 from harness.sweeping.study import (
@@ -125,8 +126,8 @@ class TuneSweeperImpl(SweeperBase):
             raise ValueError(f"tune.gates lists a gate twice: {gates}")
         plans = []
         for gate in gates:
-            if gate == "clip":
-                raise ValueError("harness tune: clip has no temperature to tune (pick a smooth gate)")
+            if not has_temperature(gate):
+                raise ValueError(f"harness tune: {gate} has no temperature to tune (pick a smooth gate)")
             gate_ov = gate_overrides(gate) if s.gates else []
             name = default_study_name(str(self.config.tracking.experiment), gate, s.study_name, len(gates))
             composed = []

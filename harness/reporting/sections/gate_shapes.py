@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from harness import keys as K
-from harness.gates import STUDENT, get_gate, student_gate
+from harness.gates import STUDENT, get_gate, has_temperature, student_gate
 from harness.reporting.data import ExperimentData
 from harness.reporting.figures import plot_gate_shapes, png
 from harness.reporting.render import Figure, Section
@@ -36,7 +36,11 @@ def gate_shapes(data: ExperimentData) -> Section:
         taus = picks
     taus = taus or [1.0]
     drawable: list[Any] = []
-    for spec in gates:
+    methods = [spec for spec in gates if not has_temperature(spec) and spec != "clip"]
+    if methods:
+        sec.notes.append(f"Not drawn: {', '.join(methods)} (ratio-control methods; their weights against r are in "
+                         "docs/methods.md).")
+    for spec in (g for g in gates if g not in methods):
         if spec == STUDENT:  # one curve per tail index
             drawable += [student_gate(nu) for nu in sorted({g.nu for g in data.trained if g.gate == STUDENT})]
             continue

@@ -50,11 +50,12 @@ def tau_sensitivity(data: ExperimentData) -> Section:
                         lw=1.5, ms=5, label=gate)
             records += [{"benchmark": b, "gate": gate, "tau_pos": p[0], "tau_neg": p[4].tau_neg, "y": p[1],
                          "low": p[2], "high": p[3]} for p in pts]
-        for g in (x for x in data.groups if x.gate == "clip" or x.is_baseline):
+        for g in (x for x in data.groups if not x.smooth):
             y = _y(data, g, b, use_eval)
             if y is not None:
                 ax.axhspan(y[1], y[2], color="0.2", alpha=0.07, lw=0)
-                ax.axhline(y[0], color="black" if g.gate == "clip" else "0.45", lw=1.3,
+                color = "black" if g.gate == "clip" else "0.45" if g.is_baseline else gate_color(g.gate)
+                ax.axhline(y[0], color=color, lw=1.3,
                            ls="--" if g.gate == "clip" else ":", label=f"{g.label} (no τ)")
         for i, g in enumerate(moving):  # a schedule has no single τ: a line across, in its gate's colour
             y = _y(data, g, b, use_eval)

@@ -42,7 +42,7 @@ def training_curves(data: ExperimentData) -> Section:
             names = {"reward": K.train_key(K.REWARD), "reward_accuracy": K.train_key(K.REWARD_ACCURACY),
                      "entropy": K.train_key(K.ENTROPY), "ratio_std": K.train_key(K.RATIO_STD, k),
                      "eur": K.train_key(K.EUR, k),
-                     "gated": K.train_key(K.CLIP_FRAC if g.gate == "clip" else K.FRAC_W_LT_HALF, k)}
+                     "gated": K.train_key(K.CLIP_FRAC if not g.smooth else K.FRAC_W_LT_HALF, k)}
             if moving and g.smooth:  # clip has no temperature to draw
                 names["tau_pos"] = K.train_key(K.TAU_POS)
             histories[row["run_id"]] = {key: data.history(row["run_id"], name) for key, name in names.items()}
