@@ -200,6 +200,10 @@ def _check_cell(cfg: DictConfig) -> None:
                          "fixes tau_pos/tau_neg for the whole run (use backend=native or backend=trl)")
     validate_tracking_config(cfg.tracking)
     check_model_config(cfg.model)
+    if cfg.backend.name in ("native", "trl"):  # verl places and shards its model itself
+        from harness.memory_plan import check_fits
+
+        check_fits(cfg)
     if cfg.get("data_dir") is not None or cfg.task.name == "arith":
         load_task(cfg.task, "train", data_dir=cfg.get("data_dir"), limit=1, seed=cfg.seed)
     if cfg.eval.get("enabled", True):

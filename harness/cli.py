@@ -32,6 +32,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tune": ("harness.cli:tune_main", "Optuna temperature tuning"),
     "eval": ("harness.cli:eval_main", "evaluate a checkpoint on benchmarks"),
     "report": ("harness.reporting:main", "write the comparison report of an MLflow experiment"),
+    "plan": ("harness.cli:plan_main", "each GPU's peak memory for a cell, term by term, before any compute"),
 }
 # Hydra refuses -m next to these; they only inspect the config, so multirun commands run them without it.
 _INSPECT_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--shell-completion", "-sc"}
@@ -199,6 +200,28 @@ def sweep_main(argv: list[str]) -> int:
         return 2
     mode = [] if _INSPECT_FLAGS & set(argv) else ["-m"]
     return hydra_app(SWEEPS_DIR, name, cell_task, [*mode, *argv], f"harness sweep {name}")
+
+
+def plan_main(argv: list[str]) -> int:
+    """``harness plan [--gpu-gib G] [--sharding S] [--processes N] [overrides]``: the memory plan of a cell
+    (:mod:`harness.memory_plan`) for the run config the overrides compose."""
+    from harness.memory_plan import SHARDINGS, describe, plan_of_config
+
+    parser = argparse.ArgumentParser(prog="harness plan", description=plan_main.__doc__)
+    parser.add_argument("--gpu-gib", type=float, default=None, help="GPU memory to check the plan against, GiB")
+    parser.add_argument("--sharding", choices=SHARDINGS, default="none", help="how the model states are split")
+    parser.add_argument("--processes", type=int, default=1, help="GPUs (processes) per cell")
+    args, overrides = parser.parse_known_args(argv)
+
+    def task(cfg: Any) -> None:
+        gpu = None if args.gpu_gib is None else args.gpu_gib * 2**30
+        try:
+            plan = plan_of_config(cfg, gpu_bytes=gpu, sharding=args.sharding, processes=args.processes)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        print(describe(plan, gpu))
+
+    return hydra_app(CONF_DIR, "run", task, overrides, "harness plan")
 
 
 def tune_main(argv: list[str]) -> int:

@@ -35,6 +35,7 @@ SKIP_MARK = re.compile(r"#\s*not-tested:\s*(.+)$")
 REPO_PATH = re.compile(r"(?<![\w./-])((?:harness|conf|sweeps|scripts|benchmarks|tests|hydra_plugins|docs)/[\w./*-]*)")
 HYDRA_SUBCOMMANDS = {"run", "sweep", "tune", "eval"}
 HELP_SUBCOMMANDS = {"gates", "report"}
+EXECUTED_SUBCOMMANDS = {"plan"}  # no compute: the documented command itself runs
 INSPECT_FLAGS = {"--cfg": 1, "-c": 1, "--help": 0, "-h": 0, "--info": 0, "-m": 0, "--multirun": 0}
 
 
@@ -341,8 +342,12 @@ def test_every_documented_harness_command_works(command, argv, capsys):
     if command.skip:
         pytest.skip(command.skip)
     sub, args = argv[0], argv[1:]
-    assert sub in HYDRA_SUBCOMMANDS | HELP_SUBCOMMANDS, f"unknown subcommand in {command.text!r}"
-    if command.error:
+    assert sub in HYDRA_SUBCOMMANDS | HELP_SUBCOMMANDS | EXECUTED_SUBCOMMANDS, f"unknown subcommand in {command.text!r}"
+    if sub in EXECUTED_SUBCOMMANDS:
+        from harness.cli import main
+
+        assert main(argv) == (2 if command.error else 0), command.text
+    elif command.error:
         assert sub in HYDRA_SUBCOMMANDS, "only Hydra commands can be marked '# error:'"
         check_fails_as_documented(sub, args, command.error)
     elif sub in HYDRA_SUBCOMMANDS:

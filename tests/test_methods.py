@@ -273,3 +273,18 @@ def test_verl_backend_passes_the_methods_keys():
     assert json.loads(env[ENV_GATE_PARAMS]) == {"beta_high": 1.0, "beta_low": 0.5}
     opts = loss_options({"clip_ratio_c": 2.5, "clip_ratio_low": 0.1}, env)
     assert opts["method_params"] == {"clip_c": 2.5, "beta_high": 1.0, "beta_low": 0.5} and opts["eps_low"] == 0.1
+
+
+def test_methods_sweep_cells_and_names():
+    """The methods sweep's grid: one cell per seed for every method (no τ), τ pairs for the gates; cell names carry
+    the method's own keys, and the staleness axis composes with it (run names ``...-lag4-s0``)."""
+    from harness.cell import cell_name
+    from harness.sweeping.grid import cell_overrides
+    from tests.conftest import compose
+
+    cells = cell_overrides(["sigmoid", "dual_clip", "cispo"], [10.0], [0, 1])
+    assert ["gate=dual_clip", "seed=0"] in cells and ["gate=cispo", "seed=1"] in cells
+    assert ["gate=sigmoid", "seed=0", "gate.tau_pos=10.0", "gate.tau_neg=12.0"] in cells and len(cells) == 6
+    assert cell_name(compose(["gate=dual_clip"])) == "dual_clip-e0.2-0.2-clip_c3-s0"
+    assert cell_name(compose(["gate=cispo", "train.staleness=4", "seed=1"])) == "cispo-eps_max5-lag4-s1"
+    assert cell_name(compose(["gate=clip"])) == "clip-e0.2-0.2-s0"  # unchanged: finished clip cells are reused

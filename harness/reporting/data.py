@@ -59,6 +59,7 @@ class Group:
     runs: pd.DataFrame  # one row per seed (latest FINISHED run of each config hash)
     nu: float | None = None  # tail index of the student gate family
     schedule: str = "constant"  # gate.tau_schedule: constant | linear | cosine | eur_target
+    params: str = ""  # a ratio-control method's own keys, "clip_c=3" (the gate_params tag)
 
     @property
     def fixed_tau(self) -> bool:
@@ -129,10 +130,10 @@ def group_cells(cells: pd.DataFrame) -> list[Group]:
         eps = (el, eh) if el is not None and eh is not None else None
         nu = float_or_none(first.get(f"tags.{K.TAG_NU}"))
         schedule = str(first.get(f"tags.{K.TAG_TAU_SCHEDULE}") or "constant")
+        own = str(first.get(f"tags.{K.TAG_GATE_PARAMS}") or "")
         if gate == BASELINE:
             label = "base model (no RL)"
         elif not has_temperature(gate):
-            own = str(first.get(f"tags.{K.TAG_GATE_PARAMS}") or "")
             label = " ".join(x for x in (gate, f"ε={el:g}/{eh:g}" if eps else "", own) if x)
         else:
             name = gate.split(":")[-1] + ("" if nu is None else f" ν={nu:g}")
@@ -144,7 +145,7 @@ def group_cells(cells: pd.DataFrame) -> list[Group]:
                 end = float_or_none(first.get(f"params.{K.PARAM_TAU_END}")) or tp
                 label = f"{name} τ {start:g}→{end:g} ({schedule})"
         groups.append(Group(key, label, gate, tp, tn, eps,
-                            rows.sort_values(f"tags.{K.TAG_SEED}").reset_index(drop=True), nu, schedule))
+                            rows.sort_values(f"tags.{K.TAG_SEED}").reset_index(drop=True), nu, schedule, own))
     # Disambiguate equal labels by the parameters that differ between those groups.
     by_label: dict[str, list[Group]] = {}
     for g in groups:

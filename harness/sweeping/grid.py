@@ -70,9 +70,9 @@ def gate_overrides(gate: str) -> list[str]:
 def cell_overrides(gates: Sequence[str], taus: Sequence[float], seeds: Sequence[int], *, tau_mode: str = "tied",
                    tau_neg_scale: float = TIED_TAU_NEG_SCALE, tau_neg: Sequence[float] = (),
                    tau_pairs: Sequence[Sequence[float]] = ()) -> list[list[str]]:
-    """The override list of every cell of a gate × τ × seed grid. ``clip`` has no τ, so it gets one cell per
-    seed; ``tau_mode=tied`` pairs τ_pos with :func:`tied_tau_neg`, ``separate`` crosses τ_pos with ``tau_neg``;
-    explicit ``tau_pairs`` ([[τ_pos, τ_neg], ...]) replace the τ grid."""
+    """The override list of every cell of a gate × τ × seed grid. Clip and the ratio-control methods have no τ,
+    so each gets one cell per seed; ``tau_mode=tied`` pairs τ_pos with :func:`tied_tau_neg`, ``separate`` crosses
+    τ_pos with ``tau_neg``; explicit ``tau_pairs`` ([[τ_pos, τ_neg], ...]) replace the τ grid."""
     pairs_given = [tuple(float(v) for v in p) for p in tau_pairs]
     if any(len(p) != 2 or min(p) <= 0 for p in pairs_given):
         raise ValueError(f"hydra.sweeper.tau_pairs must be [[tau_pos, tau_neg], ...] of numbers > 0, got "

@@ -33,8 +33,9 @@ def accuracy_table(data: ExperimentData) -> Section:
                          f"{a['lenient_acc']:.3f}", str(a["n_seeds"]), "—" if "iqm" not in a else f"{a['iqm']:.3f}",
                          _problems_text(a), "yes" if is_best else ""])
             records.append({**a, "chosen": is_best})
-    sec.tables.append(Table(["gate", "τ_pos / τ_neg (clip: ε)", "benchmark", "strict accuracy", "95% CI",
-                             "lenient", "seeds", "IQM over seeds", "problems", "best on selection half"], rows,
+    sec.tables.append(Table(["gate", "τ_pos / τ_neg (clip, methods: ε, own keys)", "benchmark", "strict accuracy",
+                             "95% CI", "lenient", "seeds", "IQM over seeds", "problems", "best on selection half"],
+                            rows,
                             highlight,
                             caption="Strict accuracy = the <answer> span judged, as the paper extracts "
                                     "(eval/<benchmark>/strict_acc), mean correctness over the k samples of each "
@@ -57,8 +58,9 @@ def accuracy_table(data: ExperimentData) -> Section:
 
 
 def _tau_text(g: Group) -> str:
-    if not g.smooth:
-        return f"ε {g.eps[0]:g}/{g.eps[1]:g}" if g.eps else "—"
+    if not g.smooth:  # clip and the ratio-control methods: ε and the method's own keys, as in its label
+        text = " ".join(x for x in (f"ε {g.eps[0]:g}/{g.eps[1]:g}" if g.eps else "", g.params) if x)
+        return text or "—"
     taus = f"{g.tau_pos:.3g} / {g.tau_neg:.3g}" if g.tau_pos is not None and g.tau_neg is not None else "—"
     if g.nu is None and g.schedule == "constant":
         return taus

@@ -37,7 +37,7 @@ def paired(data: ExperimentData) -> Section:
             else:
                 best = data.best(b, sig)
                 if best is not None:
-                    why = ("clip has no τ: best sigmoid cell" if not g.smooth
+                    why = (f"{g.gate} has no τ: best sigmoid cell" if not g.smooth
                            else "τ moves: best sigmoid cell" if not g.fixed_tau
                            else "no sigmoid at this τ: best sigmoid cell")
                     pairs.append((g, best, b, why))

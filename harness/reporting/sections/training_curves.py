@@ -31,7 +31,7 @@ def training_curves(data: ExperimentData) -> Section:
     titles = {"reward": "reward (format + accuracy)", "reward_accuracy": "reward accuracy",
               "entropy": "token entropy", "ratio_std": "std of ratio r (last update)",
               "eur": "effective update ratio, EUR (last update)",
-              "gated": "gated fraction (last update)\nsmooth: w < 0.5; clip: clipped",
+              "gated": "gated fraction (last update)\nsmooth: w < 0.5; clip, methods: not kept",
               "tau_pos": "τ_pos per step (log scale)"}
     histories: dict[str, dict[str, pd.Series]] = {}
     last_k: dict[str, int] = {}
