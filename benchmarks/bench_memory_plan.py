@@ -3,9 +3,9 @@
 For each model shape, a fresh subprocess builds the model with random weights (float32, no download), then runs what
 the native trainer does for one micro-batch: the per-token log-probs through the chunked output head with the
 prompt shared by its group of G completions, a loss over them, backward, and one AdamW step (which allocates the
-optimizer state). Its peak resident set above the resident set once the model is built (``ru_maxrss``) is compared
-with the plan's terms less the weights, which are resident before the step (and less the CUDA allowance, as this is
-a CPU):
+optimizer state). Its peak resident set (VmHWM, reset once the model is built) above the resident set at that
+point is compared with the plan's terms less the weights, which are resident before the step (and less the CUDA
+allowance, as this is a CPU):
 
     python benchmarks/bench_memory_plan.py [--shapes tiny qwen2.5-0.5b] [--threads 2]
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +41,18 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _reset_peak() -> None:
+    """Reset the process's peak resident set (Linux: ``echo 5 > /proc/self/clear_refs`` resets VmHWM)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_mib() -> float:
+    """VmHWM, the peak resident set since the last reset (``ru_maxrss`` cannot be reset)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def child(shape: str) -> dict:
     """One micro-batch step in this process; returns the measured and planned MiB."""
     import torch
@@ -62,10 +73,11 @@ def child(shape: str) -> dict:
     ids = torch.cat([prompts, torch.randint(0, arch.vocab, (b, c))], dim=1)
     mask = torch.ones_like(ids)
     base = _rss_mib()
+    _reset_peak()  # what imports and the model build peaked at is not the step's
     logp, _ = token_logprobs(model, ids, mask, c, 0.7, group_size=g)
     (-logp.mean()).backward()
     optimizer.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_mib()
     plan = plan_memory(arch, micro_batch=b, prompt_tokens=p, completion_tokens=c, prompt_group=g, activation_bytes=4,
                        logit_chunk_elements=LOGIT_CHUNK_ELEMENTS, cuda=False)
     terms = {k: v / 2**20 for k, v in plan.terms.items() if k != "weights"}

@@ -32,14 +32,21 @@ against their installed code (tests/test_methods.py):
 * ``dro`` (verl ``dro``): :math:`s = A\log\pi - \tfrac{\beta}{2}\rho^2`, a quadratic penalty on the log-ratio;
 * ``kl_cov`` (verl ``kl_cov``, arXiv 2505.22617): :math:`s = rA`, less :math:`k\,|\rho|` on the
   ``kl_cov_ratio`` share of tokens (at least one) with the largest centred covariance
-  :math:`(A - \bar A)(\log\pi - \overline{\log\pi})` over the batch's tokens.
+  :math:`(A - \bar A)(\log\pi - \overline{\log\pi})` over the batch's tokens;
+* ``clip_cov`` (verl ``clip_cov``, the same paper): clip's surrogate, times 0 on ``clip_cov_ratio`` of the tokens
+  (at least one), drawn at random (``torch.randperm`` on the global generator, as verl) among the unclipped tokens
+  whose covariance lies in (``clip_cov_lb``, ``clip_cov_ub``);
+* ``vespo`` (TRL ``loss_type="vespo"``): :math:`s = \mathrm{sg}(\phi(w))\,A\log\pi` with the sequence's ratio
+  :math:`w = \exp\sum_t \rho_t` (clamped to [1e-8, e^{20}]) and :math:`\phi(w) = e^{\lambda} w^k e^{-\lambda w}`
+  (φ(1) = 1), k and λ by the sign of A (A ≥ 0: ``k_pos``, ``lambda_pos``); off-policy weights are folded into w, as
+  TRL folds its vLLM importance ratios.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,6 +65,12 @@ class TokenTerms:
     ratio: Tensor
     adv: Tensor
     mask: Tensor
+    # what a method computes once per call and reads twice (Clip-Cov's random token choice: the loss and ``kept``
+    # must see the same draw)
+    scratch: dict[str, Tensor] = field(default_factory=dict)
+    # importance weights of an off-policy correction, for a method that folds them into its own weight (VESPO);
+    # the objective multiplies every other method's surrogate by them
+    weights: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -258,7 +271,92 @@ class KlCov:
     not_elementwise = "which tokens are penalised depends on the whole batch"
 
 
-RatioMethod = Cispo | Gmpo | Gppo | Dppo | Gpg | Dro | KlCov
+@dataclass(frozen=True)
+class ClipCov:
+    """Clip-Cov: clip's surrogate, with the gradient of a random ``clip_cov_ratio`` share of the batch's unclipped
+    tokens whose covariance lies in (lb, ub) removed (module docstring)."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    clip_cov_ratio: float = 0.0002
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    name: str = "clip_cov"
+    hwhm: float | None = None
+    sequence_level = False
+    weight_x = None
+    not_elementwise = "which tokens lose their gradient is a random draw among the batch's high-covariance tokens"
+
+    def _clipped(self, t: TokenTerms) -> Tensor:
+        r = t.ratio.detach()
+        return (-t.adv * torch.clamp(r, 1.0 - self.eps_low, 1.0 + self.eps_high) > -t.adv * r) & t.mask
+
+    def _dropped(self, t: TokenTerms) -> Tensor:
+        """The drawn tokens, once per call: torch.randperm on the global generator, the draw verl makes."""
+        if "clip_cov" not in t.scratch:
+            m = t.mask
+            adv_mean = t.adv[m].mean()
+            logp = t.logp.detach()
+            cov = (t.adv - adv_mean) * (logp - logp[m].mean())
+            eligible = (cov < self.clip_cov_ub) & (cov > self.clip_cov_lb) & m & ~self._clipped(t)
+            where = torch.nonzero(eligible)
+            n = max(int(self.clip_cov_ratio * int(m.sum())), 1)
+            dropped = torch.zeros_like(m)
+            if len(where) > 0:
+                where = where[torch.randperm(len(where))[: min(n, len(where))]]
+                dropped[where[:, 0], where[:, 1]] = True
+            t.scratch["clip_cov"] = dropped
+        return t.scratch["clip_cov"]
+
+    def surrogate(self, t: TokenTerms) -> Tensor:
+        clipped = torch.clamp(t.ratio, 1.0 - self.eps_low, 1.0 + self.eps_high)
+        out = torch.minimum(t.ratio * t.adv, clipped * t.adv)
+        return out * (~self._dropped(t)).to(out.dtype)
+
+    def kept(self, t: TokenTerms) -> Tensor:
+        return ~(self._clipped(t) | self._dropped(t))
+
+
+@dataclass(frozen=True)
+class Vespo:
+    """VESPO: a gamma-shaped weight of the sequence's ratio, detached, on A·log π (module docstring)."""
+
+    k_pos: float = 2.0
+    lambda_pos: float = 3.0
+    k_neg: float = 3.0
+    lambda_neg: float = 2.0
+    name: str = "vespo"
+    hwhm: float | None = None
+    sequence_level = False
+    folds_weights = True
+    weight_x = None
+    not_elementwise = "its weight is a function of the whole sequence's ratio"
+
+    def phi(self, t: TokenTerms) -> Tensor:
+        """φ(w) per sequence, broadcast to its tokens (no gradient)."""
+        with torch.no_grad():
+            lower = math.log(1e-8)
+            m = t.mask.to(t.log_ratio.dtype)
+            log_w = (t.log_ratio.detach().clamp(-20.0, 20.0) * m).sum(-1, keepdim=True)
+            if t.weights is not None:  # TRL: log w += Σ_t log(π_old/π_sampler), clamped as its log w
+                log_w = log_w + (torch.log(t.weights.clamp(min=1e-300)).clamp(lower, 20.0) * m).sum(-1, keepdim=True)
+            log_w = log_w.clamp(lower, 20.0)
+            seq_adv = (t.adv * m).sum(-1, keepdim=True)
+            nonneg = seq_adv >= 0
+            k = torch.where(nonneg, self.k_pos, self.k_neg)
+            lam = torch.where(nonneg, self.lambda_pos, self.lambda_neg).clamp(min=1e-4)
+            phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+            return phi.expand_as(t.logp)
+
+    def surrogate(self, t: TokenTerms) -> Tensor:
+        return self.phi(t) * t.adv * t.logp
+
+    def kept(self, t: TokenTerms) -> Tensor:
+        """min(φ(w), 1): continuous, as a smooth gate's f'(r) (φ(1) = 1 on-policy)."""
+        return self.phi(t).clamp(max=1.0)
+
+
+RatioMethod = Cispo | Gmpo | Gppo | Dppo | Gpg | Dro | KlCov | ClipCov | Vespo
 
 
 def _positive(value: Any) -> bool:
@@ -288,9 +386,19 @@ METHODS: dict[str, tuple[Callable[..., RatioMethod], dict[str, _Check]]] = {
     "kl_cov": (lambda eps_low, eps_high, kl_cov_ratio=0.0002, kl_coef=0.1: KlCov(kl_cov_ratio, kl_coef),
                {"kl_cov_ratio": (lambda v: _positive(v) and v <= 1, "in (0, 1]"),
                 "kl_coef": (_at_least_zero, ">= 0")}),
+    "clip_cov": (lambda eps_low, eps_high, clip_cov_ratio=0.0002, clip_cov_lb=1.0, clip_cov_ub=5.0:
+                 ClipCov(eps_low, eps_high, clip_cov_ratio, clip_cov_lb, clip_cov_ub),
+                 {"clip_cov_ratio": (lambda v: _positive(v) and v <= 1, "in (0, 1]"),
+                  "clip_cov_lb": (lambda v: isinstance(v, int | float) and math.isfinite(v), "finite"),
+                  "clip_cov_ub": (lambda v: isinstance(v, int | float) and math.isfinite(v), "finite")}),
+    "vespo": (lambda eps_low, eps_high, k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0:
+              Vespo(k_pos, lambda_pos, k_neg, lambda_neg),
+              {key: (_at_least_zero, ">= 0") for key in ("k_pos", "lambda_pos", "k_neg", "lambda_neg")}),
 }
 # Every key a method node may carry beyond name and ε (harness.objective.loss_kwargs passes these on).
-METHOD_KEYS: tuple[str, ...] = ("clip_c", "eps_max", "beta_low", "beta_high", "dro_beta", "kl_cov_ratio", "kl_coef")
+METHOD_KEYS: tuple[str, ...] = ("clip_c", "eps_max", "beta_low", "beta_high", "dro_beta", "kl_cov_ratio", "kl_coef",
+                                 "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "k_pos", "lambda_pos", "k_neg",
+                                 "lambda_neg")
 
 
 def check_method_params(name: str, params: Mapping[str, Any]) -> None:

@@ -21,7 +21,10 @@ Aggregation over the (B, T) mask M:
   {\sum_t M_{it}}` over the B' sequences with at least one token;
 * ``token-mean`` (DAPO): :math:`\sum_{it} M_{it}\ell_{it} / \sum_{it} M_{it}`;
 * ``seq-mean-token-sum-norm`` (Dr. GRPO): :math:`\sum_{it} M_{it}\ell_{it} / (B \cdot L)` with a
-  constant L (``norm_length``, default T).
+  constant L (``norm_length``, default T);
+* ``seq-mean-token-sum`` (verl's; TRL's ``luspo``, the length-unbiased GSPO, with ``ratio_level="sequence"``):
+  :math:`\frac{1}{B'}\sum_i \sum_t M_{it}\ell_{it}`, a sum over each sequence's tokens, a mean over the B'
+  sequences with at least one.
 
 Diagnostics include the paper's Effective Update Ratio (arXiv 2602.19345 v2, eq. 12): with prompt groups b
 (the G completions of one prompt) and the gradient weight :math:`w = f'(r)` (for ``clip`` the indicator of the
@@ -66,6 +69,7 @@ surrogate :math:`-A`: logged losses are comparable across gates (SAPO's own
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -77,7 +81,7 @@ from harness.gates import ClipGate, Gate, SmoothGate, effective_tau, gate_params
 from harness.keys import CLIP_FRAC, DIAG_TOKENS, EUR, IS_CAPPED_FRAC, IS_ESS, IS_WEIGHT, KL, RATIO_STATS
 from harness.methods import TokenTerms
 
-AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm", "seq-mean-token-sum")
 RATIO_LEVELS = ("token", "sequence")
 OFF_POLICY_MODES = ("none", "decoupled", "tis", "mis")
 
@@ -256,7 +260,11 @@ def policy_loss(
         is_w = importance_weights(old_logp, behaviour_logp, mask, mode=off_policy, level=is_level, cap=is_cap,
                                   cap_low=is_cap_low, log_ratio_clip=log_ratio_clip)
     weights = is_w if token_weights is None else token_weights.detach() * (1.0 if is_w is None else is_w)
-    if weights is not None:
+    if weights is not None and getattr(g, "folds_weights", False):  # VESPO: into its own weight, as TRL
+        assert terms is not None
+        terms = dataclasses.replace(terms, weights=weights)
+        per_token = -g.surrogate(terms)
+    elif weights is not None:
         if getattr(g, "sequence_level", False):  # verl's geo_mean: the weights' geometric mean per sequence
             m = mask.to(logp.dtype)
             weights = torch.exp((torch.log(weights + 1e-10) * m).sum(-1, keepdim=True)
@@ -278,8 +286,9 @@ def policy_loss(
     stats_mask = mask if trained is None else mask & trained.to(mask.device).bool().unsqueeze(-1)
     with torch.no_grad():
         if terms is not None:
-            kept = g.kept(terms)
-            weight, clipped = kept.to(ratio.dtype), ~kept
+            kept = g.kept(terms)  # bool, or a continuous weight in [0, 1] (VESPO)
+            weight = kept.to(ratio.dtype)
+            clipped = ~kept if kept.dtype == torch.bool else kept < 0.5
         else:
             weight = g.weight(ratio.detach(), adv, tau)
             clipped = g.clipped(ratio.detach(), adv) if isinstance(g, ClipGate) else None
@@ -320,6 +329,8 @@ def aggregate(per_token: Tensor, mask: Tensor, agg: str = "seq-mean-token-mean",
     if agg == "seq-mean-token-sum-norm":
         length = norm_length if norm_length is not None else per_token.shape[-1]
         return masked.sum() / (per_token.shape[0] * length)
+    if agg == "seq-mean-token-sum":
+        return masked.sum() / (mask.sum(-1) > 0).sum().clamp(min=1)
     raise ValueError(f"agg must be one of {', '.join(AGG_MODES)}, got {agg!r}")
 
 
@@ -329,7 +340,7 @@ def micro_batch_weight(micro_mask: Tensor, batch_mask: Tensor, agg: str = "seq-m
     micro_mask, batch_mask = micro_mask.bool(), batch_mask.bool()
     if agg == "token-mean":
         return float(micro_mask.sum()) / max(float(batch_mask.sum()), 1.0)
-    if agg == "seq-mean-token-mean":
+    if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
         return float((micro_mask.sum(-1) > 0).sum()) / max(float((batch_mask.sum(-1) > 0).sum()), 1.0)
     if agg == "seq-mean-token-sum-norm":
         return micro_mask.shape[0] / batch_mask.shape[0]

@@ -92,6 +92,28 @@ class KlCovConfig:
 
 
 @dataclass
+class ClipCovConfig(ClipGateConfig):
+    """Clip-Cov: clip, with a random clip_cov_ratio share of the unclipped tokens whose advantage × log-prob
+    covariance lies in (clip_cov_lb, clip_cov_ub) left without gradient."""
+
+    name: str = "clip_cov"
+    clip_cov_ratio: float = 0.0002  # verl's defaults
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+
+
+@dataclass
+class VespoConfig:
+    """VESPO as TRL has it: sg(φ(w))·A·log π, φ(w) = e^λ w^k e^(−λw) of the sequence's ratio w."""
+
+    name: str = "vespo"
+    k_pos: float = 2.0  # TRL's defaults (A >= 0)
+    lambda_pos: float = 3.0
+    k_neg: float = 3.0  # A < 0
+    lambda_neg: float = 2.0
+
+
+@dataclass
 class ControllerConfig:
     """The EUR controller of ``tau_schedule=eur_target``: log τ moves by clip(gain · (EUR − target), ±max_step)
     after every step, within [tau_min, tau_max] (harness/schedule.py)."""
@@ -382,6 +404,8 @@ SCHEMAS: dict[tuple[str, str], type] = {
     ("gate", "dppo_gate"): DppoConfig,
     ("gate", "dro_gate"): DroConfig,
     ("gate", "kl_cov_gate"): KlCovConfig,
+    ("gate", "clip_cov_gate"): ClipCovConfig,
+    ("gate", "vespo_gate"): VespoConfig,
     ("gate", "smooth_gate"): SmoothGateConfig,
     ("gate", "student_gate"): StudentGateConfig,
     ("gate", "custom_gate"): CustomGateConfig,

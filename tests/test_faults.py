@@ -431,7 +431,7 @@ def in_process_cli(tmp_path, monkeypatch, cache_dir):
                                  "eps_low, eps_high"),
     ("backend.bf16=maybe", "full_key: backend.bf16"),
     ("train.loss.agg=mean", "train.loss.agg must be one of seq-mean-token-mean, token-mean, seq-mean-token-sum-norm"),
-    ("gate=nope", "Could not find 'gate/nope' Available options in 'gate': arctan, clip, custom"),
+    ("gate=nope", "Could not find 'gate/nope' Available options in 'gate': arctan, cispo, cispo_two_sided, clip,"),
 ])
 def test_bad_config_exits_2_with_one_line_and_no_traceback(overrides, message, tmp_path, capsys, in_process_cli):
     from harness.cli import main

@@ -49,7 +49,7 @@ def test_builtin_registry_is_what_the_docs_say():
     # the Student-t family is a gate per tail index (gate.nu), named apart from the five fixed shapes
     assert G.known_gates() == (*G.SMOOTH_GATES, G.STUDENT, "clip", *G.RATIO_CONTROL[1:])
     assert G.RATIO_CONTROL == ("clip", "dual_clip", "cispo", "cispo_two_sided", "gmpo", "gppo", "dppo_tv", "dppo_kl",
-                               "gpg", "dro", "kl_cov")
+                               "gpg", "dro", "kl_cov", "clip_cov", "vespo")
 
 
 @pytest.mark.parametrize("name", list(CLOSED_DF))

@@ -19,7 +19,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from harness.gates import BUILTIN_GATES
+from harness.gates import BUILTIN_GATES, RATIO_CONTROL
 from tests.conftest import compose
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ def test_dry_run_of_the_gpu_check_measures_every_step(tmp_path, cache_dir):
     assert Path(res["tiny_model"]["path"]).is_dir()
     for dtype in ("float32", "bfloat16"):
         timing = res["objective"]["timing"][dtype]
-        assert timing["dtype"] == dtype and set(timing["gates"]) == set(BUILTIN_GATES)
+        assert timing["dtype"] == dtype and set(timing["gates"]) == {*BUILTIN_GATES, *RATIO_CONTROL}
         assert timing["gates"]["clip"]["diag=True"]["x_clip"] == 1.0
         assert all(r[k]["ms"] > 0 for r in timing["gates"].values() for k in ("diag=True", "diag=False"))
     err = res["objective"]["bf16_error"]

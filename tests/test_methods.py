@@ -80,6 +80,54 @@ def test_gmpo_equals_trls_experimental_gmpo_trainer():
     assert worst <= TOL, worst
 
 
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_vespo_equals_trls_vespo(with_weights):
+    """TRL loss_type=vespo (TRL's k, λ defaults and others), token sums over num_items_in_batch: our token-mean; with
+    vLLM importance ratios TRL folds them into the sequence weight, as ``token_weights`` are folded here."""
+    from trl import GRPOTrainer
+
+    worst, binds = 0.0, False
+    for seed in range(3):
+        data = _tensors(seed)
+        data["advantages"][1] = -data["advantages"][1].abs() - 0.5
+        mask = data["completion_mask"].bool()
+        w = torch.rand(data["_logp"].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) + 0.5
+        w = torch.where(mask, w, 1.0)  # TRL sums log w over every position: 1 (log 0) on padding
+        keys = dict(vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=1.5, vespo_lambda_neg=1.0) if seed else {}
+        params = {k.removeprefix("vespo_"): v for k, v in keys.items()} or None
+        data["num_items_in_batch"] = data["completion_mask"].sum()
+        if with_weights:
+            data["importance_sampling_ratio"] = w
+        accelerator = SimpleNamespace(reduce=lambda t, reduction="sum": t, gather=lambda t: t, num_processes=1)
+        trl = _run(GRPOTrainer, data, loss_type="vespo", accelerator=accelerator, args=_trl_args(
+            **{"vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0, **keys}),
+                   use_vllm=with_weights, vllm_importance_sampling_correction=with_weights)
+        for key in ("num_items_in_batch", "importance_sampling_ratio"):
+            data.pop(key, None)
+        ours = _ours(data, "vespo", agg="token-mean", params=params, weights=w if with_weights else None)
+        worst = max(worst, _diff(trl, ours))
+        _, diag = policy_loss(data["_logp"], data["old_per_token_logps"], data["advantages"], mask, gate="vespo")
+        binds |= diag["eur"] < 0.999
+    assert worst <= TOL and binds, worst
+
+
+def test_luspo_is_clip_at_sequence_level_summed_over_tokens():
+    """TRL loss_type=luspo (importance_sampling_level=sequence): GSPO's clipped sequence ratio, each sequence's token
+    sum, the mean over sequences = gate=clip, train.loss.ratio_level=sequence, train.loss.agg=seq-mean-token-sum."""
+    from trl import GRPOTrainer
+
+    worst = 0.0
+    for seed in range(3):
+        data = _tensors(seed)
+        trl = _run(GRPOTrainer, data, loss_type="luspo", importance_sampling_level="sequence")
+        x = data["_logp"].clone().requires_grad_(True)
+        loss, _ = policy_loss(x, data["old_per_token_logps"], data["advantages"], data["completion_mask"],
+                              gate="clip", ratio_level="sequence", agg="seq-mean-token-sum", diagnostics=False)
+        (grad,) = torch.autograd.grad(loss / GA, x)
+        worst = max(worst, _diff(trl, (float(loss.detach()) / GA, grad)))
+    assert worst <= TOL, worst
+
+
 def _trl_args(**changes) -> SimpleNamespace:
     """The ``args`` test_backend_trl's fake trainer carries, with ``changes``."""
     return SimpleNamespace(**{**dict(delta=None, sapo_temperature_pos=TAU_POS, sapo_temperature_neg=TAU_NEG,
@@ -124,7 +172,7 @@ def test_every_method_reports_its_kept_share_as_eur():
     for gate in RATIO_CONTROL:
         params = {"dro_beta": 0.1} if gate == "dro" else None
         _, diag = policy_loss(old.clone(), old, adv, mask, gate=gate, method_params=params)
-        assert (diag["eur"] == 1.0 and diag.get("clip_frac", 0.0) == 0.0) or gate == "kl_cov", gate
+        assert (diag["eur"] == 1.0 and diag.get("clip_frac", 0.0) == 0.0) or gate in ("kl_cov", "clip_cov"), gate
     _, diag = policy_loss(data["_logp"], old, adv, mask, gate="cispo", method_params={"eps_max": 1.1})
     r = torch.exp(data["_logp"] - old)[mask]
     assert diag["clip_frac"] == pytest.approx(float((r > 1.1).double().mean()), abs=1e-12)
@@ -159,6 +207,7 @@ _VERL = textwrap.dedent(r'''
                               **case["actor"])
         row = {}
         for key, name in (("verl", case["verl"]), ("plugin", "harness_" + case["gate"])):
+            torch.manual_seed(case["seed"])  # Clip-Cov's draw
             x = logp.clone().requires_grad_(True)
             loss, _ = get_policy_loss_fn(name)(old, x, adv[:, None].expand_as(x), mask, case["agg"], cfg,
                                                rollout_is_weights=w)
@@ -192,26 +241,34 @@ VERL_CASES = [
     ("kl_cov", "kl_cov", {}, {"kl_cov_ratio": 0.1, "ppo_kl_coef": 0.5}, (0.2, 0.2),
      {"kl_cov_ratio": 0.1, "kl_coef": 0.5}, "token-mean", False),
     ("kl_cov", "kl_cov", {}, {"kl_cov_ratio": 0.0002, "ppo_kl_coef": 0.1}, (0.2, 0.2), {}, "seq-mean-token-mean", True),
+    ("clip_cov", "clip_cov", {}, {"clip_cov_ratio": 0.2, "clip_cov_lb": 0.0, "clip_cov_ub": 5.0}, (0.2, 0.2),
+     {"clip_cov_ratio": 0.2, "clip_cov_lb": 0.0, "clip_cov_ub": 5.0}, "token-mean", False),
+    ("clip_cov", "clip_cov", {"clip_ratio_low": 0.1, "clip_ratio_high": 0.3}, {"clip_cov_ratio": 0.1,
+     "clip_cov_lb": -0.5, "clip_cov_ub": 2.0}, (0.1, 0.3), {"clip_cov_ratio": 0.1, "clip_cov_lb": -0.5,
+     "clip_cov_ub": 2.0}, "seq-mean-token-sum", True),
 ]
 
 
 @needs_verl
 def test_methods_equal_verls_registered_losses():
     """verl 0.9.1's own ``vanilla`` (dual-clip), ``cispo``, ``geo_mean``, ``dppo_tv``, ``dppo_kl``, ``gpg``,
-    ``dro`` and ``kl_cov``, and the plugin's ``harness_<name>``, equal policy_loss: value and gradient, with and
-    without rollout importance weights. Prints the parity table (method, verl / plugin max abs difference)."""
+    ``dro``, ``kl_cov`` and ``clip_cov`` (its random draw from the same seed of the global generator), and the plugin's
+    ``harness_<name>``, equal policy_loss: value and gradient, with and without rollout importance weights. Prints
+    the parity table (method, verl / plugin max abs difference)."""
     cases, ours = [], []
     for k, (verl_name, gate, actor, pl, eps, params, agg, with_w) in enumerate(VERL_CASES):
         data = _tensors(40 + k)
         data["advantages"][1] = -data["advantages"][1].abs() - 0.5  # both signs present in every case
         w = (torch.rand(data["_logp"].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(k)) * 2
              if with_w else None)
-        cases.append({"verl": verl_name, "gate": gate, "actor": actor, "policy_loss": pl, "agg": agg,
+        cases.append({"verl": verl_name, "gate": gate, "actor": actor, "policy_loss": pl, "agg": agg, "seed": k,
                       "old": data["old_per_token_logps"].tolist(), "logp": data["_logp"].tolist(),
                       "adv": data["advantages"].tolist(), "mask": data["completion_mask"].tolist(),
                       "weights": None if w is None else w.tolist()})
+        torch.manual_seed(k)  # Clip-Cov's draw, as in the verl process
         ours.append(_ours(data, gate, agg=agg, eps=eps, params=params or None, weights=w))
         if gate not in ("gpg", "dro"):  # the rule must bind somewhere, or the comparison would not test it
+            torch.manual_seed(k)
             _, diag = policy_loss(data["_logp"], data["old_per_token_logps"], data["advantages"],
                                   data["completion_mask"], gate=gate, agg=agg, eps_low=eps[0], eps_high=eps[1],
                                   method_params=params or None)

@@ -24,7 +24,7 @@ train.warmup_steps, lr_schedule warmup_steps × optimizer steps per batch; const
                                 linear
 train.max_prompt_tokens         longer training prompts are left out before TRL sees the dataset
 train.advantage                 scale_rewards = group (grpo) | none (drgrpo)
-train.loss.agg                  loss_type grpo | bnpo | dr_grpo (same aggregation; for TRL's logs)
+train.loss.agg                  loss_type grpo | bnpo | dr_grpo | luspo (same aggregation; for TRL's logs)
 train.loss.kl_beta              beta (TRL then computes reference log-probs)
 train.rewards.*                 reward_funcs [format (graded | binary), accuracy, extras...] + reward_weights
 train.save_every                save_steps = save_every × optimizer steps per batch (HF-format checkpoints)
@@ -44,7 +44,8 @@ import torch
 from harness.backends.common import mini_batch_size
 from harness.config import to_plain
 
-TRL_LOSS_TYPE = {"seq-mean-token-mean": "grpo", "token-mean": "bnpo", "seq-mean-token-sum-norm": "dr_grpo"}
+TRL_LOSS_TYPE = {"seq-mean-token-mean": "grpo", "token-mean": "bnpo", "seq-mean-token-sum-norm": "dr_grpo",
+                 "seq-mean-token-sum": "luspo"}
 LR_SCHEDULER = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 VLLM_KEYS = ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
              "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",

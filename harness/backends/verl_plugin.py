@@ -43,7 +43,8 @@ geometric mean over the sequence, as verl's ``geo_mean`` does.
 
 The ratio-control methods of :mod:`harness.methods` and dual-clip register as ``harness_<name>`` too. Their own
 keys come from verl's config where verl has one (``clip_c`` ← ``actor.clip_ratio_c``, ``dro_beta``,
-``kl_cov_ratio`` and ``kl_coef`` ← ``actor.policy_loss.dro_beta`` / ``kl_cov_ratio`` / ``ppo_kl_coef``), the rest
+``kl_cov_ratio``, ``kl_coef`` and ``clip_cov_*`` ← ``actor.policy_loss.dro_beta`` / ``kl_cov_ratio`` /
+``ppo_kl_coef`` / ``clip_cov_*``), the rest
 (``eps_max``, ``beta_low``, ``beta_high``) from ``HARNESS_VERL_GATE_PARAMS`` (JSON), which also overrides.
 
 The KL penalty is not part of this loss in verl: verl adds it itself (``actor.use_kl_loss``,
@@ -83,7 +84,8 @@ ENV_VARS = ENV_GATE, ENV_WIDTH, ENV_RATIO_LEVEL, ENV_LOG_RATIO_CLIP, ENV_NU, ENV
     f"HARNESS_VERL_{key}" for key in ("GATE", "WIDTH", "RATIO_LEVEL", "LOG_RATIO_CLIP", "NU", "GATE_PARAMS"))
 # The methods' keys verl has a config key for: dual-clip's and DPPO's c is actor.clip_ratio_c, the others sit in
 # actor.policy_loss (their values there apply unless $HARNESS_VERL_GATE_PARAMS names the key).
-VERL_POLICY_LOSS_KEYS = {"dro_beta": "dro_beta", "kl_cov_ratio": "kl_cov_ratio", "kl_coef": "ppo_kl_coef"}
+VERL_POLICY_LOSS_KEYS = {"dro_beta": "dro_beta", "kl_cov_ratio": "kl_cov_ratio", "kl_coef": "ppo_kl_coef",
+                         "clip_cov_ratio": "clip_cov_ratio", "clip_cov_lb": "clip_cov_lb", "clip_cov_ub": "clip_cov_ub"}
 
 _log = logging.getLogger(__name__)
 
@@ -150,7 +152,7 @@ def global_batch_scale(mask: Tensor, agg: str, batch_info: Mapping[str, Any] | N
         return float(mask.sum()) * dp / float(total)
     nonempty = float((mask.sum(-1) > 0).sum())
     total = info.get("global_batch_size")
-    if agg == "seq-mean-token-mean":
+    if agg in ("seq-mean-token-mean", "seq-mean-token-sum"):
         return (nonempty * dp / float(total)) if total is not None else float(dp)
     if agg == "seq-mean-token-sum-norm":
         # harness divides by the row count B, verl by the global (or local non-empty) sequence count
