@@ -279,6 +279,10 @@ def gates_main(argv: list[str]) -> int:
 
     try:
         named = expand(list(G.known_gates()) if args.cmd == "list" else args.gates)
+        methods = [label for label, g in named if not isinstance(g, G.SmoothGate | G.ClipGate)]
+        if args.cmd == "plot" and methods:
+            raise ValueError(f"{', '.join(methods)}: ratio-control methods have no f(r) to draw (docs/methods.md); "
+                             "harness gates plot draws the smooth gates, clip and dual_clip")
     except ValueError as exc:  # a bad name or ν, before anything is computed or drawn
         print(f"error: {exc}", file=sys.stderr)
         return 2

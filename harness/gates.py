@@ -76,6 +76,10 @@ BaseFn = Callable[[Tensor], Tensor]
 log = logging.getLogger(__name__)
 
 WIDTH_MODES = ("raw", "hwhm")
+DUAL_CLIP = "dual_clip"
+DUAL_CLIP_C = 3.0  # verl's clip_ratio_c default
+# The names without a temperature: clip, dual-clip and the methods of harness.methods.
+RATIO_CONTROL: tuple[str, ...] = ("clip", DUAL_CLIP, *METHODS)
 
 
 @dataclass(frozen=True)
@@ -192,7 +196,7 @@ def register_gate(name: str, *, dF: BaseFn | None = None, hwhm: float | None = N
     """Decorator: register a base function F under ``name`` (verl-style registry)."""
 
     def deco(F: BaseFn) -> BaseFn:
-        if name in _BUILTIN or name == "clip":
+        if name in _BUILTIN or name in RATIO_CONTROL:
             raise ValueError(f"gate {name!r} is already registered")
         _BUILTIN[name] = SmoothGate(name=name, F=F, dF=dF, hwhm=hwhm)
         return F
@@ -239,12 +243,6 @@ BUILTIN_GATES: tuple[str, ...] = (*SMOOTH_GATES, "clip")
 SIGMOID_HWHM: float = _BUILTIN["sigmoid"].hwhm  # type: ignore[assignment]
 STUDENT = "student"  # the Student-t family, one gate per tail index gate.nu
 NU_MIN, NU_MAX = 1.0, 1e6
-
-
-DUAL_CLIP = "dual_clip"
-DUAL_CLIP_C = 3.0  # verl's clip_ratio_c default
-# The names without a temperature: clip, dual-clip and the methods of harness.methods.
-RATIO_CONTROL: tuple[str, ...] = ("clip", DUAL_CLIP, *METHODS)
 
 
 def known_gates() -> tuple[str, ...]:
@@ -323,12 +321,12 @@ def student_gate(nu: float) -> SmoothGate:
                       dF=lambda x: student_weight(x, nu), hwhm=math.sqrt(nu * (2.0 ** (2.0 / (nu + 1.0)) - 1.0)))
 
 
-def get_gate(spec: str | Mapping[str, Any] | Gate, *, eps_low: float = 0.2, eps_high: float = 0.2,
+def get_gate(spec: str | Mapping[str, Any] | Gate, *, eps_low: float | None = None, eps_high: float | None = None,
              nu: float | None = None, params: Mapping[str, Any] | None = None) -> Gate:
     """Resolve a gate from a name, an import path ``"pkg.mod:attr"``, a Hydra ``_target_`` mapping
-    or a gate object. ``nu`` is the tail index of the ``student`` family; ``params`` the own keys of dual-clip
-    (``clip_c``) and of the methods of :mod:`harness.methods`. Raises ``ValueError`` naming the known gates for
-    anything else."""
+    or a gate object. ``eps_low``/``eps_high`` (None: clip's 0.2, each method's own default), ``nu`` the tail index
+    of the ``student`` family, ``params`` the own keys of dual-clip (``clip_c``) and of the methods of
+    :mod:`harness.methods`. Raises ``ValueError`` naming the known gates for anything else."""
     if spec == STUDENT:
         if nu is None:
             raise ValueError(f"gate {STUDENT!r} needs its tail index gate.nu (a number >= {NU_MIN:g})")
@@ -343,11 +341,11 @@ def get_gate(spec: str | Mapping[str, Any] | Gate, *, eps_low: float = 0.2, eps_
         return _coerce(instantiate(dict(spec)), str(spec["_target_"]))
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"gate must be a name or 'module:attr' path, got {spec!r}")
+    clip_eps = {"eps_low": 0.2 if eps_low is None else eps_low, "eps_high": 0.2 if eps_high is None else eps_high}
     if spec == "clip":
-        return ClipGate(eps_low=eps_low, eps_high=eps_high)
+        return ClipGate(**clip_eps)
     if spec == DUAL_CLIP:
-        c = (params or {}).get("clip_c", DUAL_CLIP_C)
-        return ClipGate(eps_low=eps_low, eps_high=eps_high, name=DUAL_CLIP, clip_c=c)
+        return ClipGate(**clip_eps, name=DUAL_CLIP, clip_c=(params or {}).get("clip_c", DUAL_CLIP_C))
     if spec in METHODS:
         return make_method(spec, eps_low=eps_low, eps_high=eps_high, params=params)
     if spec in _BUILTIN:
@@ -368,14 +366,14 @@ def _resolve_path(spec: str) -> Gate:
 
 
 def _coerce(obj: Any, label: str) -> Gate:
-    if isinstance(obj, SmoothGate | ClipGate):
+    if isinstance(obj, SmoothGate | ClipGate | RatioMethod):
         return obj
     if callable(obj):
         try:
             probe = obj(torch.zeros(3, dtype=torch.float64))
         except TypeError:
             return _coerce(obj(), label)  # a zero-argument factory
-        if isinstance(probe, SmoothGate | ClipGate):
+        if isinstance(probe, SmoothGate | ClipGate | RatioMethod):
             return probe
         if not isinstance(probe, Tensor) or probe.shape != (3,):
             raise ValueError(f"gate {label!r}: F must map a tensor elementwise to a tensor")

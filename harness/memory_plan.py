@@ -21,8 +21,9 @@ a the bytes of an activation (2 in bf16, 4 in float32):
   ============  ===================================================  ==========================================
 
 * **activations** kept for backward, per decoder layer and token, 8h + 3k + 4i values (each of the two RMSNorms' input
-  and normalised output, 4h; q, the rotated q and the attention output, 3h; k, v and the rotated k, 3k; the MLP's
-  gate, up, activation and their product, 4i; flash attention keeps no s × s scores): b·s·L·a·(8h + 3k + 4i) without
+  and normalised output, 4h; q and the rotated q, 2h; the attention kernel's output and its transposed copy that the
+  output projection keeps, 2h; k, v and the rotated k, 3k; the MLP's gate, up, activation and their product, 4i;
+  flash attention keeps no s × s scores): b·s·L·a·(8h + 3k + 4i) without
   gradient checkpointing; with it each layer keeps its input, b·s·L·a·h, and one layer is recomputed at a time,
   + b·s·a·(8h + 3k + 4i);
 * **logits** over the vocabulary for the completion tokens, in the activation dtype, their gradient, and one float32
@@ -116,7 +117,11 @@ def architecture_of(model_cfg: Mapping[str, Any]) -> Architecture:
         raise ValueError(f"model {name!r}: no architecture known; give model.path (a hub id or a directory)")
     from transformers import AutoConfig
 
-    return architecture_from_config(AutoConfig.from_pretrained(str(path)).to_dict(), str(path))
+    try:
+        config = AutoConfig.from_pretrained(str(path)).to_dict()
+    except OSError as exc:  # offline, or no such repository: a config error naming the key, not a traceback
+        raise ValueError(f"model.path={path}: no config.json to plan from ({exc})") from None
+    return architecture_from_config(config, str(path))
 
 
 @dataclass(frozen=True)
@@ -191,7 +196,8 @@ def plan_of_config(cfg: Any, *, gpu_bytes: float | None = None, sharding: str | 
     t, bk = cfg.train, cfg.backend
     name = str(bk.name)
     trl_bf16 = name == "trl" and bool(bk.get("bf16", True)) and str(bk.get("device", "auto")) != "cpu"
-    vllm = float(bk.get("vllm_gpu_memory_utilization") or 0.0) if bk.get("use_vllm") else 0.0
+    colocated = bk.get("use_vllm") and str(bk.get("vllm_mode", "colocate")) == "colocate"
+    vllm = float(bk.get("vllm_gpu_memory_utilization") or 0.0) if colocated else 0.0
     b, g = int(t.micro_batch_size), int(t.num_generations)
     shared = name == "native" and bool(bk.get("share_prompt", False)) and b % g == 0
     return plan_memory(
@@ -221,12 +227,16 @@ def fit_advice(plan: MemoryPlan, gpu_bytes: float) -> str:
 
 
 def check_fits(cfg: Any) -> None:
-    """``ValueError`` when a CUDA cell's plan exceeds its GPU's memory (before the model loads), naming the keys that
-    would make it fit. Nothing to check on a CPU (the plan has no device limit there) or without CUDA."""
+    """``ValueError`` when a one-process CUDA cell's plan exceeds its GPU's memory (before the model loads), naming the
+    keys that would make it fit. Nothing to check on a CPU (the plan has no device limit there), without CUDA, or in
+    a process of a multi-process launch (``WORLD_SIZE`` > 1): how accelerate shards the states there (DDP, ZeRO,
+    FSDP) is its config's, which the harness does not read; ``harness plan --sharding ... --processes N`` plans it."""
+    import os
+
     import torch
 
     device = str(cfg.backend.get("device", "auto"))
-    if device == "cpu" or not torch.cuda.is_available():
+    if device == "cpu" or not torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return
     gpu = float(torch.cuda.get_device_properties(0).total_memory)
     plan = plan_of_config(cfg, gpu_bytes=gpu)

@@ -367,38 +367,32 @@ def _at_least_zero(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
-# name -> (factory from eps_low, eps_high and the method's own keys; {key: (check, what it must be)})
+# name -> (factory from the ε given (a dict without the ones left at None: each method then takes its own default) and
+# the method's own keys; {own key: (check, what it must be)})
 _Check = tuple[Callable[[Any], bool], str]
+_FINITE: _Check = (lambda v: isinstance(v, int | float) and math.isfinite(v), "finite")
+_SHARE: _Check = (lambda v: _positive(v) and v <= 1, "in (0, 1]")
 METHODS: dict[str, tuple[Callable[..., RatioMethod], dict[str, _Check]]] = {
-    "cispo": (lambda eps_low, eps_high, eps_max=5.0: Cispo("cispo", cap_high=eps_max),
-              {"eps_max": (_positive, "> 0")}),
-    "cispo_two_sided": (lambda eps_low, eps_high: Cispo("cispo_two_sided", cap_high=1.0 + eps_high,
-                                                        cap_low=1.0 - eps_low), {}),
-    "gmpo": (lambda eps_low, eps_high: Gmpo(eps_low, eps_high), {}),
-    "gppo": (lambda eps_low, eps_high, beta_low=1.0, beta_high=1.0: Gppo(eps_low, eps_high, beta_low, beta_high),
+    "cispo": (lambda eps, eps_max=5.0: Cispo("cispo", cap_high=eps_max), {"eps_max": (_positive, "> 0")}),
+    "cispo_two_sided": (lambda eps: Cispo("cispo_two_sided", cap_high=1.0 + eps.get("eps_high", 0.2),
+                                          cap_low=1.0 - eps.get("eps_low", 0.2)), {}),
+    "gmpo": (lambda eps: Gmpo(**eps), {}),
+    "gppo": (lambda eps, **own: Gppo(**eps, **own),
              {"beta_low": (_at_least_zero, ">= 0"), "beta_high": (_at_least_zero, ">= 0")}),
-    "dppo_tv": (lambda eps_low, eps_high, clip_c=20.0: Dppo("tv", eps_low, eps_high, clip_c, name="dppo_tv"),
+    "dppo_tv": (lambda eps, **own: Dppo("tv", **eps, **own, name="dppo_tv"), {"clip_c": (_positive, "> 0")}),
+    "dppo_kl": (lambda eps, **own: Dppo("kl", **{"eps_low": 0.05, "eps_high": 0.05, **eps}, **own, name="dppo_kl"),
                 {"clip_c": (_positive, "> 0")}),
-    "dppo_kl": (lambda eps_low, eps_high, clip_c=20.0: Dppo("kl", eps_low, eps_high, clip_c, name="dppo_kl"),
-                {"clip_c": (_positive, "> 0")}),
-    "gpg": (lambda eps_low, eps_high: Gpg(), {}),
-    "dro": (lambda eps_low, eps_high, dro_beta=None: Dro(dro_beta), {"dro_beta": (_positive, "> 0")}),
-    "kl_cov": (lambda eps_low, eps_high, kl_cov_ratio=0.0002, kl_coef=0.1: KlCov(kl_cov_ratio, kl_coef),
-               {"kl_cov_ratio": (lambda v: _positive(v) and v <= 1, "in (0, 1]"),
-                "kl_coef": (_at_least_zero, ">= 0")}),
-    "clip_cov": (lambda eps_low, eps_high, clip_cov_ratio=0.0002, clip_cov_lb=1.0, clip_cov_ub=5.0:
-                 ClipCov(eps_low, eps_high, clip_cov_ratio, clip_cov_lb, clip_cov_ub),
-                 {"clip_cov_ratio": (lambda v: _positive(v) and v <= 1, "in (0, 1]"),
-                  "clip_cov_lb": (lambda v: isinstance(v, int | float) and math.isfinite(v), "finite"),
-                  "clip_cov_ub": (lambda v: isinstance(v, int | float) and math.isfinite(v), "finite")}),
-    "vespo": (lambda eps_low, eps_high, k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0:
-              Vespo(k_pos, lambda_pos, k_neg, lambda_neg),
+    "gpg": (lambda eps: Gpg(), {}),
+    "dro": (lambda eps, **own: Dro(**own), {"dro_beta": (_positive, "> 0")}),
+    "kl_cov": (lambda eps, **own: KlCov(**own), {"kl_cov_ratio": _SHARE, "kl_coef": (_at_least_zero, ">= 0")}),
+    "clip_cov": (lambda eps, **own: ClipCov(**eps, **own),
+                 {"clip_cov_ratio": _SHARE, "clip_cov_lb": _FINITE, "clip_cov_ub": _FINITE}),
+    "vespo": (lambda eps, **own: Vespo(**own),
               {key: (_at_least_zero, ">= 0") for key in ("k_pos", "lambda_pos", "k_neg", "lambda_neg")}),
 }
-# Every key a method node may carry beyond name and ε (harness.objective.loss_kwargs passes these on).
-METHOD_KEYS: tuple[str, ...] = ("clip_c", "eps_max", "beta_low", "beta_high", "dro_beta", "kl_cov_ratio", "kl_coef",
-                                 "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "k_pos", "lambda_pos", "k_neg",
-                                 "lambda_neg")
+# Every key a method node may carry beyond name and ε (harness.objective.loss_kwargs passes these on); clip_c is
+# dual-clip's too.
+METHOD_KEYS: tuple[str, ...] = tuple(dict.fromkeys(["clip_c", *(k for _, keys in METHODS.values() for k in keys)]))
 
 
 def check_method_params(name: str, params: Mapping[str, Any]) -> None:
@@ -408,11 +402,12 @@ def check_method_params(name: str, params: Mapping[str, Any]) -> None:
             raise ValueError(f"gate.{key} must be a number {what} for gate {name!r}, got {params[key]!r}")
 
 
-def make_method(name: str, *, eps_low: float = 0.2, eps_high: float = 0.2,
+def make_method(name: str, *, eps_low: float | None = None, eps_high: float | None = None,
                 params: Mapping[str, Any] | None = None) -> RatioMethod:
-    """The registered method ``name`` with its ε and its own keys (``params``; unknown keys are ignored, as a
-    gate ignores the keys of other gates)."""
+    """The registered method ``name`` with its ε (None: the method's own default, e.g. GMPO's 0.4) and its own keys
+    (``params``; unknown keys are ignored, as a gate ignores the keys of other gates)."""
     params = dict(params or {})
     check_method_params(name, params)
     factory, keys = METHODS[name]
-    return factory(eps_low, eps_high, **{k: float(v) for k, v in params.items() if k in keys})
+    eps = {k: float(v) for k, v in (("eps_low", eps_low), ("eps_high", eps_high)) if v is not None}
+    return factory(eps, **{k: float(v) for k, v in params.items() if k in keys})

@@ -12,8 +12,10 @@ t, the log of the sequence's geometric-mean ratio). The per-token loss is
 
 .. math::  \ell_{it} = -\,s(r_{it}, A_{it}) + \beta\, k_3(\log\pi_{ref}, \log\pi_\theta)
 
-with the gate surrogate :math:`s = f_\tau(r) A` (smooth gates, see :mod:`harness.gates`) or
-:math:`s = \min(rA, \mathrm{clip}(r)A)` (``clip``), and the k3 KL estimator
+with the gate surrogate :math:`s = f_\tau(r) A` (smooth gates, see :mod:`harness.gates`),
+:math:`s = \min(rA, \mathrm{clip}(r)A)` (``clip``; ``dual_clip`` adds a bound for A < 0) or a ratio-control method's
+(:mod:`harness.methods`: CISPO, GMPO, GPPO, DPPO, ..., whose EUR is the share of tokens their rule leaves alone), and
+the k3 KL estimator
 :math:`k_3 = e^{\log\pi_{ref} - \log\pi_\theta} - (\log\pi_{ref} - \log\pi_\theta) - 1`.
 Aggregation over the (B, T) mask M:
 
@@ -42,7 +44,8 @@ nothing to the loss and a backend may leave them out of the forward/backward pas
 ratios (A = 0 takes the A ≤ 0 branch: τ_neg, or the lower clip bound) and eq. 12 counts them. ``trained`` tells
 :func:`policy_loss` which rows went through the update: the other diagnostics cover those rows' tokens, EUR every
 row's. Where nothing has moved since the behaviour log-probs were taken (the first optimizer step on a batch),
-r = 1 and f'(1) = 1 for every gate, so a group's contribution there is exactly 1.
+r = 1 and f'(1) = 1 for every gate, so a group's contribution there is exactly 1 (for every method too, except
+KL-Cov and Clip-Cov, whose batch-level choice marks tokens at any ratio).
 
 Off-policy corrections (``off_policy``, arXiv 2602.19345 does not use them): when the rollouts were drawn by a
 behaviour policy :math:`\pi_b` other than the trainer's policy at the start of the step, :math:`\pi_{prox}` (stale
@@ -149,8 +152,8 @@ def policy_loss(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     width: str = "raw",
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
+    eps_low: float | None = None,
+    eps_high: float | None = None,
     ratio_level: str = "token",
     agg: str = "seq-mean-token-mean",
     ref_logp: Tensor | None = None,
@@ -179,7 +182,8 @@ def policy_loss(
         gate: gate name, ``"module:attr"`` path, ``_target_`` mapping or gate object.
         tau_pos, tau_neg: temperatures for A > 0 and A <= 0 (smooth gates).
         width: ``"raw"`` or ``"hwhm"`` (τ read as sigmoid-equivalent; see :mod:`harness.gates`).
-        eps_low, eps_high: clip range for ``gate="clip"``.
+        eps_low, eps_high: the ε of clip (default 0.2/0.2) and of the ratio-control methods that have one (None: the
+            method's own default, e.g. GMPO's 0.4; DPPO reads them as its divergence thresholds).
         ratio_level: ``"token"`` or ``"sequence"`` (GSPO).
         agg: one of :data:`AGG_MODES`.
         ref_logp, kl_beta: optional k3 KL penalty to a reference policy.
@@ -203,7 +207,8 @@ def policy_loss(
 
     Returns:
         ``(loss, diagnostics)``; diagnostics hold ratio statistics, mean and 95th percentile of |r − 1|, mean gate
-        weight, fractions of tokens with w < 0.5 / w < 0.1, the EUR (and ``clip_frac`` for clip), each also split by
+        weight, fractions of tokens with w < 0.5 / w < 0.1, the EUR (and ``clip_frac`` for clip, dual-clip and the
+        methods of :mod:`harness.methods`: the share their rule acts on), each also split by
         advantage sign with suffixes ``_pos`` / ``_neg`` (A = 0 counts as ``_neg``, as it takes τ_neg), plus ``kl``
         when a reference is given. Without trained tokens (a step where every group has zero variance) only the
         EUR keys are present. With a correction also ``is_weight``, ``is_ess`` and ``is_capped_frac``.
@@ -262,6 +267,9 @@ def policy_loss(
     weights = is_w if token_weights is None else token_weights.detach() * (1.0 if is_w is None else is_w)
     if weights is not None and getattr(g, "folds_weights", False):  # VESPO: into its own weight, as TRL
         assert terms is not None
+        if off_policy != "none" and is_level != "token":  # Σ_t log w would count a sequence weight |y| times
+            raise ValueError(f"gate {g.name!r} folds per-token importance weights into its sequence ratio (as TRL): "
+                             f"train.loss.off_policy.level must be token, got {is_level!r}")
         terms = dataclasses.replace(terms, weights=weights)
         per_token = -g.surrogate(terms)
     elif weights is not None:

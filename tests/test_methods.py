@@ -186,6 +186,19 @@ def test_bad_method_settings_name_the_key():
     data = _tensors(0)
     with pytest.raises(ValueError, match=r"train\.loss\.agg=seq-mean-token-mean"):
         _ours(data, "gmpo", agg="token-mean")
+    with pytest.raises(ValueError, match=r"train\.loss\.off_policy\.level must be token"):
+        policy_loss(data["_logp"], data["old_per_token_logps"], data["advantages"], data["completion_mask"],
+                    gate="vespo", behaviour_logp=data["old_per_token_logps"] - 0.1, off_policy="tis",
+                    is_level="sequence")
+    assert get_gate("gmpo").eps_high == 0.4 and get_gate("dppo_kl").eps_low == 0.05  # their own defaults
+
+
+def test_gates_plot_refuses_a_method(tmp_path, capsys):
+    from harness.cli import main
+
+    assert main(["gates", "plot", "--gates", "sigmoid", "cispo", "--out", str(tmp_path / "g.png")]) == 2
+    assert "cispo: ratio-control methods have no f(r) to draw" in capsys.readouterr().err
+    assert main(["gates", "plot", "--gates", "clip", "dual_clip", "--out", str(tmp_path / "g.png")]) == 0
 
 
 # ---------------------------------------------------------------------------------------------------------- verl

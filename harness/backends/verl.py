@@ -45,6 +45,8 @@ train.loss.ratio_level/log_ratio_clip, gate.width
 gate.name                        actor.policy_loss.loss_mode = harness_<gate>
 gate.tau_pos / tau_neg           actor.tau_pos / tau_neg
 gate.eps_low / eps_high          actor.clip_ratio_low / clip_ratio_high
+gate.clip_c (dual_clip, dppo_*)  actor.clip_ratio_c
+a method's other keys            HARNESS_VERL_GATE_PARAMS (JSON)
 train.save_every                 trainer.save_freq
 train.rewards.*                  reward.custom_reward_function.reward_kwargs (format mode too)
 ===============================  ==================================================================

@@ -16,8 +16,8 @@ keys, so the gate cannot be a config value. Each calls :func:`harness.objective.
 one loss every backend uses. Parameters come from where verl already has them:
 
 * τ_pos / τ_neg: ``actor.tau_pos`` / ``actor.tau_neg`` (the keys verl's own SAPO loss reads);
-* ε_low / ε_high of ``clip``: ``actor.clip_ratio_low`` / ``actor.clip_ratio_high``;
-* aggregation: ``actor.loss_agg_mode`` (``seq-mean-token-mean``, ``token-mean`` or
+* ε_low / ε_high of ``clip`` and of the methods that have one: ``actor.clip_ratio_low`` / ``actor.clip_ratio_high``;
+* aggregation: ``actor.loss_agg_mode`` (``seq-mean-token-mean``, ``token-mean``, ``seq-mean-token-sum`` or
   ``seq-mean-token-sum-norm``; L of the last is ``actor.loss_scale_factor``);
 * what verl has no key for comes from environment variables, which the launcher passes to every Ray
   worker through ``ray_kwargs.ray_init.runtime_env.env_vars``: ``HARNESS_VERL_WIDTH`` (raw | hwhm),
@@ -45,7 +45,8 @@ The ratio-control methods of :mod:`harness.methods` and dual-clip register as ``
 keys come from verl's config where verl has one (``clip_c`` ← ``actor.clip_ratio_c``, ``dro_beta``,
 ``kl_cov_ratio``, ``kl_coef`` and ``clip_cov_*`` ← ``actor.policy_loss.dro_beta`` / ``kl_cov_ratio`` /
 ``ppo_kl_coef`` / ``clip_cov_*``), the rest
-(``eps_max``, ``beta_low``, ``beta_high``) from ``HARNESS_VERL_GATE_PARAMS`` (JSON), which also overrides.
+from ``HARNESS_VERL_GATE_PARAMS`` (JSON; the launcher writes every own key but ``clip_c`` there, so it also
+overrides verl's values).
 
 The KL penalty is not part of this loss in verl: verl adds it itself (``actor.use_kl_loss``,
 ``kl_loss_type=low_var_kl``, the clamped k3 estimator), see :func:`harness.backends.verl.verl_overrides`.
@@ -191,8 +192,9 @@ def verl_policy_loss(
         neg_kl = torch.where(mask, log_prob.detach() - old_log_prob.detach(), 0.0)
         ppo_kl = float(-neg_kl.sum() / mask.sum().clamp(min=1))
     metrics: dict[str, float] = {
-        # verl's own keys, with verl's meaning: smooth gates clip nothing (as verl's sapo reports), and
-        # the harness clip has no dual-clip lower bound.
+        # verl's own keys: pg_clipfrac is the share the gate's or method's rule acts on (smooth gates: nothing, as
+        # verl's sapo reports); the dual-clip share is not split out (pg_clipfrac_lower 0), the harness diagnostics
+        # below carry the rest.
         "actor/pg_clipfrac": diag.get("clip_frac", 0.0),
         "actor/pg_clipfrac_lower": 0.0,
         "actor/ppo_kl": ppo_kl,

@@ -20,7 +20,7 @@ GATE_COLORS = {"sigmoid": "#0072B2", "erf": "#E69F00", "arctan": "#009E73", "sof
                # the ratio-control methods: Tol's muted palette, apart from the gates' colours
                "dual_clip": "#555555", "cispo": "#332288", "cispo_two_sided": "#6699CC", "gmpo": "#DDCC77",
                "gppo": "#882255", "dppo_tv": "#44AA99", "dppo_kl": "#117733", "gpg": "#999933", "dro": "#AA4499",
-               "kl_cov": "#661100"}
+               "kl_cov": "#661100", "clip_cov": "#88CCEE", "vespo": "#CC6677"}
 
 
 def gate_color(name: str, i: int = 0) -> str:
@@ -55,7 +55,7 @@ def plot_gate_shapes(gates: Sequence[str | Gate], taus: Sequence[float], out: st
             color = gate_color(spec, i)
             if isinstance(g, ClipGate):
                 for sign, style in ((1, "-"), (-1, ":")):
-                    label = f"clip ε={g.eps_low:g}/{g.eps_high:g} (A{'>' if sign > 0 else '<'}0)"
+                    label = f"{g.name} ε={g.eps_low:g}/{g.eps_high:g} (A{'>' if sign > 0 else '<'}0)"
                     w = g.weight_x(r - 1.0, sign)
                     ax_f.plot(r, g.value(r, sign=sign), style, color=color, label=label, lw=1.0, alpha=0.55)
                     ax_w.plot(r, w, style, color=color, label=label, lw=1.0, alpha=0.55)

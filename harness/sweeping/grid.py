@@ -57,7 +57,8 @@ def check_gate_overrides(cells: Sequence[Sequence[str]], overrides: Sequence[str
         if o.startswith("gate.") and not any(o in for_the_cells_gate(c, [o]) for c in cells):
             options = sorted({x.split("=", 1)[1] for c in cells for x in c if x.startswith("gate=")})
             raise ConfigError(f"{o.split('=', 1)[0]} is a key of none of the sweep's gates ({', '.join(options)}); "
-                              "clip has eps_low/eps_high, smooth gates tau_pos, tau_neg, width, tau_schedule, ...")
+                              "clip has eps_low/eps_high, smooth gates tau_pos, tau_neg, width, tau_schedule, ...; "
+                              "a method's keys are in its conf/gate/<name>.yaml")
 
 
 def gate_overrides(gate: str) -> list[str]:

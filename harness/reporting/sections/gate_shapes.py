@@ -38,8 +38,8 @@ def gate_shapes(data: ExperimentData) -> Section:
     drawable: list[Any] = []
     methods = [spec for spec in gates if not has_temperature(spec) and spec != "clip"]
     if methods:
-        sec.notes.append(f"Not drawn: {', '.join(methods)} (ratio-control methods; their weights against r are in "
-                         "docs/methods.md).")
+        sec.notes.append(f"Not drawn: {', '.join(methods)} (ratio-control methods; their formulas and properties "
+                         "are in docs/methods.md).")
     for spec in (g for g in gates if g not in methods):
         if spec == STUDENT:  # one curve per tail index
             drawable += [student_gate(nu) for nu in sorted({g.nu for g in data.trained if g.gate == STUDENT})]
