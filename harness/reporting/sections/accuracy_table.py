@@ -29,7 +29,8 @@ def accuracy_table(data: ExperimentData) -> Section:
             is_best = best_of[b] is g
             if is_best:
                 highlight.add(len(rows))
-            rows.append([g.gate, _tau_text(g), b, f"{a['acc']:.3f}", f"[{a['ci_low']:.3f}, {a['ci_high']:.3f}]",
+            rows.append([g.gate, _tau_text(g) + _distinguishing(g), b, f"{a['acc']:.3f}",
+                         f"[{a['ci_low']:.3f}, {a['ci_high']:.3f}]",
                          f"{a['lenient_acc']:.3f}", str(a["n_seeds"]), "—" if "iqm" not in a else f"{a['iqm']:.3f}",
                          _problems_text(a), "yes" if is_best else ""])
             records.append({**a, "chosen": is_best})
@@ -55,6 +56,13 @@ def accuracy_table(data: ExperimentData) -> Section:
         sec.notes.append("One seed per cell: the CIs cover which problems were drawn, not run-to-run variance.")
     sec.record["accuracy"] = records
     return sec
+
+
+def _distinguishing(g: Group) -> str:
+    """The parameters that tell this configuration from another with the same label (``(train.staleness=4)``, the
+    tail :func:`harness.reporting.data.group_cells` appends), so that no two rows of the table read alike."""
+    _, sep, tail = g.label.rpartition(" (")
+    return f" ({tail}" if sep and tail.endswith(")") and "=" in tail else ""
 
 
 def _tau_text(g: Group) -> str:

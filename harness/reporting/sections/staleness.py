@@ -176,7 +176,8 @@ def _figure(lines: list[list[dict[str, Any]]], benches: list[str]) -> Any:
     panels: list[tuple[str, Any]] = [(f"{b} accuracy", b) for b in benches[:2]] + [
         ("mean EUR", "eur_mean"), ("first pass: p95 |r − 1|", "first_pass_abs_ratio_dev_p95"),
         ("entropy: last − first 10%", "entropy_change"), ("collapse events per run", "collapse_events")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)
+    rows = math.ceil(len(lines) / 4)  # legend rows below the panels
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0 + 0.25 * rows), squeeze=False)
     for ax, (title, key) in zip(axes[0], panels, strict=True):
         for i, levels in enumerate(lines):
             x, y, lo, hi = [], [], [], []
@@ -199,6 +200,8 @@ def _figure(lines: list[list[dict[str, Any]]], benches: list[str]) -> Any:
         ax.set_xticks(sorted({lv["staleness"] for levels in lines for lv in levels}))
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
-    axes[0][0].legend(fontsize=7.5, loc="best")
-    fig.tight_layout()
+    # below the panels: inside one, a legend of ten configurations hides the lines it names
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7.5, loc="lower center", ncol=min(len(labels), 4), frameon=False)
+    fig.tight_layout(rect=(0, 0.25 * rows / (3.0 + 0.25 * rows) + 0.04, 1, 1))
     return fig
