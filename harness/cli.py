@@ -265,15 +265,7 @@ def gates_main(argv: list[str]) -> int:
         for spec in specs:
             if spec == G.STUDENT:
                 out += [(f"{spec} nu={nu:g}", G.student_gate(nu)) for nu in args.nu]
-            elif spec in G.RATIO_CONTROL:  # at the values of its conf/gate option
-                from omegaconf import OmegaConf
-
-                from harness.config import CONF_DIR
-
-                node = OmegaConf.load(CONF_DIR / "gate" / f"{spec}.yaml")
-                out.append((spec, G.get_gate(spec, eps_low=node.get("eps_low", 0.2), eps_high=node.get("eps_high", 0.2),
-                                             params=G.gate_params(node))))
-            else:
+            else:  # a ratio-control method at its own defaults (those its conf/gate option sets)
                 out.append((spec, G.get_gate(spec)))
         return out
 

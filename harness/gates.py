@@ -70,7 +70,7 @@ import torch
 from torch import Tensor
 
 from harness.config import ConfigError, import_object
-from harness.methods import METHOD_KEYS, METHODS, RatioMethod, make_method
+from harness.methods import METHOD_KEYS, METHODS, RatioMethod, clip_surrogate, make_method
 
 BaseFn = Callable[[Tensor], Tensor]
 log = logging.getLogger(__name__)
@@ -154,8 +154,7 @@ class ClipGate:
             raise ValueError(f"gate.clip_c must be a finite number > 1 (the dual-clip bound on r for A < 0), got {c!r}")
 
     def surrogate(self, ratio: Tensor, advantages: Tensor, tau: Tensor | None = None) -> Tensor:
-        clipped = torch.clamp(ratio, 1.0 - self.eps_low, 1.0 + self.eps_high)
-        out = torch.minimum(ratio * advantages, clipped * advantages)
+        out = clip_surrogate(ratio, advantages, self.eps_low, self.eps_high)
         if self.clip_c is not None:
             out = torch.where(advantages < 0, torch.maximum(out, self.clip_c * advantages), out)
         return out

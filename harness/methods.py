@@ -73,6 +73,20 @@ class TokenTerms:
     weights: Tensor | None = None
 
 
+def clip_surrogate(ratio: Tensor, adv: Tensor, eps_low: float, eps_high: float) -> Tensor:
+    r"""PPO's clipped surrogate :math:`\min(rA,\ \mathrm{clip}(r, 1-\epsilon_{low}, 1+\epsilon_{high})A)`: clip's
+    (:class:`harness.gates.ClipGate`) and Clip-Cov's."""
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    return torch.minimum(ratio * adv, clipped * adv)
+
+
+def token_covariance(t: TokenTerms) -> Tensor:
+    r"""Each token's centred covariance term :math:`(A - \bar A)(\log\pi - \overline{\log\pi})`, the means over the
+    batch's response tokens, (B, T), no gradient: what KL-Cov and Clip-Cov rank tokens by."""
+    logp = t.logp.detach()
+    return (t.adv.detach() - t.adv[t.mask].mean()) * (logp - logp[t.mask].mean())
+
+
 @dataclass(frozen=True)
 class Cispo:
     """CISPO: the ratio, clipped to [cap_low, cap_high] and detached, weights A·log π (module docstring)."""
@@ -253,8 +267,7 @@ class KlCov:
     def _selected(self, t: TokenTerms) -> Tensor:
         flat_mask = t.mask.reshape(-1)
         valid = torch.nonzero(flat_mask, as_tuple=True)[0]
-        adv, logp = t.adv.detach().reshape(-1)[valid], t.logp.detach().reshape(-1)[valid]
-        cov = (adv - adv.mean()) * (logp - logp.mean())
+        cov = token_covariance(t).reshape(-1)[valid]
         k = max(1, int(len(cov) * self.kl_cov_ratio))
         chosen = valid[torch.topk(cov, k, largest=True).indices]
         return torch.zeros_like(flat_mask).index_fill_(0, chosen, True).reshape(t.mask.shape)
@@ -295,9 +308,7 @@ class ClipCov:
         """The drawn tokens, once per call: torch.randperm on the global generator, the draw verl makes."""
         if "clip_cov" not in t.scratch:
             m = t.mask
-            adv_mean = t.adv[m].mean()
-            logp = t.logp.detach()
-            cov = (t.adv - adv_mean) * (logp - logp[m].mean())
+            cov = token_covariance(t)
             eligible = (cov < self.clip_cov_ub) & (cov > self.clip_cov_lb) & m & ~self._clipped(t)
             where = torch.nonzero(eligible)
             n = max(int(self.clip_cov_ratio * int(m.sum())), 1)
@@ -309,8 +320,7 @@ class ClipCov:
         return t.scratch["clip_cov"]
 
     def surrogate(self, t: TokenTerms) -> Tensor:
-        clipped = torch.clamp(t.ratio, 1.0 - self.eps_low, 1.0 + self.eps_high)
-        out = torch.minimum(t.ratio * t.adv, clipped * t.adv)
+        out = clip_surrogate(t.ratio, t.adv, self.eps_low, self.eps_high)
         return out * (~self._dropped(t)).to(out.dtype)
 
     def kept(self, t: TokenTerms) -> Tensor:

@@ -358,3 +358,14 @@ def test_methods_sweep_cells_and_names():
     assert cell_name(compose(["gate=dual_clip"])) == "dual_clip-e0.2-0.2-clip_c3-s0"
     assert cell_name(compose(["gate=cispo", "train.staleness=4", "seed=1"])) == "cispo-eps_max5-lag4-s1"
     assert cell_name(compose(["gate=clip"])) == "clip-e0.2-0.2-s0"  # unchanged: finished clip cells are reused
+
+
+@pytest.mark.parametrize("name", [n for n in RATIO_CONTROL if n != "dro"])
+def test_a_methods_own_defaults_are_its_conf_options(name):
+    """get_gate(name) without settings (the Python API, ``harness gates check``) builds the method its conf/gate yaml
+    runs: the defaults written in two places agree."""
+    from harness.gates import gate_params
+    from tests.conftest import compose
+
+    g = compose([f"gate={name}"]).gate
+    assert get_gate(name) == get_gate(name, eps_low=g.get("eps_low"), eps_high=g.get("eps_high"), params=gate_params(g))

@@ -591,3 +591,20 @@ def test_stability_under_staleness_section(tmp_path):
     assert frontiers["clip"]["collapse_probability_bound"] == pytest.approx(1 - 0.05 ** (1 / 3))
     assert "sigmoid τ=10/10.5: no collapse in any seed up to staleness 4, the largest tried" in html
     assert "clip ε=0.2/0.2: no collapse in any seed up to staleness 2; at staleness 4 2 of 3 seeds collapsed" in html
+
+
+def test_verdict_lists_the_largest_undecided_gaps_and_sums_up_the_rest():
+    """A many-method sweep has 45 pairs per benchmark: the verdict writes the MAX_LISTED largest gaps, largest first,
+    and counts the rest with their largest |gap| (every pair stays in report.json)."""
+    from harness.reporting.sections.verdict import MAX_LISTED, bench_text
+
+    rows = [{"gate_a": f"g{i}", "gate_b": "base", "diff": d, "ci_low": d - 0.05, "ci_high": d + 0.05, "p_holm": 1.0,
+             "survives": False, "ranked": True} for i, d in enumerate([0.001 * k for k in range(15)] + [-0.2])]
+    info = {"rows": rows, "chosen": ["a", "b"], "n_test": 100, "one_seed": False, "leader": None,
+            "pairing": {"paired": False, "reason": "no shared seed effect"}}
+    text = bench_text("arith", info)
+    assert text.index("g15 and base (-0.200") < text.index("g14 and base (+0.014")
+    assert text.count(" and base (") == MAX_LISTED
+    assert f"nor the other {len(rows) - MAX_LISTED} pairs, each within ±0.005" in text
+    info["rows"] = rows[:3]
+    assert "nor the other" not in bench_text("arith", info) and bench_text("arith", info).count(" and base (") == 3

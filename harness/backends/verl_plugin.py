@@ -74,7 +74,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from harness.gates import known_gates
+from harness.gates import DUAL_CLIP_C, known_gates
 from harness.objective import AGG_MODES, policy_loss
 
 LOSS_PREFIX = "harness_"
@@ -120,7 +120,7 @@ def loss_options(config: Any, env: Mapping[str, str] | None = None) -> dict[str,
     config and the ``HARNESS_VERL_*`` environment variables."""
     env = os.environ if env is None else env
     clip = _cfg_get(config, "clip_ratio", 0.2)
-    params: dict[str, float] = {"clip_c": float(_cfg_get(config, "clip_ratio_c", 3.0))}
+    params: dict[str, float] = {"clip_c": float(_cfg_get(config, "clip_ratio_c", DUAL_CLIP_C))}
     policy = _cfg_get(config, "policy_loss", None)
     for ours, theirs in VERL_POLICY_LOSS_KEYS.items():
         value = _cfg_get(policy, theirs, None)

@@ -13,6 +13,8 @@ from harness.reporting.data import ExperimentData
 from harness.reporting.render import Section
 from harness.reporting.sections.text import plural
 
+MAX_LISTED = 10  # unordered pairs written out per benchmark, largest gap first
+
 
 def verdict(data: ExperimentData) -> Section:
     """One paragraph per benchmark (module docstring), then one sentence on the family and the halves."""
@@ -78,8 +80,17 @@ def bench_text(bench: str, info: Mapping[str, Any]) -> str:
         text += "; ".join(f"{r['gate_a']} ahead of {r['gate_b']} by {_fmt(r)}, adjusted p = {r['p_holm']:.2g}"
                           for r in ahead) + ". "
     if undecided:
+        # Largest gap first; past MAX_LISTED pairs (a many-method sweep has 45 per benchmark) the rest is summed up,
+        # every pair stays in report.json ("comparisons").
+        undecided = sorted(undecided, key=lambda r: -abs(r["diff"]))
+        listed = undecided[:MAX_LISTED]
         text += ("The data cannot order " + "; ".join(
-            f"{r['gate_a']} and {r['gate_b']} ({_fmt(r)}, adjusted p = {r['p_holm']:.2g})" for r in undecided) + ". ")
+            f"{r['gate_a']} and {r['gate_b']} ({_fmt(r)}, adjusted p = {r['p_holm']:.2g})" for r in listed))
+        rest = undecided[MAX_LISTED:]
+        if rest:
+            text += (f"; nor the other {len(rest)} pairs, each within ±{max(abs(r['diff']) for r in rest):.3f} "
+                     "(every pair with its interval: report.json, \"comparisons\")")
+        text += ". "
     if all(r["diff"] == 0 and r["ci_low"] == r["ci_high"] for r in tested):
         text += "Every difference is exactly 0 (identical scores): there is no variance to judge by. "
     unranked = [r for r in rows if not r["ranked"]]
