@@ -144,24 +144,21 @@ def hydra_app(config_dir: Path, config_name: str, task: Callable[[Any], Any], ar
     return 0
 
 
-def process_rank() -> int:
-    """This process's rank in a multi-process launch (``accelerate launch``/``torchrun`` set ``RANK``), else 0."""
-    return int(os.environ.get("RANK", "0") or 0)
-
-
 def run_task(cfg: DictConfig) -> None:
     """``harness run``: one cell, logged to MLflow unless ``tracking.enabled=false`` (a single run is never
-    skipped), its summary printed. Launched on several GPUs (``accelerate launch -m harness.cli run
-    backend=trl ...``), every rank trains and only rank 0 evaluates and logs."""
+    skipped), its summary printed. With ``backend.num_processes`` = N > 1 it starts the N ranks itself
+    (:mod:`harness.launch`); started by someone else's launch (``accelerate launch -m harness.cli run ...``), every
+    rank trains and only rank 0 evaluates and logs."""
     from harness.backends import get_backend
     from harness.cell import local_result, run_cell, run_tracked, upload_cell, validate_cell
+    from harness.launch import launches, rank, run_launched
 
     validate_cell(cfg)
-    if process_rank() != 0:
+    if rank() != 0:
         get_backend(cfg.backend.name)(cfg, None)
         return
     if not cfg.tracking.get("enabled", True):
-        summary = run_cell(cfg)
+        summary = run_launched(cfg, None)[1] if launches(cfg) else run_cell(cfg)
     else:
         from harness import tracking
 
@@ -171,6 +168,8 @@ def run_task(cfg: DictConfig) -> None:
             summary = json.loads((Path(cfg.output_dir) / K.SUMMARY_FILE).read_text())
             if not uploaded:
                 summary["pending_upload"] = store.error
+        elif launches(cfg):
+            run_id, summary = run_launched(cfg, store, supersede_dead=True)
         else:
             run_id, summary = run_tracked(cfg, store, supersede_dead=True)
         summary["mlflow_run_id"] = run_id
@@ -209,14 +208,23 @@ def plan_main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="harness plan", description=plan_main.__doc__)
     parser.add_argument("--gpu-gib", type=float, default=None, help="GPU memory to check the plan against, GiB")
-    parser.add_argument("--sharding", choices=SHARDINGS, default="none", help="how the model states are split")
-    parser.add_argument("--processes", type=int, default=1, help="GPUs (processes) per cell")
+    parser.add_argument("--sharding", choices=SHARDINGS, default=None,
+                        help="how the model states are split (default: the cell's backend.accelerate_config when "
+                             "backend.num_processes > 1, else none)")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="GPUs (processes) per cell (default: backend.num_processes)")
     args, overrides = parser.parse_known_args(argv)
 
     def task(cfg: Any) -> None:
         gpu = None if args.gpu_gib is None else args.gpu_gib * 2**30
+        processes = args.processes or int(cfg.backend.get("num_processes", 1) or 1)
+        sharding = args.sharding
+        if sharding is None and int(cfg.backend.get("num_processes", 1) or 1) > 1:
+            from harness.backends.trl_config import accelerate_sharding
+
+            sharding = accelerate_sharding(cfg)
         try:
-            plan = plan_of_config(cfg, gpu_bytes=gpu, sharding=args.sharding, processes=args.processes)
+            plan = plan_of_config(cfg, gpu_bytes=gpu, sharding=sharding or "none", processes=processes)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         print(describe(plan, gpu))

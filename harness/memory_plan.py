@@ -227,10 +227,12 @@ def fit_advice(plan: MemoryPlan, gpu_bytes: float) -> str:
 
 
 def check_fits(cfg: Any) -> None:
-    """``ValueError`` when a one-process CUDA cell's plan exceeds its GPU's memory (before the model loads), naming the
-    keys that would make it fit. Nothing to check on a CPU (the plan has no device limit there), without CUDA, or in
-    a process of a multi-process launch (``WORLD_SIZE`` > 1): how accelerate shards the states there (DDP, ZeRO,
-    FSDP) is its config's, which the harness does not read; ``harness plan --sharding ... --processes N`` plans it."""
+    """``ValueError`` when a CUDA cell's plan exceeds its GPU's memory (before the model loads), naming the keys that
+    would make it fit. A cell of ``backend.num_processes`` = N > 1 is planned with its accelerate config's sharding
+    over N processes, by the process that starts them. Nothing to check on a CPU (the plan has no device limit
+    there), without CUDA, or in a rank of a launch someone else started (``WORLD_SIZE`` > 1, no
+    ``backend.num_processes``): how that launch shards the states is its config's; ``harness plan --sharding ...
+    --processes N`` plans it."""
     import os
 
     import torch
@@ -239,7 +241,13 @@ def check_fits(cfg: Any) -> None:
     if device == "cpu" or not torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return
     gpu = float(torch.cuda.get_device_properties(0).total_memory)
-    plan = plan_of_config(cfg, gpu_bytes=gpu)
+    processes = int(cfg.backend.get("num_processes", 1) or 1)
+    sharding = None
+    if processes > 1:
+        from harness.backends.trl_config import accelerate_sharding
+
+        sharding = accelerate_sharding(cfg)
+    plan = plan_of_config(cfg, gpu_bytes=gpu, sharding=sharding, processes=processes)
     if plan.total > gpu:
         raise ValueError(f"model={cfg.model.name} on backend={cfg.backend.name} needs about {plan.total / GIB:.1f} GiB "
                          f"per GPU but the GPU has {gpu / GIB:.1f} GiB (harness plan prints the terms):\n{plan.table()}"

@@ -239,6 +239,7 @@ class InProcessBackendConfig:
     sampler: str = MISSING
     skip_zero_advantage: bool = MISSING
     progress: bool = MISSING
+    num_processes: int = MISSING
 
 
 @dataclass
@@ -254,6 +255,9 @@ class TrlBackendConfig(InProcessBackendConfig):
 
     disable_dropout: bool = MISSING
     gradient_checkpointing: bool = MISSING
+    launcher: str = MISSING
+    accelerate_config: str = MISSING
+    collective_timeout_s: float = MISSING
     use_vllm: bool = MISSING
     vllm_mode: str = MISSING
     vllm_gpu_memory_utilization: float = MISSING

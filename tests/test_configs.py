@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 from harness.cell import validate_cell
-from harness.config import CONF_DIR, SWEEPS_DIR
+from harness.config import CONF_DIR, SWEEPS_DIR, ConfigError
 from tests.conftest import DATA_DIR
 
 # Options that need a value the group cannot default: the smallest addition that makes them a runnable cell.
@@ -20,6 +20,7 @@ REQUIRED = {
     "gate/custom": ["gate.name=tests.custom_gate_module:F"],
     "gate/dro": ["gate.dro_beta=0.1"],
     "model/hf": ["model.path=Qwen/Qwen2.5-0.5B-Instruct"],
+    "backend/trl_fsdp8": ["train.micro_batch_size=8"],  # a mini-batch of 64 over 8 processes
 }
 GROUPS = ("gate", "train", "backend", "model", "task", "eval", "tracking")
 # The shared data directory has no DeepMath train split: tasks using it are checked without reading data (as a hub
@@ -47,20 +48,22 @@ def compose_from(config_dir, name: str, overrides: list[str], hydra_config: bool
 
 
 @pytest.mark.parametrize("option", options())
-def test_every_conf_group_option_composes_into_a_valid_cell(option):
+def test_every_conf_group_option_composes_into_a_valid_cell(option, monkeypatch):
     group, name = option.split("/")
     cfg = compose_from(CONF_DIR, "run", [f"{group}={name}", *REQUIRED.get(option, [])])
+    validate_multi_process(cfg, monkeypatch)
     validate_cell(with_data_dir(cfg))
     assert cfg[group].get("name", name) is not None
 
 
 def test_the_option_list_covers_every_group():
-    found = {path.parent.name for path in CONF_DIR.glob("*/*.yaml")} - {"launcher"}
+    # conf/accelerate holds accelerate's own config files (backend.accelerate_config), not a Hydra group
+    found = {path.parent.name for path in CONF_DIR.glob("*/*.yaml")} - {"launcher", "accelerate"}
     assert found == set(GROUPS), "a new conf/ group needs an entry in GROUPS"
 
 
 @pytest.mark.parametrize("sweep", sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml")))
-def test_every_sweep_composes_with_its_sweeper_and_its_base_cell_validates(sweep):
+def test_every_sweep_composes_with_its_sweeper_and_its_base_cell_validates(sweep, monkeypatch):
     cfg = compose_from(SWEEPS_DIR, sweep, [f"hydra.searchpath=[file://{CONF_DIR}]"], hydra_config=True)
     assert str(cfg.hydra.sweeper._target_).startswith("hydra_plugins.harness_sweepers.")
     for launcher in sorted((CONF_DIR / "hydra" / "launcher").glob("*.yaml")):
@@ -68,4 +71,15 @@ def test_every_sweep_composes_with_its_sweeper_and_its_base_cell_validates(sweep
                      hydra_config=True)
     with open_dict(cfg):
         del cfg["hydra"]
+    validate_multi_process(cfg, monkeypatch)
     validate_cell(with_data_dir(cfg))
+
+
+def validate_multi_process(cfg, monkeypatch) -> None:
+    """A cell of several GPUs (the paper's FSDP cells): this CPU refuses to start it, naming why; what is left to
+    check is what each of its ranks checks (``WORLD_SIZE`` set, as in a launch)."""
+    processes = int(cfg.backend.get("num_processes", 1))
+    if processes > 1:
+        with pytest.raises(ConfigError, match="shards over GPUs; on a CPU"):
+            validate_cell(with_data_dir(cfg))
+        monkeypatch.setenv("WORLD_SIZE", str(processes))

@@ -347,13 +347,19 @@ def test_bad_sweep_input_fails_before_any_cell(tmp_path, cache_dir):
 
 @pytest.mark.slow
 def test_slurm_launcher_renders_a_valid_job_script(tmp_path, cache_dir):
+    """Two cells of two processes each: one array task per cell asks for the cell's processes as GPUs, and inside
+    it the sweep's job starts the cell's ranks under accelerate (gloo on this CPU)."""
     overrides = ["hydra.sweeper.gates=[sigmoid,clip]", "hydra.sweeper.taus=[1.0]", "hydra.sweeper.seeds=[0]", *TINY,
-                 "hydra/launcher=slurm",
+                 "backend=trl", "backend.num_processes=2", "train.micro_batch_size=8", "hydra/launcher=slurm",
                  "hydra.launcher.partition=gpu", "hydra.sweeper.report=false", "hydra.sweeper.baseline=false"]
-    out = _harness(overrides, tmp_path, cache_dir, path_prefix=FAKE_SLURM, timeout=300)
+    out = _harness(overrides, tmp_path, cache_dir, path_prefix=FAKE_SLURM, timeout=400)
     assert out.returncode == 0, out.stderr[-4000:] + str(list((tmp_path / "fake_slurm").glob("*")))
     script = (tmp_path / "fake_slurm" / "job.sh").read_text()
-    for line in ("#SBATCH --array=0-1%2", "#SBATCH --gpus-per-node=1", "#SBATCH --cpus-per-task=16",
+    tasks = "".join(p.read_text() for p in (tmp_path / "fake_slurm").glob("task-*.log"))
+    assert tasks.count("2 processes: ") == 2 and "accelerate.commands.launch --config_file" in tasks
+    assert "#SBATCH --mem=" not in script
+    for line in ("#SBATCH --array=0-1%2", "#SBATCH --gpus-per-node=2", "#SBATCH --mem-per-gpu=64G",
+                 "#SBATCH --cpus-per-task=16",
                  "#SBATCH --partition=gpu", "#SBATCH --time=1440", "#SBATCH --job-name=harness-gates",
                  "export OMP_NUM_THREADS=16"):
         assert line in script, line

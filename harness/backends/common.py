@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 ADVANTAGE_MODES = ("grpo", "drgrpo")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 SAMPLERS = ("cached", "generate")  # backend.sampler of the native backend
+# backend=trl also takes prompt_seeded: the cached sampler with a random stream per prompt (rollouts independent of
+# the batch a prompt shares and of the process count)
+TRL_SAMPLERS = (*SAMPLERS, "prompt_seeded")
 DEVICES = ("auto", "cpu", "cuda")  # backend.device (native also takes cuda:N)
 SAVE_DTYPES = ("float32", "bfloat16", "float16")  # train.save_dtype (null: as trained)
 
@@ -41,6 +44,14 @@ def validate_backend_keys(bk: Any) -> None:
         if not ok:
             raise ConfigError(f"backend.device must be one of {', '.join(DEVICES)}"
                               f"{' or cuda:N' if bk.name == 'native' else ''}, got {device!r}")
+    processes = bk.get("num_processes", 1)
+    if bk.name in ("native", "trl") and (not isinstance(processes, int) or isinstance(processes, bool)
+                                         or processes < 1):
+        raise ConfigError(f"backend.num_processes must be an integer >= 1, got {processes!r}")
+    if bk.name == "native" and processes != 1:
+        raise ConfigError(f"backend.num_processes={processes}: the native backend trains in one process; run a cell "
+                          "on several processes with backend=trl backend.num_processes=N (accelerate: DDP, FSDP, "
+                          "ZeRO-2/3), or with backend=verl backend.n_gpus_per_node=N")
 
 
 def validate_train_config(cfg: Any) -> None:
@@ -95,8 +106,10 @@ def validate_train_config(cfg: Any) -> None:
     if t.advantage not in ADVANTAGE_MODES:
         raise ValueError(f"train.advantage must be one of {', '.join(ADVANTAGE_MODES)}, got {t.advantage!r}")
     sampler = cfg.backend.get("sampler", "cached")
-    if cfg.backend.name in ("native", "trl") and sampler not in SAMPLERS:
-        raise ValueError(f"backend.sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    allowed = TRL_SAMPLERS if cfg.backend.name == "trl" else SAMPLERS
+    if cfg.backend.name in ("native", "trl") and sampler not in allowed:
+        raise ValueError(f"backend.sampler must be one of {', '.join(allowed)} for backend={cfg.backend.name}, "
+                         f"got {sampler!r}")
     if t.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {t.lr_schedule!r}")
     if not t.lr > 0:

@@ -5,7 +5,7 @@ micro-batch × vocabulary), and the entropy of the distribution each token was d
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cache
 from typing import Any
@@ -202,7 +202,8 @@ def _reserved_layer_class():
 
 def sample_completions(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, *, num_generations: int,
                        max_new_tokens: int, temperature: float, top_p: float, eos_token_id: int,
-                       pad_token_id: int, with_logprobs: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+                       pad_token_id: int, with_logprobs: bool = False,
+                       prompt_seeds: Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """``num_generations`` sampled completions per (left-padded) prompt, as ``[B·G, P + T]`` token ids with
     the G rows of a prompt consecutive (the layout of ``generate(num_return_sequences=G)``), the ``[B·G, T]``
     entropies of the tempered distributions (softmax(logits / temperature), before top-p) each token was drawn from,
@@ -214,7 +215,14 @@ def sample_completions(model: torch.nn.Module, input_ids: Tensor, attention_mask
     has ended. Token t is drawn from softmax(logits / temperature), restricted to the smallest set of tokens
     whose probability reaches ``top_p`` (top_p = 1: the full distribution; no top-k). This is the same
     distribution as ``model.generate(do_sample=True, top_k=0, ...)``; what it saves is generate's G-fold prompt
-    prefill and its per-token bookkeeping, which dominate on small models (``benchmarks/bench_trainer.py``)."""
+    prefill and its per-token bookkeeping, which dominate on small models (``benchmarks/bench_trainer.py``).
+
+    Without ``prompt_seeds`` every token comes from ``torch.multinomial`` on the global generator, consuming it as
+    ``generate`` does. With them (one integer per prompt), prompt i's G rows draw uniforms u ~ U[0, 1) from a
+    generator seeded with ``prompt_seeds[i]`` (all of them up front) and token t of row j is the inverse CDF at
+    1 − u: the first token k with Σ_{k' ≤ k} p_k' ≥ (1 − u)·Σ p. The same distribution, but a prompt's completions no
+    longer depend on which other prompts share its batch or on which process samples it: one cell draws the same
+    rollouts on 1 or N processes, up to the forward's float rounding at a CDF boundary."""
     G = num_generations
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
@@ -226,10 +234,18 @@ def sample_completions(model: torch.nn.Module, input_ids: Tensor, attention_mask
     mask = attention_mask.repeat_interleave(G, 0)
     next_position = position_ids[:, -1:].repeat_interleave(G, 0) + 1
     done = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+    uniforms = None
+    if prompt_seeds is not None:
+        if len(prompt_seeds) != input_ids.shape[0]:
+            raise ValueError(f"prompt_seeds has {len(prompt_seeds)} seeds for {input_ids.shape[0]} prompts")
+        uniforms = torch.cat([torch.rand(G, max_new_tokens, device=logits.device,
+                                         generator=torch.Generator(device=logits.device).manual_seed(int(seed)))
+                              for seed in prompt_seeds])
     tokens, entropies, logprobs = [], [], []
     for t in range(max_new_tokens):
         entropies.append(tempered_entropy(logits, temperature))
-        token = _sample_token(logits, temperature, top_p).masked_fill(done, pad_token_id)
+        token = _sample_token(logits, temperature, top_p, None if uniforms is None else uniforms[:, t])
+        token = token.masked_fill(done, pad_token_id)
         tokens.append(token)
         if with_logprobs:
             logprobs.append(_logprobs_of_logits(logits, token, temperature, False)[0])
@@ -262,15 +278,21 @@ def _reserve_cache(kv_cache: Any, extra: int) -> None:
             kv_cache.layers[i] = _reserved_layer_class()(layer.keys, layer.values, layer.keys.shape[-2] + extra)
 
 
-def _sample_token(logits: Tensor, temperature: float, top_p: float) -> Tensor:
-    """One token per row from softmax(logits / temperature), nucleus-truncated at ``top_p``."""
+def _sample_token(logits: Tensor, temperature: float, top_p: float, uniform: Tensor | None = None) -> Tensor:
+    """One token per row from softmax(logits / temperature), nucleus-truncated at ``top_p``: by ``torch.multinomial``,
+    or with ``uniform`` (one u ∈ [0, 1) per row) by the inverse CDF at 1 − u (> 0, so a token of probability 0 is
+    never the answer)."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # keep a token if the mass strictly before it is < top_p (so the top token is always kept)
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1).squeeze(-1)
+    if uniform is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    cdf = probs.cumsum(-1)
+    target = (1.0 - uniform.to(cdf.dtype)).unsqueeze(-1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
 def logprobs_of_logits(logits: Tensor, targets: Tensor, temperature: float) -> Tensor:

@@ -36,7 +36,7 @@ from harness import keys as K
 from harness.backends import StepCallback, TrainResult
 from harness.backends.checkpoints import list_checkpoints, preflight, resume_checkpoint
 from harness.backends.common import fit_prompts, mini_batch_size, start_training
-from harness.backends.trl_config import grpo_config_kwargs, validate_trl_config
+from harness.backends.trl_config import grpo_config_kwargs, join_cpu_process_group, validate_trl_config
 from harness.backends.trl_history import HISTORY_FILE, HarnessStepCallback
 from harness.backends.trl_rewards import reward_functions
 from harness.backends.trl_trainer import HarnessGRPOTrainer
@@ -49,11 +49,26 @@ from harness.schedule import schedule_from_config
 CHECKPOINT_PATTERN = r"checkpoint-\d+"  # transformers' checkpoint-<optimizer step>
 # What a TRL checkpoint must hold to resume exactly (transformers writes them, the callback adds the history).
 CHECKPOINT_REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", HISTORY_FILE)
+# Under FSDP or DeepSpeed the optimizer (and, with ZeRO-3, the weights) are saved in the framework's own sharded
+# files, whose names depend on its settings: the manifest covers them; these are the files every layout has.
+SHARDED_CHECKPOINT_REQUIRED = ("scheduler.pt", "trainer_state.json", HISTORY_FILE)
 
 
 def _checkpoints(ckpt_dir: Path) -> list[Path]:
     """TRL/transformers checkpoints (``checkpoint-<optimizer step>``), oldest first."""
     return list_checkpoints(ckpt_dir, CHECKPOINT_PATTERN)
+
+
+def resume_point(cfg: Any) -> Path | None:
+    """The checkpoint ``resume=true`` continues from: the newest under ``<output_dir>/checkpoints`` that verifies
+    (newer broken ones are named in the log and set aside), None to start over. A multi-process cell's launcher calls
+    it first (:mod:`harness.launch`), so its ranks all find the same one."""
+    if not cfg.get("resume"):
+        return None
+    sharded = int(cfg.backend.get("num_processes", 1) or 1) > 1 and str(cfg.backend.get("accelerate_config",
+                                                                                         "ddp")) != "ddp"
+    return resume_checkpoint(Path(cfg.output_dir) / "checkpoints", CHECKPOINT_PATTERN,
+                             SHARDED_CHECKPOINT_REQUIRED if sharded else CHECKPOINT_REQUIRED)
 
 
 # ----------------------------------------------------------------------------- the entry point
@@ -83,11 +98,12 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
         for p in problems
     ])
     funcs, weights = reward_functions(cfg)
+    join_cpu_process_group(cfg)
     args = GRPOConfig(**{**grpo_config_kwargs(cfg, ckpt_dir), "reward_weights": weights})
 
     history: list[dict[str, float]] = []
     # the newest checkpoint that verifies (newer broken ones are named in the log and set aside)
-    resume_from = resume_checkpoint(ckpt_dir, CHECKPOINT_PATTERN, CHECKPOINT_REQUIRED) if cfg.get("resume") else None
+    resume_from = resume_point(cfg)
     if resume_from is not None:
         history = json.loads((resume_from / HISTORY_FILE).read_text())
     schedule = schedule_from_config(cfg)
@@ -106,8 +122,9 @@ def train(cfg: Any, on_step: StepCallback | None = None) -> TrainResult:
     trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / K.HISTORY_FILE).write_text(json.dumps(history))
+    if trainer.accelerator.is_main_process:  # a multi-process cell's files are rank 0's
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / K.HISTORY_FILE).write_text(json.dumps(history))
     checkpoints = _checkpoints(ckpt_dir)
     if not checkpoints:
         raise RuntimeError(f"TRL saved no checkpoint under {ckpt_dir}")

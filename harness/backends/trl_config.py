@@ -8,6 +8,7 @@ backend):
 ==============================  =====================================================================
 harness                         TRL
 ==============================  =====================================================================
+backend.collective_timeout_s    ddp_timeout (seconds a collective may wait)
 train.steps                     max_steps = steps × num_iterations × mini-batches (TRL counts optimizer
                                 steps)
 train.rollout_batch_size        generation_batch_size (= micro × accumulation × processes)
@@ -42,7 +43,7 @@ from typing import Any
 import torch
 
 from harness.backends.common import mini_batch_size
-from harness.config import to_plain
+from harness.config import CONF_DIR, ConfigError, to_plain
 
 TRL_LOSS_TYPE = {"seq-mean-token-mean": "grpo", "token-mean": "bnpo", "seq-mean-token-sum-norm": "dr_grpo",
                  "seq-mean-token-sum": "luspo"}
@@ -50,13 +51,19 @@ LR_SCHEDULER = {"constant": "constant_with_warmup", "cosine": "cosine", "linear"
 VLLM_KEYS = ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
              "vllm_server_base_url", "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
              "vllm_max_model_length", "vllm_enable_sleep_mode", "vllm_importance_sampling_correction")
+LAUNCHERS = ("accelerate", "torchrun")  # backend.launcher of a multi-process cell (harness.launch)
+ACCELERATE_DIR = CONF_DIR / "accelerate"  # the shipped accelerate configs, by name (backend.accelerate_config)
+ACCELERATE_CONFIGS = ("ddp", "fsdp", "zero2", "zero3")
 # TRL features that act inside its own _compute_loss; the harness loss does not implement them.
 UNSUPPORTED = {"top_entropy_quantile": 1.0, "off_policy_mask_threshold": None, "entropy_coef": 0.0,
                "use_adaptive_entropy": False, "delta": None}
 
 
-def _world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def _world_size(cfg: Any) -> int:
+    """The processes training the cell: those of the launch this process is in (``WORLD_SIZE``), else the ones the
+    cell asks for (``backend.num_processes``, started by :mod:`harness.launch`)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    return launched if launched > 1 else int(cfg.backend.get("num_processes", 1) or 1)
 
 
 def _use_cpu(device: str) -> bool:
@@ -78,12 +85,13 @@ def grpo_config_kwargs(cfg: Any, output_dir: str | Path, *, world_size: int | No
     """Keyword arguments of ``trl.GRPOConfig`` for the harness config ``cfg`` (the table in the module
     docstring). Pure: no model, data or GPU is touched."""
     t, g, bk = cfg.train, cfg.gate, cfg.backend
-    world = _world_size() if world_size is None else world_size
+    world = _world_size(cfg) if world_size is None else world_size
     per_update = t.micro_batch_size * world
     mini = mini_batch_size(t)
     if mini % per_update:
         raise ValueError(f"train.mini_batch_size={mini} (null: train.rollout_batch_size) must be divisible by "
-                         f"train.micro_batch_size x processes = {t.micro_batch_size} x {world}")
+                         f"train.micro_batch_size x processes (backend.num_processes) = {t.micro_batch_size} x "
+                         f"{world}")
     accumulation = mini // per_update
     updates = t.num_iterations * (t.rollout_batch_size // mini)  # optimizer steps per rollout batch
     if t.loss.agg not in TRL_LOSS_TYPE:
@@ -124,6 +132,8 @@ def grpo_config_kwargs(cfg: Any, output_dir: str | Path, *, world_size: int | No
         reward_weights=None,  # set with the reward functions
         mask_truncated_completions=False,
         disable_dropout=bool(bk.get("disable_dropout", True)),
+        # a process that waits longer than this in a collective (a rank hung or gone) fails, and with it the cell
+        ddp_timeout=int(bk.get("collective_timeout_s", 1800)),
         gradient_checkpointing=bool(bk.get("gradient_checkpointing", False)),
         use_cpu=use_cpu,
         bf16=bool(bk.get("bf16", True)) and not use_cpu,  # GRPOConfig defaults bf16=True, which CPUs reject
@@ -151,8 +161,93 @@ def grpo_config_kwargs(cfg: Any, output_dir: str | Path, *, world_size: int | No
     return kwargs
 
 
+def join_cpu_process_group(cfg: Any) -> None:
+    """On a CPU, a rank of a multi-process launch joins its gloo process group here, with
+    ``backend.collective_timeout_s`` as the timeout of every collective: transformers passes ``ddp_timeout`` on
+    GPUs only, and gloo's default (30 minutes) would leave the ranks of a cell whose peer hung waiting that long.
+    ``GRPOConfig`` then takes this group as it finds it. Nothing to do in one process or on GPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not _use_cpu(str(cfg.backend.device)):
+        return
+    if not torch.distributed.is_initialized():
+        from datetime import timedelta
+
+        from accelerate import PartialState
+
+        PartialState(cpu=True, timeout=timedelta(seconds=float(cfg.backend.get("collective_timeout_s", 1800))))
+
+
+def accelerate_config_file(cfg: Any) -> Path:
+    """The accelerate config of a multi-process cell: ``conf/accelerate/<backend.accelerate_config>.yaml`` for a
+    shipped name, else the value as a file's path (``ConfigError`` naming the key and the names)."""
+    value = str(cfg.backend.get("accelerate_config", "ddp"))
+    if value in ACCELERATE_CONFIGS:
+        return ACCELERATE_DIR / f"{value}.yaml"
+    path = Path(value).expanduser()
+    if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
+        return path.resolve()
+    raise ConfigError(f"backend.accelerate_config must be one of {', '.join(ACCELERATE_CONFIGS)} or an accelerate "
+                      f"config file's path, got {value!r}")
+
+
+def accelerate_sharding(cfg: Any) -> str:
+    """How a multi-process cell's accelerate config shards the model states, in :mod:`harness.memory_plan`'s words:
+    ``ddp``, ``fsdp``, ``zero2`` or ``zero3`` (a file of one's own is read: its ``distributed_type`` and stage)."""
+    value = str(cfg.backend.get("accelerate_config", "ddp"))
+    if value in ACCELERATE_CONFIGS:
+        return value
+    import yaml
+
+    data = yaml.safe_load(accelerate_config_file(cfg).read_text()) or {}
+    kind = str(data.get("distributed_type", "MULTI_GPU")).upper()
+    if kind == "FSDP":
+        return "fsdp"
+    if kind == "DEEPSPEED":
+        return "zero3" if int((data.get("deepspeed_config") or {}).get("zero_stage", 2)) >= 3 else "zero2"
+    return "ddp"
+
+
+def validate_launch_config(cfg: Any) -> None:
+    """The multi-process keys (``backend.num_processes``, ``launcher``, ``accelerate_config``,
+    ``collective_timeout_s``): values, and whether this machine can run them (``ConfigError`` naming the key)."""
+    bk = cfg.backend
+    launcher = bk.get("launcher", "accelerate")
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"backend.launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
+    timeout = bk.get("collective_timeout_s", 1800)
+    if not (isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout >= 1):
+        raise ConfigError(f"backend.collective_timeout_s must be a number of seconds >= 1, got {timeout!r}")
+    accelerate_config_file(cfg)
+    processes = int(bk.get("num_processes", 1))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and processes > 1 and processes != launched:
+        raise ConfigError(f"backend.num_processes={processes} inside a launch of {launched} processes: leave it at 1 "
+                          "when starting the ranks yourself (accelerate launch / torchrun), or let the harness start "
+                          "them (no outer launch)")
+    if processes == 1 or launched > 1:
+        return
+    sharding = accelerate_sharding(cfg)
+    if launcher == "torchrun" and sharding != "ddp":
+        raise ConfigError(f"backend.launcher=torchrun runs DDP only; backend.accelerate_config={bk.accelerate_config} "
+                          "needs backend.launcher=accelerate")
+    if _use_cpu(str(bk.device)):
+        if sharding != "ddp":
+            raise ConfigError(f"backend.accelerate_config={bk.accelerate_config} shards over GPUs; on a CPU accelerate "
+                              "runs the processes as DDP (gloo) whatever its config says: use "
+                              "backend.accelerate_config=ddp")
+    elif processes > torch.cuda.device_count():
+        raise ConfigError(f"backend.num_processes={processes} but this machine sees {torch.cuda.device_count()} "
+                          "GPU(s) (CUDA_VISIBLE_DEVICES): one process per GPU")
+    if sharding.startswith("zero"):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(f"backend.accelerate_config={bk.accelerate_config} needs DeepSpeed: pip install "
+                              "deepspeed (or backend.accelerate_config=fsdp, which shards the same states)")
+
+
 def validate_trl_config(cfg: Any) -> None:
     """Checks on top of the native backend's, before anything is loaded."""
+    validate_launch_config(cfg)
     grpo_config_kwargs(cfg, "unused")
     for key, value in (cfg.backend.get("grpo_config") or {}).items():
         if key in UNSUPPORTED and value != UNSUPPORTED[key]:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from harness import keys as K
@@ -111,6 +112,8 @@ class HarnessStepCallback(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every process has written its files (its RNG state) before the manifest
         if ckpt.is_dir() and state.is_world_process_zero:
             (ckpt / HISTORY_FILE).write_text(json.dumps(self.history))
             write_manifest(ckpt)  # last: transformers has written everything else by now

@@ -24,6 +24,7 @@ harness's per-step history.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -90,7 +91,9 @@ class HarnessGRPOTrainer(GRPOTrainer):
         self._harness_window: list[tuple[Tensor, ...]] = []
         self._harness_window_loss = 0.0
         self._harness_pending: dict[str, float] = {}
-        self.harness_sampler = sampler  # cached: the native backend's sampler on the transformers path
+        # cached: the native backend's sampler on the transformers path; prompt_seeded: the same with a random stream
+        # per prompt (prompt_seeds below)
+        self.harness_sampler = sampler
         self.harness_skip_zero_advantage = skip_zero_advantage
         self._harness_sampled_entropy = False  # the generation batch's entropy came from the sampler
         super().__init__(*args, **kwargs)
@@ -107,10 +110,11 @@ class HarnessGRPOTrainer(GRPOTrainer):
         """TRL's transformers generation path with ``sampler="cached"``: the native backend's cached sampler
         (:func:`harness.backends.sampling.sample_completions`: each prompt prefilled once and its KV cache repeated
         for its G rollouts, instead of ``generate`` prefilling every prompt G times; the same distribution), which
-        also gives the entropy of the distributions the tokens were drawn from. vLLM, continuous batching, images,
-        tools and several EOS tokens keep TRL's own path."""
+        also gives the entropy of the distributions the tokens were drawn from; ``sampler="prompt_seeded"`` also gives
+        each prompt its own random stream (:meth:`_prompt_seeds`). vLLM, continuous batching, images, tools and
+        several EOS tokens keep TRL's own path."""
         G = num_generations
-        cached = getattr(self, "harness_sampler", "generate") == "cached"
+        cached = getattr(self, "harness_sampler", "generate") in ("cached", "prompt_seeded")
         plain = (cached and not self.use_vllm and not images and not multimodal_fields
                  and not getattr(self, "use_transformers_continuous_batching", False) and not self.tools
                  and len(self.eos_token_ids) == 1 and len(prompt_ids) % G == 0
@@ -132,15 +136,31 @@ class HarnessGRPOTrainer(GRPOTrainer):
                                           gather_deepspeed3_params=self.args.ds3_gather_for_generation,
                                           gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs)
               as unwrapped, torch.no_grad(), self._dist.summon_full_params(self.model_wrapped, recurse=False)):
+            seeds = self._prompt_seeds(prompts) if self.harness_sampler == "prompt_seeded" else None
             seqs, entropy, _ = sample_completions(unwrapped, ids, attention, num_generations=G,
                                                max_new_tokens=self.max_completion_length, temperature=self.temperature,
-                                               top_p=self.top_p, eos_token_id=eos, pad_token_id=pad)
+                                               top_p=self.top_p, eos_token_id=eos, pad_token_id=pad,
+                                               prompt_seeds=seeds)
         completion = seqs[:, width:]
         keep = mask_through_first_eos(completion, eos)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["entropy"].append(self._global_masked_mean(entropy, keep.to(entropy.dtype)))
         self._harness_sampled_entropy = True
         return [c[m].tolist() for c, m in zip(completion.cpu(), keep.cpu(), strict=True)], None
+
+    def _prompt_seeds(self, prompts: list) -> list[int]:
+        """One seed per prompt of this generation batch: SHA-256 of (run seed, optimizer step, the prompt's token ids,
+        how many identical prompts came before it in this process's slice). Every process computes the seed of a
+        prompt alike, and a resumed run alike, so the rollouts do not depend on the process count; a prompt drawn
+        twice into one batch whose copies land on different processes is the one exception."""
+        seen: dict[tuple[int, ...], int] = {}
+        seeds = []
+        for prompt in prompts:
+            key = tuple(int(t) for t in prompt)
+            seen[key] = seen.get(key, -1) + 1
+            text = f"{self.args.seed}:{self.state.global_step}:{seen[key]}:{','.join(map(str, key))}"
+            seeds.append(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1)
+        return seeds
 
     def _skips_zero_advantage(self, inputs: dict[str, Any]) -> bool:
         """Whether rows with A = 0 may be left out of this micro-batch's forward and backward
@@ -161,6 +181,17 @@ class HarnessGRPOTrainer(GRPOTrainer):
         nonzero = (adv != 0) if adv.dim() == 1 else (adv != 0).reshape(adv.shape[0], -1).any(-1)
         # no row active: all of them (a zero update either way, through the usual forward and backward)
         return None if bool(nonzero.all()) or not bool(nonzero.any()) else nonzero.nonzero().squeeze(-1)
+
+    def _trained_flags(self, inputs: dict[str, Any], rows: Tensor | None, n: int) -> Tensor:
+        """Which of the ``n`` rows that went through this micro-batch's forward count as trained in the diagnostics:
+        all of them, except where zero-advantage rows are skipped and every row of the micro-batch had A = 0 (then
+        none: they went through the forward only because nothing else did). So the statistics are over the rows
+        with A ≠ 0 whichever micro-batch, or process, a row lands in."""
+        if rows is not None or not self._skips_zero_advantage(inputs):
+            return torch.ones(n, dtype=torch.bool)
+        adv = inputs["advantages"]
+        nonzero = (adv != 0) if adv.dim() == 1 else (adv != 0).reshape(adv.shape[0], -1).any(-1)
+        return torch.full((n,), bool(nonzero.any()), dtype=torch.bool)
 
     def _left_out_rows(self, model: Any, inputs: dict[str, Any], rows: Tensor | None) -> tuple[Any, ...] | None:
         """The diagnostics window entry of the rows of the micro-batch ``inputs`` that :meth:`_trained_rows` left
@@ -221,7 +252,21 @@ class HarnessGRPOTrainer(GRPOTrainer):
         window = self._window_mask(mask)
         if agg == "seq-mean-token-mean" or window is None:
             return 1.0 / self.current_gradient_accumulation_steps  # TRL's grpo/sapo rule
-        return micro_batch_weight(mask, window, agg)
+        # DDP averages the processes' gradients: weighing against every process's window, times N, makes the sum
+        # the aggregate over the whole optimizer step (token-mean's token count differs between processes)
+        processes = self.accelerator.num_processes
+        return processes * micro_batch_weight(mask, self._gather_rows(window), agg)
+
+    def _gather_rows(self, rows: Tensor) -> Tensor:
+        """``rows`` of every process, stacked in rank order (2-D tensors padded with 0 to the widest): the whole
+        optimizer step or pass rather than this process's share. Every process must call it at the same point."""
+        if self.accelerator.num_processes == 1:
+            return rows
+        if rows.dtype == torch.bool:  # collectives move numbers
+            return self._gather_rows(rows.to(torch.uint8)).bool()
+        if rows.dim() == 2:
+            rows = self.accelerator.pad_across_processes(rows, dim=1)
+        return self.accelerator.gather(rows)
 
     def _window_mask(self, like: Tensor) -> Tensor | None:
         """Completion masks of the current accumulation window: the micro-batches of this optimizer step, a
@@ -285,7 +330,7 @@ class HarnessGRPOTrainer(GRPOTrainer):
                 per_token_logps.detach(),
                 per_token_logps.detach() if old is None else old.detach(),
                 adv, mask.detach(), None if ref is None else ref.detach(), inputs.get("harness_group"),
-                torch.ones(len(per_token_logps), dtype=torch.bool),
+                self._trained_flags(micro_batch, rows, len(per_token_logps)),
             ))
             if self._skips_zero_advantage(micro_batch):
                 left_out = self._left_out_rows(model, micro_batch, rows)
@@ -325,13 +370,17 @@ class HarnessGRPOTrainer(GRPOTrainer):
                 return None
             return torch.cat([torch.nn.functional.pad(r[i], (0, width - r[i].shape[1])) for r in rows])
 
-        logp, old, adv, mask, ref = (cat(i) for i in range(5))
-        groups = None if rows[0][5] is None else torch.cat([r[5].to(logp.device) for r in rows])
-        trained = torch.cat([r[6] for r in rows]).to(logp.device)  # EUR: every row; the other statistics: these
+        # the diagnostics and the loss of the whole pass: every process's rows (only rank 0 logs them)
+        gather = self._gather_rows
+        logp, old, adv, mask, ref = (None if x is None else gather(x) for x in (cat(i) for i in range(5)))
+        groups = None if rows[0][5] is None else gather(torch.cat([r[5].to(logp.device) for r in rows]))
+        # EUR: every row; the other statistics: these
+        trained = gather(torch.cat([r[6] for r in rows]).to(logp.device))
         _, diag = policy_loss(logp, old, adv, mask.bool(), ref_logp=ref, groups=groups, trained=trained,
                               **self.harness_loss_kwargs)
         self._harness_pending.update({f"harness/{k}": float(v) for k, v in diag.items()})
-        self._harness_pending["harness/loss"] = self._harness_window_loss / minis  # mean over mini-batches
+        loss = torch.tensor(self._harness_window_loss / minis, device=logp.device)  # mean over mini-batches
+        self._harness_pending["harness/loss"] = float(self.accelerator.reduce(loss, reduction="mean"))
         self._harness_window, self._harness_window_loss = [], 0.0
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from harness import tracking
 from harness.cell import cell_dir, cell_name, config_hash, local_result, run_tracked, upload_cell
 from harness.config import config_errors
+from harness.launch import launches, num_processes, run_launched
 from harness.sweeping.base import SweeperBase, expand_arguments, job_result
 from harness.sweeping.grid import (
     TAU_MODES,
@@ -106,6 +107,7 @@ class GateSweeperImpl(SweeperBase):
             jobs = [cell + for_the_cells_gate(cell, [*axis, *extra]) for cell in cells
                     for axis in itertools.product(*axes) for extra in extras]
             composed = self.compose_checked(jobs)
+            check_gpus_per_task(self.config, composed)
             if p.baseline:
                 baselines = baseline_jobs(jobs, composed)
                 jobs, composed = baselines + jobs, self.compose_checked(baselines) + composed
@@ -131,6 +133,32 @@ class GateSweeperImpl(SweeperBase):
             self.write_report(first, store)
         self.raise_if_incomplete(summary)  # after the summary: failed cells exit 1, results awaiting upload exit 3
         return returns
+
+
+def check_gpus_per_task(config: DictConfig, composed: Sequence[DictConfig]) -> None:
+    """Multi-process cells must get their GPUs, checked before any compute. A launcher that gives each job a fixed
+    number (SLURM's ``gpus_per_node``) must give every cell as many as it starts processes: the task asks for the
+    sweep's ``backend.num_processes``, so a cell given more by its own overrides (an axis over it) is refused. Cells
+    run side by side on this machine (``hydra.launcher.n_jobs``) must not need more GPUs together than it has."""
+    launcher = (config.get("hydra") or {}).get("launcher", {})
+    most = max((num_processes(cfg) for cfg in composed), default=1)
+    at_once = int(launcher.get("n_jobs", 1) or 1)
+    if most > 1 and at_once > 1 and launcher.get("gpus_per_node") is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus and at_once * most > gpus:
+            raise ValueError(f"hydra.launcher.n_jobs={at_once} runs {at_once} cells at once, each on up to "
+                             f"backend.num_processes={most} GPUs, but this machine has {gpus}: run them one after "
+                             "another (hydra/launcher=local) or lower hydra.launcher.n_jobs")
+    gpus = launcher.get("gpus_per_node")
+    if gpus is None:
+        return
+    for cfg in composed:
+        if num_processes(cfg) > int(gpus):
+            raise ValueError(f"a cell asks for backend.num_processes={num_processes(cfg)} but each launcher task gets "
+                             f"hydra.launcher.gpus_per_node={gpus} GPU(s): set backend.num_processes for the whole "
+                             "sweep (the task size follows it) or raise hydra.launcher.gpus_per_node")
 
 
 STATUSES = ("finished", "skipped", "uploaded", "pending", "failed")  # pending: done before, still awaiting upload
@@ -197,8 +225,12 @@ def cell_task(cfg: DictConfig) -> dict[str, Any]:
         run_id = run.run_id
 
     try:
-        run_id, summary = run_tracked(cfg, store, run_name=name, parent_run_id=tracking.read_parent(sweep_dir),
-                                      supersede_stale=True, on_start=remember)
+        if launches(cfg):  # backend.num_processes > 1: this job starts the cell's ranks and waits for them
+            run_id, summary = run_launched(cfg, store, run_name=name, parent_run_id=tracking.read_parent(sweep_dir),
+                                           supersede_stale=True)
+        else:
+            run_id, summary = run_tracked(cfg, store, run_name=name, parent_run_id=tracking.read_parent(sweep_dir),
+                                          supersede_stale=True, on_start=remember)
     except Exception as exc:  # recorded FAILED (tag failure_reason); the sweep goes on
         log.exception("cell %s failed", name)
         return {"status": "failed", "run_id": run_id, "config_hash": chash, "reason": f"{type(exc).__name__}: {exc}",

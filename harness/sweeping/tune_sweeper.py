@@ -136,6 +136,10 @@ class TuneSweeperImpl(SweeperBase):
                                                          Path(self.config.hydra.sweep.dir)))
                 validate_cell(cfg)
                 check_objective(s.objective, cfg)
+                if int(cfg.backend.get("num_processes", 1) or 1) > 1:
+                    raise ValueError(f"harness tune: backend.num_processes={cfg.backend.num_processes}: a trial's "
+                                     "pruner reads every training step in this process; tune with one process per "
+                                     "trial (backend.num_processes=1), and sweep the chosen τ on several")
                 composed.append(cfg)
             plans.append(StudyPlan(gate, name, gate_ov, composed[0]))
         return s, user, plans

@@ -102,6 +102,16 @@ def supersede_stale_parents(store: Store, run_id: str) -> list[str]:
     return _supersede(store, stale, run_id)
 
 
+def mark_failed(store: Store, run_id: str, reason: str) -> None:
+    """End run ``run_id`` FAILED with the tag ``failure_reason`` (a multi-process cell whose rank died: its rank 0
+    may have closed the run KILLED when the others were stopped). A store that does not answer is left as it is."""
+    try:
+        store.client.set_tag(run_id, K.TAG_FAILURE_REASON, reason[:5000])
+        store.client.set_terminated(run_id, "FAILED")
+    except Exception as exc:  # the cell failed either way; its launch log says why
+        log.warning("could not mark run %s FAILED (%s): %s", run_id, exc, reason)
+
+
 def kill_children(store: Store, parent_run_id: str) -> list[str]:
     """Mark the parent's child runs still RUNNING as KILLED (a driver stopped by a signal: its jobs die with it)."""
     children = [r.info.run_id for r in _runs(store, f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}' and "

@@ -1,0 +1,398 @@
+"""Multi-process cells (harness/launch.py): the checks before compute, the launch command, the reason a failed launch
+gives, the SLURM task size; then real 2-process runs on the CPU (gloo): one cell against its 1-process twin, a resume,
+and a sweep whose rank is killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import open_dict
+
+from harness.config import ConfigError
+from tests.conftest import REPO, compose
+
+TRL_TINY = ["backend=trl", "backend.device=cpu", "backend.threads=1", "backend.progress=false",
+            "train.rollout_batch_size=16", "train.micro_batch_size=4", "train.mini_batch_size=null",
+            "train.save_every=1", "train.warmup_steps=0"]
+
+
+def _validate(overrides: list[str]):
+    from harness.cell import validate_cell
+
+    validate_cell(compose(overrides))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["backend.num_processes=2"], "the native backend trains in one process; run a cell on several processes with "
+                                  "backend=trl backend.num_processes=N"),
+    (["backend=trl", "backend.num_processes=0"], "backend.num_processes must be an integer >= 1, got 0"),
+    (["backend=trl", "backend.num_processes=2", "backend.accelerate_config=fsdp"],
+     "backend.accelerate_config=fsdp shards over GPUs; on a CPU accelerate runs the processes as DDP"),
+    (["backend=trl", "backend.num_processes=2", "backend.accelerate_config=zero3"],
+     "backend.accelerate_config=zero3 shards over GPUs"),
+    (["backend=trl", "backend.num_processes=2", "backend.accelerate_config=nope"],
+     "backend.accelerate_config must be one of ddp, fsdp, zero2, zero3 or an accelerate config file's path, "
+     "got 'nope'"),
+    (["backend=trl", "backend.num_processes=2", "backend.launcher=mpirun"],
+     "backend.launcher must be one of accelerate, torchrun, got 'mpirun'"),
+    (["backend=trl", "backend.num_processes=2", "backend.launcher=torchrun", "backend.accelerate_config=fsdp"],
+     "backend.launcher=torchrun runs DDP only"),
+    (["backend=trl", "backend.collective_timeout_s=0"], "backend.collective_timeout_s must be a number of seconds"),
+    (["backend=trl", "backend.sampler=beam"], "backend.sampler must be one of cached, generate, prompt_seeded for "
+                                              "backend=trl"),
+])
+def test_bad_multi_process_settings_fail_before_compute_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _validate(overrides)
+
+
+def test_a_rank_inside_someone_elses_launch_does_not_launch_again(monkeypatch):
+    from harness.launch import launches
+
+    cfg = compose(["backend=trl", "backend.num_processes=2"])
+    assert launches(cfg)
+    with open_dict(cfg):
+        cfg.role = "baseline"
+    assert not launches(cfg)  # a baseline only evaluates: one process
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not launches(compose(["backend=trl", "backend.num_processes=2"]))
+    with pytest.raises(ConfigError, match=r"backend\.num_processes=4 inside a launch of 2 processes"):
+        _validate(["backend=trl", "backend.num_processes=4"])
+
+
+def test_launch_command_names_the_accelerate_config_processes_and_port(tmp_path):
+    from harness.launch import launch_command
+
+    cfg = compose(["backend=trl", "backend.num_processes=8", "backend.accelerate_config=fsdp"])
+    cmd = launch_command(cfg, tmp_path / "spec.json", port=29555)
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--config_file") + 1] == str(REPO / "conf" / "accelerate" / "fsdp.yaml")
+    assert cmd[cmd.index("--num_processes") + 1] == "8" and cmd[cmd.index("--main_process_port") + 1] == "29555"
+    assert cmd[-3:] == ["-m", "harness.launch", str(tmp_path / "spec.json")]
+    torchrun = launch_command(compose(["backend=trl", "backend.num_processes=2", "backend.launcher=torchrun"]),
+                              "s.json", port=1)
+    assert torchrun[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in torchrun
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "zero2", "zero3"])
+def test_each_shipped_accelerate_config_is_one_accelerate_reads(name):
+    """accelerate's own loader takes each file, and its layout is the sharding the memory plan assumes."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from harness.backends.trl_config import accelerate_config_file, accelerate_sharding
+
+    cfg = compose(["backend=trl", f"backend.accelerate_config={name}"])
+    loaded = load_config_from_file(str(accelerate_config_file(cfg)))
+    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}[name]
+    assert str(loaded.distributed_type).split(".")[-1] == expected
+    assert accelerate_sharding(cfg) == name
+    if name.startswith("zero"):
+        assert loaded.deepspeed_config["zero_stage"] == int(name[-1])
+
+
+def test_a_config_file_of_ones_own_is_planned_by_its_layout(tmp_path):
+    from harness.backends.trl_config import accelerate_sharding
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n")
+    assert accelerate_sharding(compose(["backend=trl", f"backend.accelerate_config={path}"])) == "zero3"
+
+
+def test_grpo_config_divides_the_batch_over_the_cells_processes_and_sets_the_collective_timeout():
+    from harness.backends.trl_config import grpo_config_kwargs
+
+    cfg = compose(["backend=trl", "backend.num_processes=2", "backend.collective_timeout_s=90",
+                   "train.rollout_batch_size=16", "train.micro_batch_size=4", "train.mini_batch_size=null"])
+    kw = grpo_config_kwargs(cfg, "unused")
+    assert (kw["gradient_accumulation_steps"], kw["steps_per_generation"], kw["ddp_timeout"]) == (2, 2, 90)
+
+
+def agent_report(root: tuple[str, int, str, str], *others: tuple[str, int, str, str]) -> str:
+    """A torch elastic agent's report in torch 2.13's layout (the sweep test below makes a real one): each failure
+    is (time, rank, exitcode field, traceback field), the root cause last, as the agent prints it."""
+    def block(i: int, failure: tuple[str, int, str, str]) -> str:
+        time_, rank, code, trace = failure
+        return (f"[{i}]:\n  time      : {time_}\n  host      : cpu-box\n  rank      : {rank} (local_rank: {rank})\n"
+                f"  exitcode  : {code}\n  error_file: <N/A>\n  traceback : {trace}\n")
+    listed = "".join(block(i + 1, f) for i, f in enumerate(others)) or "  <NO_OTHER_FAILURES>\n"
+    return ("torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n" + "=" * 60 +
+            "\nharness.launch FAILED\n" + "-" * 60 + f"\nFailures:\n{listed}" + "-" * 60 +
+            "\nRoot Cause (first observed failure):\n" + block(0, root) + "=" * 60 + "\n")
+
+
+T0, T30 = "2026-12-06_16:01:02", "2026-12-06_16:01:32"
+SIGKILLED = (T0, 1, "-9 (pid: 4321)  (SIGKILL)", "Signal 9 (SIGKILL) received by PID 4321")
+KILLED = "rank 1 (local_rank: 1) exited with code -9 (SIGKILL): Signal 9 (SIGKILL) received by PID 4321"
+NO_TRACE = "To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html"
+
+
+def test_a_failed_launch_names_the_rank_and_its_signal(tmp_path):
+    from harness.launch import ERROR_FILE, LOG_FILE, failure_reason, root_cause
+
+    assert root_cause(agent_report(SIGKILLED)) == (1, KILLED)
+    assert root_cause("Traceback ...\nValueError: boom\n") is None
+    # rank 0's collective lost the killed peer in the same second, and the agent names rank 0 the root cause
+    assert root_cause(agent_report((T0, 0, "1 (pid: 4320)", NO_TRACE), SIGKILLED)) == (1, KILLED)
+    # the agent's own SIGTERM to the others is no cause
+    assert root_cause(agent_report(SIGKILLED, (T0, 0, "-15 (pid: 4320)  (SIGTERM)", "Signal 15"))) == (1, KILLED)
+    # rank 1 hung (SIGSTOP): rank 0's collective timed out first; the agent killed rank 1 30 s later
+    hung = agent_report((T0, 0, "1 (pid: 4320)", NO_TRACE), (T30, *SIGKILLED[1:]))
+    assert root_cause(hung) == (0, "rank 0 (local_rank: 0) exited with code 1")
+    (tmp_path / LOG_FILE).write_text(hung)
+    (tmp_path / ERROR_FILE).write_text(json.dumps({"reason": "RuntimeError: Timed out waiting 20000ms for recv"}))
+    assert failure_reason(tmp_path, 1).startswith("rank 0 failed: RuntimeError: Timed out waiting 20000ms for recv "
+                                                  "(a collective waited longer than backend.collective_timeout_s")
+    # a rank 0 error where rank 1 was killed is an echo
+    (tmp_path / LOG_FILE).write_text(agent_report(SIGKILLED) + "starting\nsomething broke\n")
+    (tmp_path / ERROR_FILE).write_text(json.dumps({"reason": "RuntimeError: Connection reset by peer"}))
+    assert failure_reason(tmp_path, 1) == KILLED
+    (tmp_path / ERROR_FILE).unlink()
+    since = len(agent_report(SIGKILLED).encode())  # an earlier launch's report is not this launch's reason
+    assert failure_reason(tmp_path, 3, since=since) == "the launch exited with code 3: starting | something broke"
+    (tmp_path / ERROR_FILE).write_text(json.dumps({"reason": "FloatingPointError: NaN loss at step 2"}))
+    assert failure_reason(tmp_path, 1, since=since) == "rank 0 failed: FloatingPointError: NaN loss at step 2"
+
+
+def test_slurm_asks_for_the_cells_gpus():
+    from tests.test_sweep import compose_sweep
+
+    paper = compose_sweep("paper", ["hydra/launcher=slurm"], hydra_config=True)
+    assert (paper.backend.name, paper.backend.num_processes, paper.backend.accelerate_config) == ("trl", 8, "fsdp")
+    verl = compose_sweep("paper", ["hydra/launcher=slurm", "backend=verl", "backend.n_gpus_per_node=8"],
+                         hydra_config=True)  # the whole backend node swaps
+    assert verl.backend.name == "verl" and verl.hydra.launcher.gpus_per_node == 8
+    assert paper.hydra.launcher.gpus_per_node == 8
+    assert compose_sweep("gates", ["hydra/launcher=slurm"], hydra_config=True).hydra.launcher.gpus_per_node == 1
+    two = compose_sweep("gates", ["hydra/launcher=slurm", "backend=trl", "backend.num_processes=2"], hydra_config=True)
+    assert two.hydra.launcher.gpus_per_node == 2
+
+
+def test_a_cell_with_more_processes_than_its_slurm_task_has_gpus_is_refused():
+    from harness.sweeping.gate_sweeper import check_gpus_per_task
+    from tests.test_sweep import compose_sweep
+
+    sweep = compose_sweep("gates", ["hydra/launcher=slurm", "backend=trl"], hydra_config=True)
+    cells = [compose(["backend=trl"]), compose(["backend=trl", "backend.num_processes=2"])]
+    with pytest.raises(ValueError, match=r"backend\.num_processes=2 but each launcher task gets "
+                                         r"hydra\.launcher\.gpus_per_node=1 GPU"):
+        check_gpus_per_task(sweep, cells)
+    check_gpus_per_task(compose_sweep("gates", ["backend=trl"], hydra_config=True), cells)  # this CPU: no GPUs
+
+
+def test_cells_side_by_side_may_not_need_more_gpus_than_the_machine_has(monkeypatch):
+    """On an 8-GPU machine (its GPU count stood in for here), two 8-process cells at once would share every GPU."""
+    import torch
+
+    from harness.sweeping.gate_sweeper import check_gpus_per_task
+    from tests.test_sweep import compose_sweep
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    cells = [compose(["backend=trl", "backend.num_processes=8"])]
+    with pytest.raises(ValueError, match=r"hydra\.launcher\.n_jobs=2 runs 2 cells at once, each on up to "
+                                         r"backend\.num_processes=8 GPUs, but this machine has 8"):
+        check_gpus_per_task(compose_sweep("gates", ["backend=trl"], hydra_config=True), cells)
+    check_gpus_per_task(compose_sweep("gates", ["backend=trl", "hydra/launcher=local"], hydra_config=True), cells)
+    check_gpus_per_task(compose_sweep("paper", [], hydra_config=True), cells)  # one cell after another
+
+
+def test_tune_refuses_multi_process_trials(tmp_path, monkeypatch, capsys):
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["tune", "backend=trl", "backend.num_processes=2", "train.micro_batch_size=32"]) == 2
+    assert "backend.num_processes=2: a trial's pruner reads every training step in this process" in (
+        capsys.readouterr().err)
+
+
+# ------------------------------------------------------------------------------------- prompt-seeded rollouts
+
+
+def test_prompt_seeded_rollouts_do_not_depend_on_the_batch_a_prompt_shares(cache_dir):
+    """A prompt's completions depend on its seed only: sampled beside other prompts (another padding, another row
+    order) or alone, with its seed they are the same; another seed gives others."""
+    import torch
+
+    from harness.backends.sampling import sample_completions
+    from tests.test_native_trainer import _tiny_prompts
+
+    model, tok, enc = _tiny_prompts(cache_dir, 3)
+    kw = dict(num_generations=4, max_new_tokens=24, temperature=1.0, top_p=1.0, eos_token_id=tok.eos_token_id,
+              pad_token_id=tok.pad_token_id)
+
+    def rows_of(indices: list[int], seeds: list[int]) -> torch.Tensor:
+        batch = tok([tok.decode(enc.input_ids[i][enc.attention_mask[i].bool()]) for i in indices],
+                    return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            seqs, _, _ = sample_completions(model, batch.input_ids, batch.attention_mask, prompt_seeds=seeds, **kw)
+        return seqs[:, batch.input_ids.shape[1]:]
+
+    together = rows_of([0, 1, 2], [11, 22, 33])
+    alone = rows_of([2], [33])
+    swapped = rows_of([2, 0], [33, 11])
+    assert torch.equal(together[8:], alone) and torch.equal(swapped[:4], alone) and torch.equal(swapped[4:],
+                                                                                                 together[:4])
+    assert not torch.equal(rows_of([2], [34]), alone)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.99])
+def test_prompt_seeded_sampling_draws_the_tempered_distribution(cache_dir, top_p):
+    """The inverse-CDF draw of the prompt-seeded sampler against the tempered (and nucleus-truncated) distribution of
+    the first token: 4,000 draws, a chi-square test at 1e-3 (it fails about once in a thousand runs by chance with
+    the right distribution; a wrong one, such as the untempered distribution, fails it every time)."""
+    import torch
+    from scipy.stats import chisquare
+
+    from harness.backends.sampling import sample_completions
+    from tests.test_native_trainer import _tiny_prompts
+
+    model, tok, enc = _tiny_prompts(cache_dir, 1)
+    n, temperature = 4000, 2.0
+    with torch.no_grad():
+        logits = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[0, -1]
+        seqs, _, _ = sample_completions(model, enc.input_ids, enc.attention_mask, num_generations=n, max_new_tokens=1,
+                                        temperature=temperature, top_p=top_p, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id, prompt_seeds=[7])
+    probs = torch.softmax(logits.double() / temperature, -1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = order[(sorted_probs.cumsum(0) - sorted_probs) < top_p]
+        probs = torch.zeros_like(probs).index_fill(0, keep, 1.0) * probs
+        probs = probs / probs.sum()
+    drawn = torch.bincount(seqs[:, -1], minlength=len(probs)).double()
+    assert drawn[probs == 0].sum() == 0  # never a token outside the nucleus
+    common = n * probs >= 5  # chi-square's validity: the rare tokens pooled into one cell
+    assert int(common.sum()) >= 3, "the test needs a first token with several likely values"
+
+    pooled = bool(probs[~common].sum() > 0)  # a nucleus may hold only likely tokens
+
+    def cells(p: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p[common], p[~common].sum().reshape(1)][:2 if pooled else 1]).numpy()
+
+    observed = cells(drawn)
+    assert chisquare(observed, n * cells(probs)).pvalue > 1e-3
+    untempered = torch.softmax(logits.double(), -1) * (probs > 0)
+    assert chisquare(observed, n * cells(untempered / untempered.sum())).pvalue < 1e-3
+
+
+# ------------------------------------------------------------------------------------- real processes (gloo)
+
+
+def _harness(subcommand: str, args: list[str], cwd: Path, cache_dir: Path, **popen) -> subprocess.Popen:
+    env = {**os.environ, "HARNESS_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    exe = shutil.which("harness", path=str(Path(sys.executable).parent)) or "harness"
+    return subprocess.Popen([exe, subcommand, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _finish(proc: subprocess.Popen, timeout: int = 600) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def _history(out_dir: Path) -> list[dict]:
+    return json.loads((out_dir / "train_history.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_processes_train_as_one_then_resume(tmp_path, cache_dir):
+    """The same cell on 1 and on 2 gloo processes (same global batch, prompt-seeded rollouts, token-mean: the
+    aggregation whose normaliser differs between processes) gives the same curve within float tolerance; the 2-process
+    cell evaluates once and logs one MLflow run; run again with one more step, every rank resumes from its last
+    checkpoint."""
+    import mlflow
+
+    common = [*TRL_TINY, "backend.sampler=prompt_seeded", "train.loss.agg=token-mean", "train.lr=1e-3",
+              "train.steps=3", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=launch"]
+    one = _harness("run", [*common, "eval.enabled=false", "tracking.enabled=false", f"output_dir={tmp_path / 'one'}"],
+                   tmp_path, cache_dir)
+    code, _, err = _finish(one)
+    assert code == 0, err[-4000:]
+    two_args = [*common, "backend.num_processes=2", "eval.bench.arith.limit=8", "eval.bench.arith.k=2",
+                f"output_dir={tmp_path / 'two'}"]
+    code, out, err = _finish(_harness("run", two_args, tmp_path, cache_dir))
+    assert code == 0, err[-4000:]
+    assert "2 processes: " in err and "accelerate.commands.launch" in err
+
+    a, b = _history(tmp_path / "one"), _history(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b, strict=True):
+        assert x["reward"] == y["reward"] and x["response_length"] == y["response_length"]  # the same rollouts
+        for key in ("loss", "grad_norm", "it2/abs_ratio_dev", "it2/eur", "it2/gate_weight"):
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), key
+    assert any(abs(x["loss"]) > 1e-3 for x in a)  # the losses compared are not all zero
+
+    launch = tmp_path / "two" / "launch"
+    assert {p.name for p in launch.glob("rank-*.pid")} == {"rank-0.pid", "rank-1.pid"}
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["launch"], output_format="list")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # rank 0 alone logged
+    assert "eval/arith/acc" in runs[0].data.metrics and json.loads(out)["mlflow_run_id"] == runs[0].info.run_id
+    steps = mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "train/reward")
+    assert sorted(m.step for m in steps) == [1, 2, 3]
+
+    resumed = [*[a for a in two_args if not a.startswith("train.steps=")], "train.steps=4", "resume=true",
+               "eval.enabled=false", "tracking.enabled=false"]
+    code, _, err = _finish(_harness("run", resumed, tmp_path, cache_dir))
+    assert code == 0, err[-4000:]
+    spec = json.loads((launch / "spec.json").read_text())
+    assert spec["resume_from"] == str(tmp_path / "two" / "checkpoints" / "checkpoint-6")  # 3 steps x 2 passes
+    c = _history(tmp_path / "two")
+    assert len(c) == 4 and [h["reward"] for h in c[:3]] == [h["reward"] for h in b]
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_its_cell_the_sweep_goes_on_and_a_rerun_resumes_it(tmp_path, cache_dir):
+    """A 2-cell x 2-process sweep: rank 1 of the first cell is killed after its first checkpoint. The cell fails
+    within the collective timeout with the rank and signal as its reason (its MLflow run FAILED), the second cell
+    finishes; the same sweep run again resumes the first cell from its checkpoint and skips the second."""
+    from tests.test_sweep import _runs
+
+    timeout_s = 60
+    args = ["hydra.sweeper.gates=[sigmoid,clip]", "hydra.sweeper.taus=[2.0]", "hydra.sweeper.seeds=[0]",
+            "hydra.sweeper.baseline=false", "hydra.sweeper.report=false", *TRL_TINY, "train.steps=4",
+            "backend.num_processes=2", f"backend.collective_timeout_s={timeout_s}", "eval.bench.arith.limit=8",
+            "eval.bench.arith.k=2"]
+    sweep = _harness("sweep", args, tmp_path, cache_dir)
+    cells = tmp_path / "outputs" / "cells"
+    killed_at, victim = None, None
+    deadline = time.time() + 400
+    while killed_at is None and time.time() < deadline and sweep.poll() is None:
+        for cell in sorted(cells.glob("*")) if cells.exists() else []:
+            pid = cell / "launch" / "rank-1.pid"
+            if pid.exists() and list(cell.glob("checkpoints/checkpoint-*/manifest.json")):
+                os.kill(int(pid.read_text()), signal.SIGKILL)
+                killed_at, victim = time.time(), cell
+                break
+        time.sleep(0.2)
+    assert killed_at is not None, "no rank to kill"
+    code, out, err = _finish(sweep)
+    assert code == 1, err[-4000:]
+    assert "2 cells — 1 finished, 0 skipped, 1 failed" in out, out
+    failed = next(line for line in out.splitlines() if line.strip().startswith("failed"))
+    assert "rank 1 (local_rank: 1) exited with code -9 (SIGKILL)" in failed, failed
+    runs = [r for r in _runs(tmp_path, "gates") if "config_hash" in r.data.tags]
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]  # the sweep went on
+    victim_run = next(r for r in runs if r.info.status == "FAILED")
+    assert "rank 1 (local_rank: 1) exited with code -9 (SIGKILL)" in victim_run.data.tags["failure_reason"]
+    failed_after = victim_run.info.end_time / 1000 - killed_at
+    print(f"the cell's run was marked FAILED {failed_after:.1f} s after the kill")
+    assert failed_after < timeout_s  # no hang
+
+    code, out, err = _finish(_harness("sweep", args, tmp_path, cache_dir))
+    assert code == 0, err[-4000:]
+    assert "2 cells — 1 finished, 1 skipped, 0 failed" in out, out
+    spec = json.loads((victim / "launch" / "spec.json").read_text())
+    assert spec["resume_from"] and (tmp_path / spec["resume_from"]).parent == victim / "checkpoints"
+    assert len(_history(victim)) == 4
+    finished = [r for r in _runs(tmp_path, "gates") if "config_hash" in r.data.tags and r.info.status == "FINISHED"]
+    assert len(finished) == 2
