@@ -47,6 +47,7 @@ def config_hash(cfg: DictConfig | Mapping[str, Any]) -> str:
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
     data = {k: v for k, v in dict(to_plain(cfg, missing_ok=True)).items() if k != "hydra"}
     data["train"] = _without_sync_defaults(data.get("train"))
+    data["backend"] = _without_one_process_defaults(data.get("backend"))
     for key in K.HASH_IGNORED:
         node, *rest = key.split(".")
         if not rest:
@@ -68,6 +69,21 @@ def _without_sync_defaults(train: Any) -> Any:
         return train
     return {**{k: v for k, v in train.items() if k not in ("staleness", "rollout_dtype")},
             "loss": {k: v for k, v in loss.items() if k != "off_policy"}}
+
+
+# backend keys of multi-process cells (harness.launch): how the ranks are started and how long a collective may wait
+# change no result; the others only where the cell runs on several processes.
+LAUNCH_KEYS = ("num_processes", "accelerate_config", "launcher", "collective_timeout_s")
+
+
+def _without_one_process_defaults(backend: Any) -> Any:
+    """The backend node without the multi-process keys of a one-process cell (a cell keeps the hash it had before
+    those keys existed, so its finished run is found), and without the launcher and the timeout in any case."""
+    if not isinstance(backend, dict):
+        return backend
+    one = int(backend.get("num_processes", 1) or 1) == 1
+    dropped = LAUNCH_KEYS if one else ("launcher", "collective_timeout_s")
+    return {k: v for k, v in backend.items() if k not in dropped}
 
 
 def staleness_of(cfg: DictConfig | Mapping[str, Any]) -> int:

@@ -216,7 +216,8 @@ HASH_IGNORED = ("output_dir", "cells_dir", "resume", "cache_dir", "data_dir", "t
 # Flattened config parameters (MLflow params) a group of seeds pools over: HASH_IGNORED plus the seed.
 GROUP_IGNORED_PREFIXES = ("output_dir", "resume", "cache_dir", "data_dir", "tracking.", "backend.progress",
                           "backend.threads", "sweep", "sweep_name", "tune.", "cells_dir", "seed",
-                          "gate.allow_inadmissible", "train.keep_checkpoints")
+                          "gate.allow_inadmissible", "train.keep_checkpoints", "backend.launcher",
+                          "backend.collective_timeout_s")
 
 # ----------------------------------------------------------------------------------------------------- tuning
 

@@ -360,8 +360,8 @@ def test_a_killed_rank_fails_its_cell_the_sweep_goes_on_and_a_rerun_resumes_it(t
     timeout_s = 60
     args = ["hydra.sweeper.gates=[sigmoid,clip]", "hydra.sweeper.taus=[2.0]", "hydra.sweeper.seeds=[0]",
             "hydra.sweeper.baseline=false", "hydra.sweeper.report=false", *TRL_TINY, "train.steps=4",
-            "backend.num_processes=2", f"backend.collective_timeout_s={timeout_s}", "eval.bench.arith.limit=8",
-            "eval.bench.arith.k=2"]
+            "backend.num_processes=2", f"backend.collective_timeout_s={timeout_s}",
+            "eval.enabled=false"]  # the 2-process evaluation is the test above's
     sweep = _harness("sweep", args, tmp_path, cache_dir)
     cells = tmp_path / "outputs" / "cells"
     killed_at, victim = None, None
@@ -396,3 +396,17 @@ def test_a_killed_rank_fails_its_cell_the_sweep_goes_on_and_a_rerun_resumes_it(t
     assert len(_history(victim)) == 4
     finished = [r for r in _runs(tmp_path, "gates") if "config_hash" in r.data.tags and r.info.status == "FINISHED"]
     assert len(finished) == 2
+
+
+def test_launch_keys_leave_a_one_process_cells_hash_as_it_was():
+    """A cell keeps the config hash it had before the multi-process keys existed (its finished run is found); the
+    launcher and the collective timeout never enter the hash (a timeout raised after a failure resumes the cell)."""
+    from harness.cell import config_hash
+
+    def chash(*extra: str) -> str:
+        return config_hash(compose(["backend=trl", "output_dir=x", *extra]))
+
+    assert chash() == chash("backend.accelerate_config=fsdp", "backend.collective_timeout_s=60")
+    two = chash("backend.num_processes=2")
+    assert two != chash() and two == chash("backend.num_processes=2", "backend.collective_timeout_s=60",
+                                            "backend.launcher=torchrun")
