@@ -217,9 +217,11 @@ def plan_main(argv: list[str]) -> int:
 
     def task(cfg: Any) -> None:
         gpu = None if args.gpu_gib is None else args.gpu_gib * 2**30
-        processes = args.processes or int(cfg.backend.get("num_processes", 1) or 1)
+        from harness.backends.common import num_processes
+
+        processes = args.processes or num_processes(cfg)
         sharding = args.sharding
-        if sharding is None and int(cfg.backend.get("num_processes", 1) or 1) > 1:
+        if sharding is None and num_processes(cfg) > 1:
             from harness.backends.trl_config import accelerate_sharding
 
             sharding = accelerate_sharding(cfg)

@@ -33,6 +33,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from harness.backends.common import num_processes
 from harness.cell import run_cell, run_tracked
 
 LAUNCH_DIR = "launch"  # under the cell's output directory
@@ -43,11 +44,6 @@ LOG_TAIL_LINES = 20  # lines of the launch log a failure reason quotes when no r
 
 class LaunchFailed(RuntimeError):
     """A multi-process cell that did not finish: which rank failed first, and how."""
-
-
-def num_processes(cfg: Any) -> int:
-    """``backend.num_processes`` (1 where the backend has no such key)."""
-    return int(cfg.backend.get("num_processes", 1) or 1)
 
 
 def launches(cfg: Any) -> bool:

@@ -241,7 +241,9 @@ def check_fits(cfg: Any) -> None:
     if device == "cpu" or not torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return
     gpu = float(torch.cuda.get_device_properties(0).total_memory)
-    processes = int(cfg.backend.get("num_processes", 1) or 1)
+    from harness.backends.common import num_processes
+
+    processes = num_processes(cfg)
     sharding = None
     if processes > 1:
         from harness.backends.trl_config import accelerate_sharding

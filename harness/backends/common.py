@@ -30,6 +30,11 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def num_processes(cfg: Any) -> int:
+    """The processes one cell trains on, ``backend.num_processes`` (1 where the backend has no such key)."""
+    return int(cfg.backend.get("num_processes", 1) or 1)
+
+
 def validate_backend_keys(bk: Any) -> None:
     """The values of the keys several backends share (their types are :mod:`harness.schema`'s): ``threads`` a
     positive integer or null, ``device`` a known device (``ConfigError``); backend-specific checks live with each

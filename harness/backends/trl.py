@@ -35,8 +35,13 @@ from trl import GRPOConfig
 from harness import keys as K
 from harness.backends import StepCallback, TrainResult
 from harness.backends.checkpoints import list_checkpoints, preflight, resume_checkpoint
-from harness.backends.common import fit_prompts, mini_batch_size, start_training
-from harness.backends.trl_config import grpo_config_kwargs, join_cpu_process_group, validate_trl_config
+from harness.backends.common import fit_prompts, mini_batch_size, num_processes, start_training
+from harness.backends.trl_config import (
+    accelerate_sharding,
+    grpo_config_kwargs,
+    join_cpu_process_group,
+    validate_trl_config,
+)
 from harness.backends.trl_history import HISTORY_FILE, HarnessStepCallback
 from harness.backends.trl_rewards import reward_functions
 from harness.backends.trl_trainer import HarnessGRPOTrainer
@@ -65,8 +70,7 @@ def resume_point(cfg: Any) -> Path | None:
     it first (:mod:`harness.launch`), so its ranks all find the same one."""
     if not cfg.get("resume"):
         return None
-    sharded = int(cfg.backend.get("num_processes", 1) or 1) > 1 and str(cfg.backend.get("accelerate_config",
-                                                                                         "ddp")) != "ddp"
+    sharded = num_processes(cfg) > 1 and accelerate_sharding(cfg) != "ddp"
     return resume_checkpoint(Path(cfg.output_dir) / "checkpoints", CHECKPOINT_PATTERN,
                              SHARDED_CHECKPOINT_REQUIRED if sharded else CHECKPOINT_REQUIRED)
 

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from harness.backends.common import mini_batch_size
+from harness.backends.common import mini_batch_size, num_processes
 from harness.config import CONF_DIR, ConfigError, to_plain
 
 TRL_LOSS_TYPE = {"seq-mean-token-mean": "grpo", "token-mean": "bnpo", "seq-mean-token-sum-norm": "dr_grpo",
@@ -63,7 +63,7 @@ def _world_size(cfg: Any) -> int:
     """The processes training the cell: those of the launch this process is in (``WORLD_SIZE``), else the ones the
     cell asks for (``backend.num_processes``, started by :mod:`harness.launch`)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    return launched if launched > 1 else int(cfg.backend.get("num_processes", 1) or 1)
+    return launched if launched > 1 else num_processes(cfg)
 
 
 def _use_cpu(device: str) -> bool:
@@ -74,7 +74,7 @@ def _use_cpu(device: str) -> bool:
             raise ValueError(f"backend.device={device!r} but CUDA is not available; use 'cpu' or 'auto'")
         if device != "cuda":
             raise ValueError(f"backend.device={device!r}: TRL places the model itself; use 'cuda' and choose GPUs "
-                             "with CUDA_VISIBLE_DEVICES (several GPUs: accelerate launch)")
+                             "with CUDA_VISIBLE_DEVICES (several GPUs: backend.num_processes)")
         return False
     if device == "cpu":
         return True
@@ -217,7 +217,7 @@ def validate_launch_config(cfg: Any) -> None:
     if not (isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout >= 1):
         raise ConfigError(f"backend.collective_timeout_s must be a number of seconds >= 1, got {timeout!r}")
     accelerate_config_file(cfg)
-    processes = int(bk.get("num_processes", 1))
+    processes = num_processes(cfg)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and processes > 1 and processes != launched:
         raise ConfigError(f"backend.num_processes={processes} inside a launch of {launched} processes: leave it at 1 "

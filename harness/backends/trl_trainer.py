@@ -43,6 +43,12 @@ _FORWARD_KEYS = ("pixel_values", "image_grid_thw", "num_images", "pixel_attentio
 # ----------------------------------------------------------------------------- the loss
 
 
+def _nonzero_rows(advantages: Tensor) -> Tensor:
+    """Per row, whether its advantage (one per sequence, or one per token) is anywhere ≠ 0."""
+    nonzero = advantages != 0
+    return nonzero if advantages.dim() == 1 else nonzero.reshape(advantages.shape[0], -1).any(-1)
+
+
 def gated_loss(
     per_token_logps: Tensor,
     old_per_token_logps: Tensor | None,
@@ -177,8 +183,7 @@ class HarnessGRPOTrainer(GRPOTrainer):
         all of them."""
         if not self._skips_zero_advantage(inputs):
             return None
-        adv = inputs["advantages"]
-        nonzero = (adv != 0) if adv.dim() == 1 else (adv != 0).reshape(adv.shape[0], -1).any(-1)
+        nonzero = _nonzero_rows(inputs["advantages"])
         # no row active: all of them (a zero update either way, through the usual forward and backward)
         return None if bool(nonzero.all()) or not bool(nonzero.any()) else nonzero.nonzero().squeeze(-1)
 
@@ -189,9 +194,7 @@ class HarnessGRPOTrainer(GRPOTrainer):
         with A ≠ 0 whichever micro-batch, or process, a row lands in."""
         if rows is not None or not self._skips_zero_advantage(inputs):
             return torch.ones(n, dtype=torch.bool)
-        adv = inputs["advantages"]
-        nonzero = (adv != 0) if adv.dim() == 1 else (adv != 0).reshape(adv.shape[0], -1).any(-1)
-        return torch.full((n,), bool(nonzero.any()), dtype=torch.bool)
+        return torch.full((n,), bool(_nonzero_rows(inputs["advantages"]).any()), dtype=torch.bool)
 
     def _left_out_rows(self, model: Any, inputs: dict[str, Any], rows: Tensor | None) -> tuple[Any, ...] | None:
         """The diagnostics window entry of the rows of the micro-batch ``inputs`` that :meth:`_trained_rows` left

@@ -30,9 +30,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness import tracking
+from harness.backends.common import num_processes
 from harness.cell import cell_dir, cell_name, config_hash, local_result, run_tracked, upload_cell
 from harness.config import config_errors
-from harness.launch import launches, num_processes, run_launched
+from harness.launch import launches, run_launched
 from harness.sweeping.base import SweeperBase, expand_arguments, job_result
 from harness.sweeping.grid import (
     TAU_MODES,

@@ -45,6 +45,7 @@ from omegaconf import DictConfig
 
 from harness import keys as K
 from harness import tracking
+from harness.backends.common import num_processes
 from harness.cell import validate_cell
 from harness.config import config_errors, sigterm_as_exit, slug
 from harness.gates import has_temperature
@@ -136,7 +137,7 @@ class TuneSweeperImpl(SweeperBase):
                                                          Path(self.config.hydra.sweep.dir)))
                 validate_cell(cfg)
                 check_objective(s.objective, cfg)
-                if int(cfg.backend.get("num_processes", 1) or 1) > 1:
+                if num_processes(cfg) > 1:
                     raise ValueError(f"harness tune: backend.num_processes={cfg.backend.num_processes}: a trial's "
                                      "pruner reads every training step in this process; tune with one process per "
                                      "trial (backend.num_processes=1), and sweep the chosen τ on several")
