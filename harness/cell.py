@@ -188,12 +188,38 @@ def cell_params(cfg: DictConfig) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ the work
 
 
-def validate_cell(cfg: DictConfig) -> None:
+def validate_cell(cfg: DictConfig, *, machine: bool = True) -> None:
     """Every check of a cell's config (train, gate, backend, model, task, eval, tracking) that needs no model and no
     data download: :class:`harness.config.ConfigError` (a ``ValueError``) naming the key, its value and what is
-    allowed."""
+    allowed. ``machine=False`` leaves out :func:`check_machine`'s checks, for a driver that submits the cell to
+    another machine (a SLURM login node has no GPU)."""
     with config_errors():
         _check_cell(cfg)
+        if machine:
+            _check_machine(cfg)
+
+
+def check_machine(cfg: DictConfig) -> None:
+    """What this machine must have to train the cell, checked by the process that owns it before any compute: CUDA
+    where ``backend.device`` asks for it, GPUs and DeepSpeed for a multi-process cell's accelerate config, and GPU
+    memory for the cell's plan (:func:`harness.memory_plan.check_fits`)."""
+    with config_errors():
+        _check_machine(cfg)
+
+
+def _check_machine(cfg: DictConfig) -> None:
+    import torch
+
+    from harness.backends import validate_backend
+
+    validate_backend(cfg)
+    if cfg.backend.name in ("native", "trl"):  # verl places and shards its model itself
+        from harness.memory_plan import check_fits
+
+        device = str(cfg.backend.get("device", "auto"))
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"backend.device={device!r} but this machine has no CUDA; use 'cpu' or 'auto'")
+        check_fits(cfg)
 
 
 def _check_cell(cfg: DictConfig) -> None:
@@ -208,7 +234,7 @@ def _check_cell(cfg: DictConfig) -> None:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {cfg.get('role')!r}")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
-    validate_backend(cfg)
+    validate_backend(cfg, machine=False)
     validate_train_config(cfg)
     schedule = schedule_from_config(cfg)
     if schedule.kind != "constant" and cfg.backend.name == "verl":
@@ -216,10 +242,6 @@ def _check_cell(cfg: DictConfig) -> None:
                          "fixes tau_pos/tau_neg for the whole run (use backend=native or backend=trl)")
     validate_tracking_config(cfg.tracking)
     check_model_config(cfg.model)
-    if cfg.backend.name in ("native", "trl"):  # verl places and shards its model itself
-        from harness.memory_plan import check_fits
-
-        check_fits(cfg)
     if cfg.get("data_dir") is not None or cfg.task.name == "arith":
         load_task(cfg.task, "train", data_dir=cfg.get("data_dir"), limit=1, seed=cfg.seed)
     if cfg.eval.get("enabled", True):

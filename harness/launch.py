@@ -5,7 +5,7 @@ The process that owns the cell (``harness run``, or the sweep's job: a local lau
 its *launcher*, :func:`run_launched`. With the config already checked (:func:`harness.cell.validate_cell`), it
 
 1. builds the starting model once (the embedded one) and verifies the checkpoint a resumed cell continues from,
-   setting broken ones aside, so every rank finds the same one;
+   setting broken ones aside; every rank is handed that one (``harness.backends.trl.LAUNCH_RESUME_ENV``);
 2. writes the resolved config and a spec to ``<output_dir>/launch/`` and runs :func:`launch_command`, e.g.
    ``accelerate launch --config_file conf/accelerate/fsdp.yaml --num_processes 8 --main_process_port P
    -m harness.launch <output_dir>/launch/spec.json``, its output shown and kept in ``launch/launch.log``.
@@ -16,6 +16,10 @@ dies makes torch's elastic agent stop the others at once; a rank that hangs make
 collective after ``backend.collective_timeout_s``. Either way :func:`run_launched` raises :class:`LaunchFailed` naming
 the rank that failed first with its exit code or signal (rank 0's own error where it had one) and marks the cell's
 MLflow run FAILED with that reason; run again, the cell resumes from its last verified checkpoint.
+
+No rank outlives its cell. torch's agent starts each rank in a session of its own, so the launcher stops any rank
+still running once the agent is gone (:func:`stop_ranks`), and each rank ends itself when the launcher is gone
+(:func:`stop_with_owner`). Cells side by side on one machine each hold their own share of its GPUs (:func:`gpu_slot`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +43,20 @@ from harness.cell import run_cell, run_tracked
 
 LAUNCH_DIR = "launch"  # under the cell's output directory
 SPEC_FILE, CONFIG_FILE, LOG_FILE = "spec.json", "cell.yaml", "launch.log"
-RUN_FILE, RESULT_FILE, ERROR_FILE = "run.json", "result.json", "error.json"  # written by rank 0
+RUN_FILE, RESULT_FILE = "run.json", "result.json"  # written by rank 0
+ERROR_FILE = "error-{rank}.json"  # a rank's own error, by every rank that raised one
 LOG_TAIL_LINES = 20  # lines of the launch log a failure reason quotes when no rank said why
+STOP_GRACE_S = 30  # seconds a rank told to stop (SIGTERM) has to end before it is killed
+OWNER_POLL_S = 1.0  # how often a rank checks that the process that started the launch is alive
 
 
 class LaunchFailed(RuntimeError):
-    """A multi-process cell that did not finish: which rank failed first, and how."""
+    """A multi-process cell that did not finish: which rank failed first, and how; ``run_id``: the cell's MLflow run
+    (marked FAILED), None when rank 0 had not started one."""
+
+    def __init__(self, reason: str, run_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.run_id = run_id
 
 
 def launches(cfg: Any) -> bool:
@@ -80,6 +93,57 @@ def launch_command(cfg: Any, spec: str | Path, *, port: int | None = None) -> li
             "-m", "harness.launch", str(spec)]
 
 
+@contextmanager
+def gpu_slot(lock_dir: Path, slots: int, processes: int, visible: Sequence[str]) -> Iterator[str]:
+    """The GPUs of one of ``slots`` cells that run side by side on one machine (``hydra.launcher.n_jobs``): the
+    visible GPUs split into ``slots`` equal shares of w = len(visible) // slots, slot k holding
+    ``visible[k·w : k·w + processes]``. A slot is held by an exclusive lock on ``lock_dir/gpu-slot-<k>.lock`` for as
+    long as its cell runs (a free one is waited for), so two cells never share a GPU; yields the slot's devices as
+    ``CUDA_VISIBLE_DEVICES`` lists them."""
+    import fcntl
+    import time
+
+    width = len(visible) // slots
+    if processes > width:
+        raise ValueError(f"{slots} cells side by side on {len(visible)} GPUs leave {width} GPU(s) per cell, not the "
+                         f"{processes} of backend.num_processes: lower hydra.launcher.n_jobs")
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        for k in range(slots):
+            handle = open(lock_dir / f"gpu-slot-{k}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            try:
+                yield ",".join(visible[k * width:k * width + processes])
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                handle.close()
+            return
+        time.sleep(1.0)
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (all of them when it is unset)."""
+    import torch
+
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def rank_threads(processes: int) -> int:
+    """CPU threads per rank: this process's share (``OMP_NUM_THREADS`` where set, as a SLURM task's setup sets it to
+    its cores, else the cores it may run on) divided over the ranks, so N ranks do not each start a thread per core."""
+    own = os.environ.get("OMP_NUM_THREADS", "")
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere every core
+    cores = int(own) if own.isdigit() and int(own) > 0 else len(affinity(0)) if affinity else os.cpu_count() or 1
+    return max(1, cores // processes)
+
+
 def prepare(cfg: DictConfig) -> Path | None:
     """What the launcher does once for all ranks: build the embedded starting model, and verify the checkpoint a
     resumed cell continues from (broken ones are set aside here, not by N ranks at once). Returns that checkpoint."""
@@ -92,26 +156,34 @@ def prepare(cfg: DictConfig) -> Path | None:
 
 def run_launched(cfg: DictConfig, store: Any | None, *, run_name: str | None = None,
                  parent_run_id: str | None = None, extra_tags: Mapping[str, str] | None = None,
-                 supersede_stale: bool = False, supersede_dead: bool = False) -> tuple[str | None, dict[str, Any]]:
+                 supersede_stale: bool = False, supersede_dead: bool = False,
+                 devices: str | None = None) -> tuple[str | None, dict[str, Any]]:
     """Run the cell as ``backend.num_processes`` processes and wait for them: what :func:`harness.cell.run_tracked`
     returns, ``(run id, summary)``, from rank 0 (``store`` None: ``tracking.enabled=false``, run id None).
+    ``devices``: the ranks' ``CUDA_VISIBLE_DEVICES`` (a cell beside others: :func:`gpu_slot`), else this process's.
     :class:`LaunchFailed` when a rank fails, after the cell's MLflow run is marked FAILED with the reason."""
     out = Path(cfg.output_dir)
     work = out / LAUNCH_DIR
     work.mkdir(parents=True, exist_ok=True)
-    for name in (RUN_FILE, RESULT_FILE, ERROR_FILE):
-        (work / name).unlink(missing_ok=True)
+    for stale in [work / RUN_FILE, work / RESULT_FILE, *work.glob("error-*.json"), *work.glob("rank-*.pid")]:
+        stale.unlink(missing_ok=True)
     resume_from = prepare(cfg)
     (work / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     spec = {"config": str(work / CONFIG_FILE), "tracking": store is not None, "run_name": run_name,
             "parent_run_id": parent_run_id, "extra_tags": dict(extra_tags or {}), "supersede_stale": supersede_stale,
-            "supersede_dead": supersede_dead, "resume_from": None if resume_from is None else str(resume_from)}
+            "supersede_dead": supersede_dead, "resume_from": None if resume_from is None else str(resume_from),
+            "owner_pid": os.getpid()}
     (work / SPEC_FILE).write_text(json.dumps(spec, indent=2))
     command = launch_command(cfg, work / SPEC_FILE)
     print(f"{run_name or out.name}: {num_processes(cfg)} processes: {' '.join(command)}", file=sys.stderr, flush=True)
     log_path = work / LOG_FILE
     since = log_path.stat().st_size if log_path.exists() else 0  # the log keeps every launch of the cell
-    code = _run_teed(command, log_path)
+    from harness.backends.trl import LAUNCH_RESUME_ENV
+
+    env = {LAUNCH_RESUME_ENV: "" if resume_from is None else str(resume_from),
+           "OMP_NUM_THREADS": str(rank_threads(num_processes(cfg))),
+           **({} if devices is None else {"CUDA_VISIBLE_DEVICES": devices})}
+    code = _run_teed(command, log_path, work, env)
     result = _read_json(work / RESULT_FILE)
     if code == 0 and result is not None:
         return result.get("run_id"), result["summary"]
@@ -121,15 +193,17 @@ def run_launched(cfg: DictConfig, store: Any | None, *, run_name: str | None = N
         from harness import tracking
 
         tracking.mark_failed(store, run_id, reason)
-    raise LaunchFailed(reason)
+    raise LaunchFailed(reason, run_id)
 
 
-def _run_teed(command: list[str], log_path: Path) -> int:
+def _run_teed(command: list[str], log_path: Path, work: Path, env: Mapping[str, str]) -> int:
     """Run ``command`` in its own process group, its output copied line by line to stderr and ``log_path``; a
-    signal that ends this process (SIGTERM: a sweep stopped, a SLURM job preempted) ends the ranks too."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    signal that ends this process (SIGTERM: a sweep stopped, a SLURM job preempted) ends the ranks too. torch's
+    agent starts each rank in a session of its own, so the ranks (their pids in ``work/rank-<r>.pid``) are stopped
+    one by one as well: an agent killed before it stopped them would leave them running (and holding GPUs)."""
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
                                 start_new_session=True)
         try:
             assert proc.stdout is not None
@@ -143,26 +217,81 @@ def _run_teed(command: list[str], log_path: Path) -> int:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 try:
-                    proc.wait(timeout=30)
+                    proc.wait(timeout=STOP_GRACE_S)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+            stop_ranks(work)
+
+
+def rank_pids(work: Path) -> list[int]:
+    """The pids of this launch's ranks that are still running (``rank-<r>.pid``, checked against the process's
+    command line, which names this launch's spec: a pid the system gave to another process since is left alone)."""
+    alive = []
+    for path in work.glob("rank-*.pid"):
+        try:
+            pid = int(path.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if str(work / SPEC_FILE).encode() in cmdline and _running(pid):
+            alive.append(pid)
+    return alive
+
+
+def stop_ranks(work: Path) -> None:
+    """SIGTERM every rank of the launch in ``work`` still running, SIGKILL those left after ``STOP_GRACE_S``."""
+    import time
+
+    pids = rank_pids(work)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + (STOP_GRACE_S if sig == signal.SIGTERM else 5)
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pids = [pid for pid in pids if _running(pid)]
+        if not pids:
+            return
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not gone, not a zombie awaiting its parent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def failure_reason(work: Path, code: int, *, since: int = 0) -> str:
     """Why a launch failed, in one line: the first failure torch's elastic agent reports (its rank and exit code, or
-    the signal that killed it), with rank 0's own error where that rank was rank 0 (the other ranks' errors are
-    then echoes: a collective that lost its peer), else rank 0's error, else the launcher's exit code and the launch
-    log's last lines. The log is read from byte ``since`` (where this launch began)."""
-    error = (_read_json(work / ERROR_FILE) or {}).get("reason")
+    the signal that killed it, with that rank's own error where it wrote one), unless that was rank 0 and rank 0 said
+    why (the other ranks' errors are then echoes: a collective that lost its peer); else rank 0's error; else the
+    launcher's exit code and the launch log's last lines. The log is read from byte ``since`` (where this launch
+    began)."""
+    def error_of(r: int) -> str | None:
+        return (_read_json(work / ERROR_FILE.format(rank=r)) or {}).get("reason")
+
     log = ""
     if (work / LOG_FILE).exists():
         with open(work / LOG_FILE, "rb") as f:
             f.seek(since)
             log = f.read().decode(errors="replace")
     root = root_cause(log)
+    error = error_of(0)
     if root is not None and (root[0] != 0 or not error):
-        return root[1]
+        own = error_of(root[0])
+        return f"{root[1]}: {own}" if own and own not in root[1] else root[1]
     if error:
         hint = ""
         if "timed out" in error.lower() or "timeout" in error.lower():
@@ -225,7 +354,6 @@ def rank_main(spec_path: str) -> int:
     """One rank of a launched cell: rank 0 trains, evaluates and logs (its run id, result or error land next to the
     spec for the launcher); the others train."""
     from harness.backends import get_backend
-    from harness.backends.trl import resume_point
     from harness.cell import validate_cell
     from harness.config import sigterm_as_exit
 
@@ -234,25 +362,44 @@ def rank_main(spec_path: str) -> int:
     cfg = OmegaConf.load(spec["config"])
     assert isinstance(cfg, DictConfig)
     (work / f"rank-{rank()}.pid").write_text(str(os.getpid()))
+    if spec.get("owner_pid"):
+        stop_with_owner(int(spec["owner_pid"]))
     with sigterm_as_exit():
-        validate_cell(cfg)
-        found = resume_point(cfg)  # the launcher verified it: every rank must continue from that one
-        if (None if found is None else str(found)) != spec["resume_from"]:
-            raise LaunchFailed(f"rank {rank()} would resume from {found}, the launcher verified "
-                               f"{spec['resume_from']}")
-        if rank() != 0:
-            get_backend(cfg.backend.name)(cfg, None)
-            return 0
         try:
+            validate_cell(cfg)
+            if rank() != 0:
+                get_backend(cfg.backend.name)(cfg, None)
+                return 0
             if spec["tracking"]:
                 result = _tracked(cfg, spec, work)
             else:
                 result = {"run_id": None, "summary": run_cell(cfg)}
-        except Exception as exc:  # not SIGTERM's SystemExit: the agent stopping rank 0 after another rank failed
-            _write_json(work / ERROR_FILE, {"reason": f"{type(exc).__name__}: {exc}"})
+        except Exception as exc:  # not SIGTERM's SystemExit: the agent stopping a rank after another one failed
+            _write_json(work / ERROR_FILE.format(rank=rank()), {"reason": f"{type(exc).__name__}: {exc}"})
             raise
         _write_json(work / RESULT_FILE, result)
     return 0
+
+
+def stop_with_owner(owner: int) -> None:
+    """A thread that ends this rank when the process that started the launch is gone (SIGKILLed, say: nothing of it
+    is left to stop the ranks): SIGTERM to itself, which ends a rank as a stopped sweep does, then after
+    ``STOP_GRACE_S`` an immediate exit, for a rank stuck in a collective."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while _running(owner):
+            time.sleep(OWNER_POLL_S)
+        try:  # the owner read this rank's output: its pipe may be gone with it
+            print(f"rank {rank()}: the launch's owner (pid {owner}) is gone; stopping", file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(STOP_GRACE_S)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="owner-watch", daemon=True).start()
 
 
 def _tracked(cfg: DictConfig, spec: Mapping[str, Any], work: Path) -> dict[str, Any]:

@@ -76,10 +76,12 @@ def test_every_sweep_composes_with_its_sweeper_and_its_base_cell_validates(sweep
 
 
 def validate_multi_process(cfg, monkeypatch) -> None:
-    """A cell of several GPUs (the paper's FSDP cells): this CPU refuses to start it, naming why; what is left to
-    check is what each of its ranks checks (``WORLD_SIZE`` set, as in a launch)."""
+    """A cell of several GPUs (the paper's FSDP cells): a driver that submits it to other machines (SLURM) accepts
+    it; this CPU, as the machine that would train it, refuses naming why; what is left to check is what each of its
+    ranks checks (``WORLD_SIZE`` set, as in a launch)."""
     processes = int(cfg.backend.get("num_processes", 1))
     if processes > 1:
+        validate_cell(with_data_dir(cfg), machine=False)
         with pytest.raises(ConfigError, match="shards over GPUs; on a CPU"):
             validate_cell(with_data_dir(cfg))
         monkeypatch.setenv("WORLD_SIZE", str(processes))

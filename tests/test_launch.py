@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import open_dict
 
 from harness.config import ConfigError
@@ -35,9 +36,9 @@ def _validate(overrides: list[str]):
     (["backend.num_processes=2"], "the native backend trains in one process; run a cell on several processes with "
                                   "backend=trl backend.num_processes=N"),
     (["backend=trl", "backend.num_processes=0"], "backend.num_processes must be an integer >= 1, got 0"),
-    (["backend=trl", "backend.num_processes=2", "backend.accelerate_config=fsdp"],
+    (["backend=trl", "backend.num_processes=2", "backend.accelerate_config=fsdp", "train.micro_batch_size=32"],
      "backend.accelerate_config=fsdp shards over GPUs; on a CPU accelerate runs the processes as DDP"),
-    (["backend=trl", "backend.num_processes=2", "backend.accelerate_config=zero3"],
+    (["backend=trl", "backend.num_processes=2", "backend.accelerate_config=zero3", "train.micro_batch_size=32"],
      "backend.accelerate_config=zero3 shards over GPUs"),
     (["backend=trl", "backend.num_processes=2", "backend.accelerate_config=nope"],
      "backend.accelerate_config must be one of ddp, fsdp, zero2, zero3 or an accelerate config file's path, "
@@ -46,6 +47,12 @@ def _validate(overrides: list[str]):
      "backend.launcher must be one of accelerate, torchrun, got 'mpirun'"),
     (["backend=trl", "backend.num_processes=2", "backend.launcher=torchrun", "backend.accelerate_config=fsdp"],
      "backend.launcher=torchrun runs DDP only"),
+    pytest.param(["backend.device=cuda"], "backend.device='cuda' but this machine has no CUDA; use 'cpu' or 'auto'",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    (["backend=trl", "backend.num_processes=2", "backend.sampler=prompt_seeded", "train.rollout_batch_size=24",
+      "train.micro_batch_size=4", "train.mini_batch_size=null", "train.num_generations=8"],
+     "backend.sampler=prompt_seeded needs each process's share of train.rollout_batch_size (24 / "
+     "backend.num_processes=2 = 12) to hold whole groups of train.num_generations=8"),
     (["backend=trl", "backend.collective_timeout_s=0"], "backend.collective_timeout_s must be a number of seconds"),
     (["backend=trl", "backend.sampler=beam"], "backend.sampler must be one of cached, generate, prompt_seeded for "
                                               "backend=trl"),
@@ -148,18 +155,23 @@ def test_a_failed_launch_names_the_rank_and_its_signal(tmp_path):
     hung = agent_report((T0, 0, "1 (pid: 4320)", NO_TRACE), (T30, *SIGKILLED[1:]))
     assert root_cause(hung) == (0, "rank 0 (local_rank: 0) exited with code 1")
     (tmp_path / LOG_FILE).write_text(hung)
-    (tmp_path / ERROR_FILE).write_text(json.dumps({"reason": "RuntimeError: Timed out waiting 20000ms for recv"}))
+    rank0 = tmp_path / ERROR_FILE.format(rank=0)
+    rank0.write_text(json.dumps({"reason": "RuntimeError: Timed out waiting 20000ms for recv"}))
     assert failure_reason(tmp_path, 1).startswith("rank 0 failed: RuntimeError: Timed out waiting 20000ms for recv "
                                                   "(a collective waited longer than backend.collective_timeout_s")
     # a rank 0 error where rank 1 was killed is an echo
     (tmp_path / LOG_FILE).write_text(agent_report(SIGKILLED) + "starting\nsomething broke\n")
-    (tmp_path / ERROR_FILE).write_text(json.dumps({"reason": "RuntimeError: Connection reset by peer"}))
+    rank0.write_text(json.dumps({"reason": "RuntimeError: Connection reset by peer"}))
     assert failure_reason(tmp_path, 1) == KILLED
-    (tmp_path / ERROR_FILE).unlink()
+    rank0.unlink()
     since = len(agent_report(SIGKILLED).encode())  # an earlier launch's report is not this launch's reason
     assert failure_reason(tmp_path, 3, since=since) == "the launch exited with code 3: starting | something broke"
-    (tmp_path / ERROR_FILE).write_text(json.dumps({"reason": "FloatingPointError: NaN loss at step 2"}))
+    rank0.write_text(json.dumps({"reason": "FloatingPointError: NaN loss at step 2"}))
     assert failure_reason(tmp_path, 1, since=since) == "rank 0 failed: FloatingPointError: NaN loss at step 2"
+    # rank 1 raised (the agent has no traceback without @record): its own error file says why
+    (tmp_path / LOG_FILE).write_text(agent_report((T0, 1, "1 (pid: 4321)", NO_TRACE)))
+    (tmp_path / ERROR_FILE.format(rank=1)).write_text(json.dumps({"reason": "OSError: No space left on device"}))
+    assert failure_reason(tmp_path, 1) == "rank 1 (local_rank: 1) exited with code 1: OSError: No space left on device"
 
 
 def test_slurm_asks_for_the_cells_gpus():
@@ -204,6 +216,33 @@ def test_cells_side_by_side_may_not_need_more_gpus_than_the_machine_has(monkeypa
     check_gpus_per_task(compose_sweep("paper", [], hydra_config=True), cells)  # one cell after another
 
 
+def test_ranks_share_the_owners_cpu_threads(monkeypatch):
+    """A SLURM task's setup exports OMP_NUM_THREADS=16 for its 16 cores: its 8 ranks get 2 threads each, not 16."""
+    from harness.launch import rank_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "16")
+    assert (rank_threads(8), rank_threads(32), rank_threads(1)) == (2, 1, 16)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert rank_threads(1) == len(os.sched_getaffinity(0))
+
+
+def test_cells_side_by_side_get_disjoint_gpus(tmp_path):
+    """``n_jobs`` cells at once on one machine: each running cell holds its own share of the GPUs (2 cells of 2
+    processes on 8 GPUs: 0,1 and 4,5), a share is free again once its cell ends, and a cell too wide for its share is
+    refused naming the keys."""
+    from harness.launch import gpu_slot
+
+    gpus = [str(i) for i in range(8)]
+    with gpu_slot(tmp_path, 2, 2, gpus) as first, gpu_slot(tmp_path, 2, 2, gpus) as second:
+        assert (first, second) == ("0,1", "4,5")
+    with gpu_slot(tmp_path, 2, 4, ["3", "5", "6", "7", "0", "1", "2", "4"]) as again:
+        assert again == "3,5,6,7"  # CUDA_VISIBLE_DEVICES as the machine lists them
+    with pytest.raises(ValueError, match=r"2 cells side by side on 8 GPUs leave 4 GPU\(s\) per cell, not the 8 of "
+                                         r"backend\.num_processes: lower hydra\.launcher\.n_jobs"):
+        with gpu_slot(tmp_path, 2, 8, gpus):
+            pass
+
+
 def test_tune_refuses_multi_process_trials(tmp_path, monkeypatch, capsys):
     from harness.cli import main
 
@@ -211,6 +250,59 @@ def test_tune_refuses_multi_process_trials(tmp_path, monkeypatch, capsys):
     assert main(["tune", "backend=trl", "backend.num_processes=2", "train.micro_batch_size=32"]) == 2
     assert "backend.num_processes=2: a trial's pruner reads every training step in this process" in (
         capsys.readouterr().err)
+
+
+# ------------------------------------------------------------------------------------- orphaned ranks
+
+
+@pytest.mark.parametrize("stuck", [False, True])
+def test_a_rank_ends_when_the_process_that_launched_it_is_gone(tmp_path, stuck):
+    """A rank's watch on the launch's owner: the owner SIGKILLed (and not yet reaped: a zombie counts as gone), the
+    rank, silent in a long wait, ends by SIGTERM; one whose SIGTERM cannot act (stuck in a collective: here
+    ignored), and whose output pipe went with the owner, ends after the grace period."""
+    owner = subprocess.Popen(["sleep", "600"])
+    rank_code = (f"import signal, time\nimport harness.launch as L\nL.STOP_GRACE_S = 2\n"
+                 f"L.stop_with_owner({owner.pid})\n"
+                 + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if stuck else "") + "time.sleep(600)\n")
+    rank = subprocess.Popen([sys.executable, "-c", rank_code], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    assert rank.poll() is None  # the owner is alive: the rank goes on
+    if stuck:
+        rank.stderr.close()  # nothing reads the rank's output any more
+    owner.send_signal(signal.SIGKILL)
+    killed = time.time()
+    rank.wait(timeout=30)
+    took = time.time() - killed
+    owner.wait()
+    assert rank.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM)
+    if stuck:
+        assert 2 <= took < 10
+    else:
+        assert took < 2 and f"the launch's owner (pid {owner.pid}) is gone; stopping" in rank.stderr.read()
+
+
+def test_the_launcher_stops_its_own_ranks_and_no_other_process(tmp_path, monkeypatch):
+    """What the launch's owner does once its agent is gone: every process a ``rank-<r>.pid`` names that runs this
+    launch's spec gets SIGTERM, then SIGKILL after the grace period; a pid the system gave to another process since
+    is left alone."""
+    import harness.launch as launch
+
+    monkeypatch.setattr(launch, "STOP_GRACE_S", 1)
+    work = tmp_path / "launch"
+    work.mkdir()
+    deaf = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    ours = [subprocess.Popen([sys.executable, "-c", code, "-m", "harness.launch", str(work / launch.SPEC_FILE)])
+            for code in ("import time; time.sleep(600)", deaf)]
+    other = subprocess.Popen([sys.executable, "-c", deaf, str(tmp_path / "elsewhere" / launch.SPEC_FILE)])
+    for r, proc in enumerate([*ours, other]):
+        (work / f"rank-{r}.pid").write_text(str(proc.pid))
+    time.sleep(1.0)
+    assert sorted(launch.rank_pids(work)) == sorted(p.pid for p in ours)
+    launch.stop_ranks(work)
+    assert [p.wait(timeout=10) for p in ours] == [-signal.SIGTERM, -signal.SIGKILL]
+    assert other.poll() is None and launch.rank_pids(work) == []
+    other.kill()
+    other.wait()
 
 
 # ------------------------------------------------------------------------------------- prompt-seeded rollouts
@@ -281,6 +373,50 @@ def test_prompt_seeded_sampling_draws_the_tempered_distribution(cache_dir, top_p
     assert chisquare(observed, n * cells(probs)).pvalue > 1e-3
     untempered = torch.softmax(logits.double(), -1) * (probs > 0)
     assert chisquare(observed, n * cells(untempered / untempered.sum())).pvalue < 1e-3
+
+
+def _synced_rank(rank: int, cache_dir: Path, port: int, out: Path) -> None:
+    """One of two gloo processes: greedy (top_p → 0), rank 0 with an EOS that ends its rows at the first token,
+    rank 1 with one that never comes; each samples unsynced, then synced, counting its model's forwards."""
+    import torch
+
+    from harness.backends.sampling import sample_completions
+    from tests.test_native_trainer import _tiny_prompts
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model, tok, enc = _tiny_prompts(cache_dir, 1)  # one prompt: its greedy rows share their first token
+    calls = [0]
+    model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    kw = dict(num_generations=2, max_new_tokens=6, temperature=1.0, top_p=1e-6, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        greedy, _, _ = sample_completions(model, enc.input_ids, enc.attention_mask, eos_token_id=-1, **kw)
+        width = enc.input_ids.shape[1]
+        never = next(t for t in range(len(tok)) if t not in set(greedy[:, width:].flatten().tolist()))
+        eos = int(greedy[0, width]) if rank == 0 else never
+        results = {}
+        for synced in (False, True):
+            calls[0] = 0
+            seqs, _, _ = sample_completions(model, enc.input_ids, enc.attention_mask, eos_token_id=eos,
+                                            synced=synced, **kw)
+            results[str(synced)] = {"forwards": calls[0], "seqs": seqs.tolist()}
+    (out / f"rank-{rank}.json").write_text(json.dumps(results))
+    torch.distributed.destroy_process_group()
+
+
+def test_synced_sampling_keeps_a_finished_process_stepping_until_every_process_is_done(cache_dir, tmp_path):
+    """A sharded model's every forward is a collective: with ``synced`` a process whose rows all ended keeps
+    stepping the model as long as another decodes (here: 6 forwards on both, against 1 on its own), and still
+    returns exactly what it returns unsynced."""
+    import torch.multiprocessing as mp
+
+    from harness.launch import free_port
+
+    mp.start_processes(_synced_rank, args=(cache_dir, free_port(), tmp_path), nprocs=2, start_method="spawn")
+    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["False"]["forwards"] == 1 and ranks[1]["False"]["forwards"] == 6  # prefill + decode steps
+    assert ranks[0]["True"]["forwards"] == ranks[1]["True"]["forwards"] == 6
+    for r in ranks:
+        assert r["True"]["seqs"] == r["False"]["seqs"]
 
 
 # ------------------------------------------------------------------------------------- real processes (gloo)

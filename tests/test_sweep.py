@@ -371,6 +371,22 @@ def test_slurm_launcher_renders_a_valid_job_script(tmp_path, cache_dir):
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
+@pytest.mark.slow
+def test_a_slurm_driver_leaves_the_machine_checks_to_each_cells_task(tmp_path, cache_dir):
+    """The driver (a login node: here this CPU) submits an FSDP cell it could not train itself; the array task,
+    on a machine without GPUs (this CPU again), refuses it before any compute, naming the key, and the sweep records
+    the cell FAILED with that reason."""
+    overrides = ["hydra.sweeper.gates=[sigmoid]", "hydra.sweeper.taus=[1.0]", "hydra.sweeper.seeds=[0]", *TINY,
+                 "backend=trl", "backend.num_processes=2", "backend.accelerate_config=fsdp", "train.micro_batch_size=8",
+                 "hydra/launcher=slurm", "hydra.sweeper.report=false", "hydra.sweeper.baseline=false"]
+    out = _harness(overrides, tmp_path, cache_dir, path_prefix=FAKE_SLURM, timeout=300)
+    assert out.returncode == 1, out.stderr[-4000:]
+    assert "#SBATCH --gpus-per-node=2" in (tmp_path / "fake_slurm" / "job.sh").read_text()
+    assert "1 cells — 0 finished, 0 skipped, 1 failed" in out.stdout
+    assert "backend.accelerate_config=fsdp shards over GPUs; on a CPU" in out.stdout
+    assert not list((tmp_path / "outputs" / "cells").glob("*/launch"))  # no rank was started
+
+
 def test_tails_sweep_composes_student_over_nu_at_one_half_width():
     cfg = compose_sweep("tails", [], hydra_config=True)
     sw = cfg.hydra.sweeper

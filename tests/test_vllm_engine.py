@@ -139,6 +139,14 @@ def test_data_parallel_env_partition(tiny, monkeypatch):
         E.VllmEngine(tiny, {"data_parallel_size": 4, "tensor_parallel_size": 2}).child_env(0)
 
 
+def test_the_vllm_child_does_not_inherit_a_launchs_process_group(tiny, monkeypatch):
+    """Rank 0 of a multi-process cell evaluates: the vLLM server must not read its launch's WORLD_SIZE/MASTER_PORT."""
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}.items():
+        monkeypatch.setenv(key, value)
+    env = E.VllmEngine(tiny, {}).child_env(0)
+    assert not {"RANK", "WORLD_SIZE", "MASTER_PORT", "TORCHELASTIC_RUN_ID"} & set(env)
+
+
 @pytest.mark.slow
 def test_harness_eval_cli_with_vllm(tiny, tmp_path, cache_dir, monkeypatch, capsys):
     """``harness eval eval.engine=vllm`` end to end (a second engine start: marked slow)."""

@@ -39,17 +39,18 @@ BACKENDS: dict[str, str] = {
 
 
 # Checks a backend adds to the shared ones (harness.backends.common), run by harness.cell.validate_cell before any
-# model or data is loaded.
+# model or data is loaded: fn(cfg, machine=...), machine=False leaving out what only the machine that trains can tell.
 VALIDATORS: dict[str, str] = {"trl": "harness.backends.trl_config:validate_trl_config"}
 
 
-def validate_backend(cfg: Any) -> None:
-    """The backend-specific checks of ``cfg`` (``ValueError`` naming the key), after the backend is importable."""
+def validate_backend(cfg: Any, *, machine: bool = True) -> None:
+    """The backend-specific checks of ``cfg`` (``ValueError`` naming the key), after the backend is importable;
+    with ``machine``, also what this machine must have to train it (GPUs, DeepSpeed)."""
     name = cfg.backend.name
     get_backend(name)
     if name in VALIDATORS:
         module, _, attr = VALIDATORS[name].partition(":")
-        getattr(importlib.import_module(module), attr)(cfg)
+        getattr(importlib.import_module(module), attr)(cfg, machine=machine)
 
 
 def get_backend(name: str) -> Backend:

@@ -115,6 +115,12 @@ def validate_train_config(cfg: Any) -> None:
     if cfg.backend.name in ("native", "trl") and sampler not in allowed:
         raise ValueError(f"backend.sampler must be one of {', '.join(allowed)} for backend={cfg.backend.name}, "
                          f"got {sampler!r}")
+    share = t.rollout_batch_size // num_processes(cfg)
+    if sampler == "prompt_seeded" and share % t.num_generations:
+        # a group split over two processes would be sampled by TRL's generate, with no seed of its prompt's own
+        raise ValueError(f"backend.sampler=prompt_seeded needs each process's share of train.rollout_batch_size "
+                         f"({t.rollout_batch_size} / backend.num_processes={num_processes(cfg)} = {share}) to hold "
+                         f"whole groups of train.num_generations={t.num_generations}")
     if t.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {t.lr_schedule!r}")
     if not t.lr > 0:

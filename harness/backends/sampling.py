@@ -202,8 +202,8 @@ def _reserved_layer_class():
 
 def sample_completions(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, *, num_generations: int,
                        max_new_tokens: int, temperature: float, top_p: float, eos_token_id: int,
-                       pad_token_id: int, with_logprobs: bool = False,
-                       prompt_seeds: Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                       pad_token_id: int, with_logprobs: bool = False, prompt_seeds: Sequence[int] | None = None,
+                       synced: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     """``num_generations`` sampled completions per (left-padded) prompt, as ``[B·G, P + T]`` token ids with
     the G rows of a prompt consecutive (the layout of ``generate(num_return_sequences=G)``), the ``[B·G, T]``
     entropies of the tempered distributions (softmax(logits / temperature), before top-p) each token was drawn from,
@@ -222,7 +222,12 @@ def sample_completions(model: torch.nn.Module, input_ids: Tensor, attention_mask
     generator seeded with ``prompt_seeds[i]`` (all of them up front) and token t of row j is the inverse CDF at
     1 − u: the first token k with Σ_{k' ≤ k} p_k' ≥ (1 − u)·Σ p. The same distribution, but a prompt's completions no
     longer depend on which other prompts share its batch or on which process samples it: one cell draws the same
-    rollouts on 1 or N processes, up to the forward's float rounding at a CDF boundary."""
+    rollouts on 1 or N processes, up to the forward's float rounding at a CDF boundary.
+
+    ``synced``: every process of the default process group decodes until all of them are done (one all-reduce of a
+    flag per token). A sharded model (FSDP, ZeRO-3) gathers its parameters in every forward, a collective: a process
+    that stopped at its own last token would leave the others waiting for its share (``generate``'s
+    ``synced_gpus``). The extra steps are cut off, so what a process returns does not change."""
     G = num_generations
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
@@ -242,6 +247,7 @@ def sample_completions(model: torch.nn.Module, input_ids: Tensor, attention_mask
                                          generator=torch.Generator(device=logits.device).manual_seed(int(seed)))
                               for seed in prompt_seeds])
     tokens, entropies, logprobs = [], [], []
+    length = None  # steps until this process's own rows were all done
     for t in range(max_new_tokens):
         entropies.append(tempered_entropy(logits, temperature))
         token = _sample_token(logits, temperature, top_p, None if uniforms is None else uniforms[:, t])
@@ -250,14 +256,25 @@ def sample_completions(model: torch.nn.Module, input_ids: Tensor, attention_mask
         if with_logprobs:
             logprobs.append(_logprobs_of_logits(logits, token, temperature, False)[0])
         done = done | (token == eos_token_id)
-        if t + 1 == max_new_tokens or bool(done.all()):
+        if length is None and bool(done.all()):
+            length = t + 1
+        if t + 1 == max_new_tokens or (_all_processes_done(length is not None, logits.device) if synced
+                                       else length is not None):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
                        past_key_values=kv_cache, use_cache=True).logits[:, -1]
         next_position = next_position + 1
-    seqs = torch.cat([input_ids.repeat_interleave(G, 0), torch.stack(tokens, dim=1)], dim=1)
-    return seqs, torch.stack(entropies, dim=1), torch.stack(logprobs, dim=1) if with_logprobs else None
+    n = length or len(tokens)
+    seqs = torch.cat([input_ids.repeat_interleave(G, 0), torch.stack(tokens[:n], dim=1)], dim=1)
+    return seqs, torch.stack(entropies[:n], dim=1), torch.stack(logprobs[:n], dim=1) if with_logprobs else None
+
+
+def _all_processes_done(done: bool, device: torch.device) -> bool:
+    """Whether every process of the default process group is done (a MAX all-reduce of "still decoding")."""
+    flag = torch.tensor([0.0 if done else 1.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return not bool(flag.item())
 
 
 def tempered_entropy(logits: Tensor, temperature: float) -> Tensor:

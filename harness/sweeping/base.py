@@ -74,11 +74,20 @@ class SweeperBase:
         assert self.config is not None
         return self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
 
+    @property
+    def cells_run_here(self) -> bool:
+        """Whether the launcher runs the cells on this machine (local, parallel) rather than submitting them to
+        others (SLURM), where what the machine has (GPUs, DeepSpeed, memory) is the job's to check."""
+        assert self.config is not None
+        target = str((self.config.get("hydra") or {}).get("launcher", {}).get("_target_", ""))
+        return not target.endswith("SlurmLauncher")
+
     def compose_checked(self, jobs: Sequence[Sequence[str]]) -> list[DictConfig]:
-        """Compose and validate every job before any compute: a typo fails in seconds, not hours."""
+        """Compose and validate every job before any compute: a typo fails in seconds, not hours. What the machine
+        must have is checked here only when the cells run here; a submitted cell's job checks it before it trains."""
         composed = [self.compose(job) for job in jobs]
         for cfg in composed:
-            validate_cell(cfg)
+            validate_cell(cfg, machine=self.cells_run_here)
         return composed
 
     def open(self, composed: Sequence[DictConfig], *, name: str, tags: dict[str, str]) -> tuple[tracking.Store, str]:

@@ -24,16 +24,18 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from harness import tracking
 from harness.backends.common import num_processes
-from harness.cell import cell_dir, cell_name, config_hash, local_result, run_tracked, upload_cell
+from harness.cell import cell_dir, cell_name, check_machine, config_hash, local_result, run_tracked, upload_cell
 from harness.config import config_errors
-from harness.launch import launches, run_launched
+from harness.launch import gpu_slot, launches, run_launched, visible_gpus
 from harness.sweeping.base import SweeperBase, expand_arguments, job_result
 from harness.sweeping.grid import (
     TAU_MODES,
@@ -162,6 +164,26 @@ def check_gpus_per_task(config: DictConfig, composed: Sequence[DictConfig]) -> N
                              "sweep (the task size follows it) or raise hydra.launcher.gpus_per_node")
 
 
+def gpus_of_this_job(cfg: DictConfig, sweep_dir: str | None) -> AbstractContextManager[str | None]:
+    """A multi-process cell's GPUs when ``hydra.launcher.n_jobs`` cells run side by side on this machine: a share of
+    its GPUs no other running cell holds (:func:`harness.launch.gpu_slot`). None (the job's own GPUs) for one cell at
+    a time, a SLURM task (its GPUs are its own), or a CPU."""
+    from hydra.core.hydra_config import HydraConfig
+
+    launcher = HydraConfig.get().launcher if HydraConfig.initialized() else {}
+    at_once = int(launcher.get("n_jobs", 1) or 1)
+    visible = visible_gpus() if at_once > 1 and sweep_dir is not None and not _uses_cpu(cfg) else []
+    if not visible:
+        return nullcontext(None)
+    return gpu_slot(Path(sweep_dir) / ".gpu_slots", at_once, num_processes(cfg), visible)
+
+
+def _uses_cpu(cfg: DictConfig) -> bool:
+    import torch
+
+    return str(cfg.backend.get("device", "auto")) == "cpu" or not torch.cuda.is_available()
+
+
 STATUSES = ("finished", "skipped", "uploaded", "pending", "failed")  # pending: done before, still awaiting upload
 
 
@@ -226,14 +248,18 @@ def cell_task(cfg: DictConfig) -> dict[str, Any]:
         run_id = run.run_id
 
     try:
+        check_machine(cfg)  # a submitted cell's GPUs, DeepSpeed and memory: its driver could not see them
         if launches(cfg):  # backend.num_processes > 1: this job starts the cell's ranks and waits for them
-            run_id, summary = run_launched(cfg, store, run_name=name, parent_run_id=tracking.read_parent(sweep_dir),
-                                           supersede_stale=True)
+            with gpus_of_this_job(cfg, sweep_dir) as devices:
+                run_id, summary = run_launched(cfg, store, run_name=name,
+                                               parent_run_id=tracking.read_parent(sweep_dir), supersede_stale=True,
+                                               devices=devices)
         else:
             run_id, summary = run_tracked(cfg, store, run_name=name, parent_run_id=tracking.read_parent(sweep_dir),
                                           supersede_stale=True, on_start=remember)
     except Exception as exc:  # recorded FAILED (tag failure_reason); the sweep goes on
         log.exception("cell %s failed", name)
+        run_id = getattr(exc, "run_id", run_id)  # a failed launch names the run its rank 0 logged
         return {"status": "failed", "run_id": run_id, "config_hash": chash, "reason": f"{type(exc).__name__}: {exc}",
                 "seconds": time.perf_counter() - t0}
     pending = {"pending_upload": summary["pending_upload"]} if summary.get("pending_upload") else {}
