@@ -165,6 +165,7 @@ def run_launched(cfg: DictConfig, store: Any | None, *, run_name: str | None = N
     out = Path(cfg.output_dir)
     work = out / LAUNCH_DIR
     work.mkdir(parents=True, exist_ok=True)
+    stop_ranks(work)  # ranks of this cell's last launch still ending (their owner killed moments ago)
     for stale in [work / RUN_FILE, work / RESULT_FILE, *work.glob("error-*.json"), *work.glob("rank-*.pid")]:
         stale.unlink(missing_ok=True)
     resume_from = prepare(cfg)
@@ -178,10 +179,7 @@ def run_launched(cfg: DictConfig, store: Any | None, *, run_name: str | None = N
     print(f"{run_name or out.name}: {num_processes(cfg)} processes: {' '.join(command)}", file=sys.stderr, flush=True)
     log_path = work / LOG_FILE
     since = log_path.stat().st_size if log_path.exists() else 0  # the log keeps every launch of the cell
-    from harness.backends.trl import LAUNCH_RESUME_ENV
-
-    env = {LAUNCH_RESUME_ENV: "" if resume_from is None else str(resume_from),
-           "OMP_NUM_THREADS": str(rank_threads(num_processes(cfg))),
+    env = {"OMP_NUM_THREADS": str(rank_threads(num_processes(cfg))),
            **({} if devices is None else {"CUDA_VISIBLE_DEVICES": devices})}
     code = _run_teed(command, log_path, work, env)
     result = _read_json(work / RESULT_FILE)
@@ -354,6 +352,7 @@ def rank_main(spec_path: str) -> int:
     """One rank of a launched cell: rank 0 trains, evaluates and logs (its run id, result or error land next to the
     spec for the launcher); the others train."""
     from harness.backends import get_backend
+    from harness.backends.trl import LAUNCH_RESUME_ENV
     from harness.cell import validate_cell
     from harness.config import sigterm_as_exit
 
@@ -364,6 +363,8 @@ def rank_main(spec_path: str) -> int:
     (work / f"rank-{rank()}.pid").write_text(str(os.getpid()))
     if spec.get("owner_pid"):
         stop_with_owner(int(spec["owner_pid"]))
+    # the checkpoint the launcher verified: every rank continues from it without verifying it again
+    os.environ[LAUNCH_RESUME_ENV] = spec["resume_from"] or str(Path(cfg.output_dir) / "checkpoints")
     with sigterm_as_exit():
         try:
             validate_cell(cfg)
@@ -383,16 +384,20 @@ def rank_main(spec_path: str) -> int:
 
 def stop_with_owner(owner: int) -> None:
     """A thread that ends this rank when the process that started the launch is gone (SIGKILLed, say: nothing of it
-    is left to stop the ranks): SIGTERM to itself, which ends a rank as a stopped sweep does, then after
-    ``STOP_GRACE_S`` an immediate exit, for a rank stuck in a collective."""
+    is left to stop the ranks), or torch's agent, its parent, is (the owner then waits on the ranks' output, which
+    they hold open): SIGTERM to itself, which ends a rank as a stopped sweep does, then after ``STOP_GRACE_S`` an
+    immediate exit, for a rank stuck in a collective."""
     import threading
     import time
 
+    agent = os.getppid()
+
     def watch() -> None:
-        while _running(owner):
+        while _running(owner) and os.getppid() == agent:
             time.sleep(OWNER_POLL_S)
+        gone = f"the launch's owner (pid {owner})" if not _running(owner) else f"its agent (pid {agent})"
         try:  # the owner read this rank's output: its pipe may be gone with it
-            print(f"rank {rank()}: the launch's owner (pid {owner}) is gone; stopping", file=sys.stderr, flush=True)
+            print(f"rank {rank()}: {gone} is gone; stopping", file=sys.stderr, flush=True)
         except (OSError, ValueError):
             pass
         os.kill(os.getpid(), signal.SIGTERM)

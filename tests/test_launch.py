@@ -51,8 +51,8 @@ def _validate(overrides: list[str]):
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
     (["backend=trl", "backend.num_processes=2", "backend.sampler=prompt_seeded", "train.rollout_batch_size=24",
       "train.micro_batch_size=4", "train.mini_batch_size=null", "train.num_generations=8"],
-     "backend.sampler=prompt_seeded needs each process's share of train.rollout_batch_size (24 / "
-     "backend.num_processes=2 = 12) to hold whole groups of train.num_generations=8"),
+     "backend.sampler=prompt_seeded needs each process's share of train.rollout_batch_size (24 / 2 processes "
+     "(backend.num_processes) = 12) to hold whole groups of train.num_generations=8"),
     (["backend=trl", "backend.collective_timeout_s=0"], "backend.collective_timeout_s must be a number of seconds"),
     (["backend=trl", "backend.sampler=beam"], "backend.sampler must be one of cached, generate, prompt_seeded for "
                                               "backend=trl"),
@@ -74,6 +74,10 @@ def test_a_rank_inside_someone_elses_launch_does_not_launch_again(monkeypatch):
     assert not launches(compose(["backend=trl", "backend.num_processes=2"]))
     with pytest.raises(ConfigError, match=r"backend\.num_processes=4 inside a launch of 2 processes"):
         _validate(["backend=trl", "backend.num_processes=4"])
+    with pytest.raises(ConfigError, match=r"prompt_seeded needs each process's share of train\.rollout_batch_size "
+                                          r"\(24 / 2 processes"):
+        _validate(["backend=trl", "backend.sampler=prompt_seeded", "train.rollout_batch_size=24",
+                   "train.micro_batch_size=4", "train.mini_batch_size=null", "train.num_generations=8"])
 
 
 def test_launch_command_names_the_accelerate_config_processes_and_port(tmp_path):
@@ -243,6 +247,46 @@ def test_cells_side_by_side_get_disjoint_gpus(tmp_path):
             pass
 
 
+def test_cells_of_several_gpus_run_after_the_baselines_and_never_beside_one_gpu_cells(monkeypatch):
+    """On an 8-GPU machine (its GPU count stood in for here): n_jobs=-1 is joblib's one job per CPU, not 1; a
+    one-process cell beside 2-process cells would sit on the first GPU, inside a share, and is refused; the baselines
+    are launched as a batch of their own before the cells."""
+    import os as os_
+
+    import torch
+
+    from harness.sweeping.gate_sweeper import cells_at_once, check_gpus_per_task, job_batches
+    from tests.test_sweep import compose_sweep
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert cells_at_once({"n_jobs": -1}) == os_.cpu_count() and cells_at_once({}) == 1
+    two = [compose(["backend=trl", "backend.num_processes=2"])]
+    check_gpus_per_task(compose_sweep("gates", ["backend=trl"], hydra_config=True), two)  # 2 x 2 of 8 GPUs
+    with pytest.raises(ValueError, match=r"would run cells of one process \(on the first GPU\) beside cells of "
+                                         r"several"):
+        check_gpus_per_task(compose_sweep("gates", ["backend=trl"], hydra_config=True),
+                            [*two, compose(["backend=trl"])])
+    assert job_batches(list("bbcccc"), 3, first=2) == [["b", "b"], ["c", "c", "c"], ["c"]]
+    assert job_batches(list("bcc"), 8) == [["b", "c", "c"]]
+
+
+def test_a_rank_continues_from_the_checkpoint_its_launcher_handed_it(tmp_path, monkeypatch):
+    """Inside a launch, the verified checkpoint the launcher named is taken as is (no hashing N times over); the
+    checkpoint directory itself says none; a value naming another cell's checkpoints is not this cell's answer."""
+    from harness.backends.trl import LAUNCH_RESUME_ENV, resume_point
+
+    cfg = compose(["backend=trl", "resume=true", f"output_dir={tmp_path / 'cell'}"])
+    ckpts = tmp_path / "cell" / "checkpoints"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(LAUNCH_RESUME_ENV, str(ckpts / "checkpoint-6"))
+    assert resume_point(cfg) == ckpts / "checkpoint-6"
+    monkeypatch.setenv(LAUNCH_RESUME_ENV, str(ckpts))
+    assert resume_point(cfg) is None
+    (ckpts / "checkpoint-2").mkdir(parents=True)  # no manifest: does not verify
+    monkeypatch.setenv(LAUNCH_RESUME_ENV, str(tmp_path / "other" / "checkpoints" / "checkpoint-6"))
+    assert resume_point(cfg) is None and (ckpts / "checkpoint-2.invalid").exists()  # verified here instead
+
+
 def test_tune_refuses_multi_process_trials(tmp_path, monkeypatch, capsys):
     from harness.cli import main
 
@@ -261,7 +305,8 @@ def test_a_rank_ends_when_the_process_that_launched_it_is_gone(tmp_path, stuck):
     rank, silent in a long wait, ends by SIGTERM; one whose SIGTERM cannot act (stuck in a collective: here
     ignored), and whose output pipe went with the owner, ends after the grace period."""
     owner = subprocess.Popen(["sleep", "600"])
-    rank_code = (f"import signal, time\nimport harness.launch as L\nL.STOP_GRACE_S = 2\n"
+    grace = 2 if stuck else 60  # SIGTERM ends a rank that is not stuck long before 60 s
+    rank_code = (f"import signal, time\nimport harness.launch as L\nL.STOP_GRACE_S = {grace}\n"
                  f"L.stop_with_owner({owner.pid})\n"
                  + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if stuck else "") + "time.sleep(600)\n")
     rank = subprocess.Popen([sys.executable, "-c", rank_code], cwd=REPO, stderr=subprocess.PIPE, text=True)
@@ -276,9 +321,34 @@ def test_a_rank_ends_when_the_process_that_launched_it_is_gone(tmp_path, stuck):
     owner.wait()
     assert rank.returncode in (-signal.SIGTERM, 128 + signal.SIGTERM)
     if stuck:
-        assert 2 <= took < 10
+        assert took >= grace  # ended by the exit after the grace period
     else:
-        assert took < 2 and f"the launch's owner (pid {owner.pid}) is gone; stopping" in rank.stderr.read()
+        assert f"the launch's owner (pid {owner.pid}) is gone; stopping" in rank.stderr.read()
+
+
+def test_a_rank_ends_when_its_agent_is_gone(tmp_path):
+    """torch's agent (the rank's parent) SIGKILLed while the launch's owner lives on: the rank, reparented, ends too
+    (the owner would otherwise wait on the output pipe the rank holds open)."""
+    rank_code = (f"import time\nimport harness.launch as L\nL.STOP_GRACE_S = 60\nL.stop_with_owner({os.getpid()})\n"
+                 "print('watching', flush=True)\ntime.sleep(600)\n")
+    agent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time\n"
+                              f"p = subprocess.Popen([sys.executable, '-c', {rank_code!r}], cwd={str(REPO)!r})\n"
+                              "print(p.pid, flush=True)\ntime.sleep(600)\n"], stdout=subprocess.PIPE, text=True)
+    rank_pid = int(agent.stdout.readline())
+    assert agent.stdout.readline().strip() == "watching"
+    agent.kill()
+    agent.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and _alive(rank_pid):
+        time.sleep(0.2)
+    assert not _alive(rank_pid), "the rank outlived its agent"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_the_launcher_stops_its_own_ranks_and_no_other_process(tmp_path, monkeypatch):

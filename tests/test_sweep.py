@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -372,6 +373,7 @@ def test_slurm_launcher_renders_a_valid_job_script(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the array task must run on a machine without GPUs")
 def test_a_slurm_driver_leaves_the_machine_checks_to_each_cells_task(tmp_path, cache_dir):
     """The driver (a login node: here this CPU) submits an FSDP cell it could not train itself; the array task,
     on a machine without GPUs (this CPU again), refuses it before any compute, naming the key, and the sweep records

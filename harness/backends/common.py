@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any
 
 import torch
@@ -33,6 +34,13 @@ def _number(value: Any) -> bool:
 def num_processes(cfg: Any) -> int:
     """The processes one cell trains on, ``backend.num_processes`` (1 where the backend has no such key)."""
     return int(cfg.backend.get("num_processes", 1) or 1)
+
+
+def world_size(cfg: Any) -> int:
+    """The processes training the cell: those of the launch this process is in (``WORLD_SIZE``, one started by
+    ``accelerate launch`` / ``torchrun``), else the ones the cell asks for (``backend.num_processes``)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    return launched if launched > 1 else num_processes(cfg)
 
 
 def validate_backend_keys(bk: Any) -> None:
@@ -115,12 +123,12 @@ def validate_train_config(cfg: Any) -> None:
     if cfg.backend.name in ("native", "trl") and sampler not in allowed:
         raise ValueError(f"backend.sampler must be one of {', '.join(allowed)} for backend={cfg.backend.name}, "
                          f"got {sampler!r}")
-    share = t.rollout_batch_size // num_processes(cfg)
+    share = t.rollout_batch_size // world_size(cfg)
     if sampler == "prompt_seeded" and share % t.num_generations:
         # a group split over two processes would be sampled by TRL's generate, with no seed of its prompt's own
         raise ValueError(f"backend.sampler=prompt_seeded needs each process's share of train.rollout_batch_size "
-                         f"({t.rollout_batch_size} / backend.num_processes={num_processes(cfg)} = {share}) to hold "
-                         f"whole groups of train.num_generations={t.num_generations}")
+                         f"({t.rollout_batch_size} / {world_size(cfg)} processes (backend.num_processes) = {share}) "
+                         f"to hold whole groups of train.num_generations={t.num_generations}")
     if t.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {t.lr_schedule!r}")
     if not t.lr > 0:

@@ -227,7 +227,9 @@ def sample_completions(model: torch.nn.Module, input_ids: Tensor, attention_mask
     ``synced``: every process of the default process group decodes until all of them are done (one all-reduce of a
     flag per token). A sharded model (FSDP, ZeRO-3) gathers its parameters in every forward, a collective: a process
     that stopped at its own last token would leave the others waiting for its share (``generate``'s
-    ``synced_gpus``). The extra steps are cut off, so what a process returns does not change."""
+    ``synced_gpus``). The extra steps are cut off, so what a process returns from this call does not change (without
+    ``prompt_seeds`` they do draw from the global generator). Every process must pass the same ``max_new_tokens``:
+    the last step skips the all-reduce on all of them alike."""
     G = num_generations
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,

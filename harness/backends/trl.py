@@ -57,7 +57,7 @@ CHECKPOINT_PATTERN = r"checkpoint-\d+"  # transformers' checkpoint-<optimizer st
 CHECKPOINT_REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", HISTORY_FILE)
 # Under FSDP or DeepSpeed the optimizer (and, with ZeRO-3, the weights) are saved in the framework's own sharded
 # files, whose names depend on its settings: the manifest covers them; these are the files every layout has.
-# the checkpoint a launch's ranks continue from, verified by the process that started them (empty: none)
+# the checkpoint a launch's ranks continue from, verified by the process that started them (its directory: none)
 LAUNCH_RESUME_ENV = "HARNESS_LAUNCH_RESUME_FROM"
 SHARDED_CHECKPOINT_REQUIRED = ("scheduler.pt", "trainer_state.json", HISTORY_FILE)
 
@@ -70,15 +70,20 @@ def _checkpoints(ckpt_dir: Path) -> list[Path]:
 def resume_point(cfg: Any) -> Path | None:
     """The checkpoint ``resume=true`` continues from: the newest under ``<output_dir>/checkpoints`` that verifies
     (newer broken ones are named in the log and set aside), None to start over. A multi-process cell's launcher calls
-    it once (:mod:`harness.launch`) and hands the answer to its ranks (``LAUNCH_RESUME_ENV``: a path, or empty for
-    none), so they all continue from the same one without hashing it N times over."""
+    it once (:mod:`harness.launch`) and hands the answer to its ranks (``LAUNCH_RESUME_ENV``: the checkpoint, or the
+    checkpoint directory itself for none), so they all continue from the same one without hashing it N times over; a
+    value naming another cell's checkpoints is not this cell's answer and is ignored."""
     if not cfg.get("resume"):
         return None
+    ckpt_dir = Path(cfg.output_dir) / "checkpoints"
     handed = os.environ.get(LAUNCH_RESUME_ENV)
-    if handed is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return Path(handed) if handed else None
+    if handed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if Path(handed).resolve() == ckpt_dir.resolve():
+            return None
+        if Path(handed).parent.resolve() == ckpt_dir.resolve():
+            return Path(handed)
     sharded = num_processes(cfg) > 1 and accelerate_sharding(cfg) != "ddp"
-    return resume_checkpoint(Path(cfg.output_dir) / "checkpoints", CHECKPOINT_PATTERN,
+    return resume_checkpoint(ckpt_dir, CHECKPOINT_PATTERN,
                              SHARDED_CHECKPOINT_REQUIRED if sharded else CHECKPOINT_REQUIRED)
 
 

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from harness.backends.common import mini_batch_size, num_processes
+from harness.backends.common import world_size as processes_of
 from harness.config import CONF_DIR, ConfigError, to_plain
 
 TRL_LOSS_TYPE = {"seq-mean-token-mean": "grpo", "token-mean": "bnpo", "seq-mean-token-sum-norm": "dr_grpo",
@@ -57,13 +58,6 @@ ACCELERATE_CONFIGS = ("ddp", "fsdp", "zero2", "zero3")
 # TRL features that act inside its own _compute_loss; the harness loss does not implement them.
 UNSUPPORTED = {"top_entropy_quantile": 1.0, "off_policy_mask_threshold": None, "entropy_coef": 0.0,
                "use_adaptive_entropy": False, "delta": None}
-
-
-def _world_size(cfg: Any) -> int:
-    """The processes training the cell: those of the launch this process is in (``WORLD_SIZE``), else the ones the
-    cell asks for (``backend.num_processes``, started by :mod:`harness.launch`)."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    return launched if launched > 1 else num_processes(cfg)
 
 
 def _use_cpu(device: str, *, cuda: bool | None = None) -> bool:
@@ -89,7 +83,7 @@ def grpo_config_kwargs(cfg: Any, output_dir: str | Path, *, world_size: int | No
     """Keyword arguments of ``trl.GRPOConfig`` for the harness config ``cfg`` (the table in the module
     docstring), for a machine with CUDA or not (``cuda``; None: this one). Pure: no model, data or GPU is touched."""
     t, g, bk = cfg.train, cfg.gate, cfg.backend
-    world = _world_size(cfg) if world_size is None else world_size
+    world = processes_of(cfg) if world_size is None else world_size
     per_update = t.micro_batch_size * world
     mini = mini_batch_size(t)
     if mini % per_update:

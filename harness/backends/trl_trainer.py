@@ -146,13 +146,23 @@ class HarnessGRPOTrainer(GRPOTrainer):
             seqs, entropy, _ = sample_completions(unwrapped, ids, attention, num_generations=G,
                                                max_new_tokens=self.max_completion_length, temperature=self.temperature,
                                                top_p=self.top_p, eos_token_id=eos, pad_token_id=pad,
-                                               prompt_seeds=seeds, synced=self.accelerator.num_processes > 1)
+                                               prompt_seeds=seeds, synced=self._forwards_are_collective())
         completion = seqs[:, width:]
         keep = mask_through_first_eos(completion, eos)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["entropy"].append(self._global_masked_mean(entropy, keep.to(entropy.dtype)))
         self._harness_sampled_entropy = True
         return [c[m].tolist() for c, m in zip(completion.cpu(), keep.cpu(), strict=True)], None
+
+    def _forwards_are_collective(self) -> bool:
+        """Whether a generation forward needs every process: FSDP gathers each layer's parameters in it, ZeRO-3 too
+        unless TRL gathered them all for generation (``ds3_gather_for_generation``); DDP's forward is local."""
+        if self.accelerator.num_processes == 1:
+            return False
+        if self.is_fsdp_enabled:
+            return True
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return plugin is not None and plugin.zero_stage == 3 and not self.args.ds3_gather_for_generation
 
     def _prompt_seeds(self, prompts: list) -> list[int]:
         """One seed per prompt of this generation batch: SHA-256 of (run seed, optimizer step, the prompt's token ids,

@@ -111,6 +111,7 @@ class GateSweeperImpl(SweeperBase):
                     for axis in itertools.product(*axes) for extra in extras]
             composed = self.compose_checked(jobs)
             check_gpus_per_task(self.config, composed)
+            baselines: list[list[str]] = []
             if p.baseline:
                 baselines = baseline_jobs(jobs, composed)
                 jobs, composed = baselines + jobs, self.compose_checked(baselines) + composed
@@ -123,9 +124,13 @@ class GateSweeperImpl(SweeperBase):
         returns = []
         batch = p.max_batch_size or len(jobs)
         t0 = time.perf_counter()
+        # Cells of several GPUs side by side hold shares of the GPUs; the baselines (one process, on the first GPU)
+        # run before them, not beside them.
+        alone = any(launches(c) for c in composed) and cells_at_once(self.config.hydra.launcher) > 1
+        batches = job_batches(jobs, batch, first=len(baselines) if alone else 0)
         with self.killed_closes_parent(store, parent):  # SIGTERM/Ctrl-C: the parent and its running cells -> KILLED
-            for start in range(0, len(jobs), batch):
-                returns += self.launch(jobs[start:start + batch])
+            for jobs_at_once in batches:
+                returns += self.launch(jobs_at_once)
         results = [job_result(r, job) for r, job in zip(returns, jobs, strict=True)]
         summary = summarize(results, time.perf_counter() - t0)
         (self.sweep_dir / "sweep_summary.json").write_text(json.dumps({"summary": summary, "cells": results},
@@ -138,6 +143,13 @@ class GateSweeperImpl(SweeperBase):
         return returns
 
 
+def job_batches(jobs: Sequence[Any], size: int, *, first: int = 0) -> list[list[Any]]:
+    """The jobs in the batches handed to the launcher one after another: the first ``first`` jobs alone, then the
+    rest ``size`` at a time."""
+    batches = [list(jobs[:first])] if first else []
+    return batches + [list(jobs[start:start + size]) for start in range(first, len(jobs), size)]
+
+
 def check_gpus_per_task(config: DictConfig, composed: Sequence[DictConfig]) -> None:
     """Multi-process cells must get their GPUs, checked before any compute. A launcher that gives each job a fixed
     number (SLURM's ``gpus_per_node``) must give every cell as many as it starts processes: the task asks for the
@@ -145,15 +157,19 @@ def check_gpus_per_task(config: DictConfig, composed: Sequence[DictConfig]) -> N
     run side by side on this machine (``hydra.launcher.n_jobs``) must not need more GPUs together than it has."""
     launcher = (config.get("hydra") or {}).get("launcher", {})
     most = max((num_processes(cfg) for cfg in composed), default=1)
-    at_once = int(launcher.get("n_jobs", 1) or 1)
+    at_once = cells_at_once(launcher)
     if most > 1 and at_once > 1 and launcher.get("gpus_per_node") is None:
         import torch
 
         gpus = torch.cuda.device_count()
         if gpus and at_once * most > gpus:
-            raise ValueError(f"hydra.launcher.n_jobs={at_once} runs {at_once} cells at once, each on up to "
-                             f"backend.num_processes={most} GPUs, but this machine has {gpus}: run them one after "
-                             "another (hydra/launcher=local) or lower hydra.launcher.n_jobs")
+            raise ValueError(f"hydra.launcher.n_jobs={launcher.get('n_jobs')} runs {at_once} cells at once, each on "
+                             f"up to backend.num_processes={most} GPUs, but this machine has {gpus}: run them one "
+                             "after another (hydra/launcher=local) or lower hydra.launcher.n_jobs")
+        if gpus and any(num_processes(cfg) == 1 for cfg in composed):
+            raise ValueError(f"hydra.launcher.n_jobs={launcher.get('n_jobs')} would run cells of one process (on the "
+                             "first GPU) beside cells of several, which hold shares of the GPUs: give every cell "
+                             "backend.num_processes > 1, or run them one after another (hydra/launcher=local)")
     gpus = launcher.get("gpus_per_node")
     if gpus is None:
         return
@@ -164,14 +180,24 @@ def check_gpus_per_task(config: DictConfig, composed: Sequence[DictConfig]) -> N
                              "sweep (the task size follows it) or raise hydra.launcher.gpus_per_node")
 
 
+def cells_at_once(launcher: Any) -> int:
+    """How many cells the launcher runs side by side on this machine: ``n_jobs`` (joblib's: -1 is one per CPU, -2
+    all CPUs but one, ...), 1 for a launcher without it."""
+    n = int(launcher.get("n_jobs", 1) or 1)
+    if n < 0:
+        from joblib import effective_n_jobs
+
+        return max(1, int(effective_n_jobs(n)))
+    return n
+
+
 def gpus_of_this_job(cfg: DictConfig, sweep_dir: str | None) -> AbstractContextManager[str | None]:
     """A multi-process cell's GPUs when ``hydra.launcher.n_jobs`` cells run side by side on this machine: a share of
     its GPUs no other running cell holds (:func:`harness.launch.gpu_slot`). None (the job's own GPUs) for one cell at
     a time, a SLURM task (its GPUs are its own), or a CPU."""
     from hydra.core.hydra_config import HydraConfig
 
-    launcher = HydraConfig.get().launcher if HydraConfig.initialized() else {}
-    at_once = int(launcher.get("n_jobs", 1) or 1)
+    at_once = cells_at_once(HydraConfig.get().launcher if HydraConfig.initialized() else {})
     visible = visible_gpus() if at_once > 1 and sweep_dir is not None and not _uses_cpu(cfg) else []
     if not visible:
         return nullcontext(None)

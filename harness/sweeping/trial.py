@@ -14,7 +14,7 @@ from omegaconf import DictConfig, open_dict
 
 from harness import keys as K
 from harness import tracking
-from harness.cell import cell_name, config_hash, run_tracked
+from harness.cell import cell_name, check_machine, config_hash, run_tracked
 from harness.sweeping.study import make_pruner, make_storage, trial_id_of
 from harness.sweeping.tune_settings import objective_value, tune_settings
 
@@ -84,6 +84,7 @@ def trial_task(cfg: DictConfig) -> dict[str, Any]:
         opened.set_tags({K.TAG_OPTUNA_STATE: "COMPLETE"})
 
     try:
+        check_machine(cfg)  # a submitted trial's GPUs and memory: its driver could not see them
         # A pruned run ends KILLED, not FINISHED: a sweep must not take it as the finished cell of its config.
         run_tracked(cfg, store, run_name=f"trial{s.trial_number}-{cell_name(cfg)}",
                     parent_run_id=tracking.read_parent(sweep_dir),

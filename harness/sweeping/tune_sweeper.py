@@ -135,7 +135,7 @@ class TuneSweeperImpl(SweeperBase):
             for tau_pos, tau_neg in range_corners(s):
                 cfg = self.compose(self._trial_overrides(user, gate_ov, tau_pos, tau_neg, name, storage_url, 0,
                                                          Path(self.config.hydra.sweep.dir)))
-                validate_cell(cfg)
+                validate_cell(cfg, machine=self.cells_run_here)
                 check_objective(s.objective, cfg)
                 if num_processes(cfg) > 1:
                     raise ValueError(f"harness tune: backend.num_processes={cfg.backend.num_processes}: a trial's "
@@ -237,7 +237,7 @@ class TuneSweeperImpl(SweeperBase):
                                                   storage_url, trial.number, sweep_dir))
             try:
                 for job in jobs:  # cheap; catches anything the corner checks could not
-                    validate_cell(self.compose(job))
+                    validate_cell(self.compose(job), machine=self.cells_run_here)
                 launched = self.launch(jobs)
             except BaseException as exc:
                 # Ctrl-C, SIGTERM, a launcher error: these trials will never report, so they must not stay RUNNING.
