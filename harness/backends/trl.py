@@ -57,9 +57,9 @@ CHECKPOINT_PATTERN = r"checkpoint-\d+"  # transformers' checkpoint-<optimizer st
 CHECKPOINT_REQUIRED = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", HISTORY_FILE)
 # Under FSDP or DeepSpeed the optimizer (and, with ZeRO-3, the weights) are saved in the framework's own sharded
 # files, whose names depend on its settings: the manifest covers them; these are the files every layout has.
+SHARDED_CHECKPOINT_REQUIRED = ("scheduler.pt", "trainer_state.json", HISTORY_FILE)
 # the checkpoint a launch's ranks continue from, verified by the process that started them (its directory: none)
 LAUNCH_RESUME_ENV = "HARNESS_LAUNCH_RESUME_FROM"
-SHARDED_CHECKPOINT_REQUIRED = ("scheduler.pt", "trainer_state.json", HISTORY_FILE)
 
 
 def _checkpoints(ckpt_dir: Path) -> list[Path]:

@@ -154,7 +154,8 @@ def check_gpus_per_task(config: DictConfig, composed: Sequence[DictConfig]) -> N
     """Multi-process cells must get their GPUs, checked before any compute. A launcher that gives each job a fixed
     number (SLURM's ``gpus_per_node``) must give every cell as many as it starts processes: the task asks for the
     sweep's ``backend.num_processes``, so a cell given more by its own overrides (an axis over it) is refused. Cells
-    run side by side on this machine (``hydra.launcher.n_jobs``) must not need more GPUs together than it has."""
+    run side by side on this machine (``hydra.launcher.n_jobs``) must not need more GPUs together than it has, and
+    one-process cells (on the first GPU) may not run beside multi-process ones (which hold shares of the GPUs)."""
     launcher = (config.get("hydra") or {}).get("launcher", {})
     most = max((num_processes(cfg) for cfg in composed), default=1)
     at_once = cells_at_once(launcher)
