@@ -208,17 +208,14 @@ def check_machine(cfg: DictConfig) -> None:
 
 
 def _check_machine(cfg: DictConfig) -> None:
-    import torch
-
     from harness.backends import validate_backend
+    from harness.backends.common import check_cuda
 
     validate_backend(cfg)
     if cfg.backend.name in ("native", "trl"):  # verl places and shards its model itself
         from harness.memory_plan import check_fits
 
-        device = str(cfg.backend.get("device", "auto"))
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"backend.device={device!r} but this machine has no CUDA; use 'cpu' or 'auto'")
+        check_cuda(str(cfg.backend.get("device", "auto")))
         check_fits(cfg)
 
 

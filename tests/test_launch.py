@@ -251,15 +251,15 @@ def test_cells_of_several_gpus_run_after_the_baselines_and_never_beside_one_gpu_
     """On an 8-GPU machine (its GPU count stood in for here): n_jobs=-1 is joblib's one job per CPU, not 1; a
     one-process cell beside 2-process cells would sit on the first GPU, inside a share, and is refused; the baselines
     are launched as a batch of their own before the cells."""
-    import os as os_
-
+    import joblib
     import torch
 
     from harness.sweeping.gate_sweeper import cells_at_once, check_gpus_per_task, job_batches
     from tests.test_sweep import compose_sweep
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
-    assert cells_at_once({"n_jobs": -1}) == os_.cpu_count() and cells_at_once({}) == 1
+    # joblib's own count (it honours a container's CPU quota, which os.cpu_count does not)
+    assert cells_at_once({"n_jobs": -1}) == joblib.cpu_count() and cells_at_once({}) == 1
     two = [compose(["backend=trl", "backend.num_processes=2"])]
     check_gpus_per_task(compose_sweep("gates", ["backend=trl"], hydra_config=True), two)  # 2 x 2 of 8 GPUs
     with pytest.raises(ValueError, match=r"would run cells of one process \(on the first GPU\) beside cells of "

@@ -43,6 +43,13 @@ def world_size(cfg: Any) -> int:
     return launched if launched > 1 else num_processes(cfg)
 
 
+def check_cuda(device: str, cuda: bool | None = None) -> None:
+    """``ValueError`` naming ``backend.device`` when it asks for CUDA (``cuda``, ``cuda:N``) on a machine without it
+    (``cuda``: whether the machine that trains has CUDA; None: this one)."""
+    if device.startswith("cuda") and not (torch.cuda.is_available() if cuda is None else cuda):
+        raise ValueError(f"backend.device={device!r} but this machine has no CUDA; use 'cpu' or 'auto'")
+
+
 def validate_backend_keys(bk: Any) -> None:
     """The values of the keys several backends share (their types are :mod:`harness.schema`'s): ``threads`` a
     positive integer or null, ``device`` a known device (``ConfigError``); backend-specific checks live with each

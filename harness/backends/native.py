@@ -63,7 +63,7 @@ from harness.backends.checkpoints import (
     save_checkpoint,
     set_rng_state,
 )
-from harness.backends.common import fit_prompts, mini_batch_size, start_training
+from harness.backends.common import check_cuda, fit_prompts, mini_batch_size, start_training
 from harness.backends.sampling import (
     distinct_rows_logprobs,
     eval_no_grad,
@@ -86,8 +86,7 @@ from harness.schedule import schedule_from_config
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"backend.device={name!r} but CUDA is not available; use 'cpu' or 'auto'")
+    check_cuda(name)
     return torch.device(name)
 
 

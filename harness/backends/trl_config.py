@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from harness.backends.common import mini_batch_size, num_processes
+from harness.backends.common import check_cuda, mini_batch_size, num_processes
 from harness.backends.common import world_size as processes_of
 from harness.config import CONF_DIR, ConfigError, to_plain
 
@@ -67,8 +67,7 @@ def _use_cpu(device: str, *, cuda: bool | None = None) -> bool:
     if device == "auto":
         return not cuda
     if device.startswith("cuda"):
-        if not cuda:
-            raise ValueError(f"backend.device={device!r} but CUDA is not available; use 'cpu' or 'auto'")
+        check_cuda(device, cuda)
         if device != "cuda":
             raise ValueError(f"backend.device={device!r}: TRL places the model itself; use 'cuda' and choose GPUs "
                              "with CUDA_VISIBLE_DEVICES (several GPUs: backend.num_processes)")
